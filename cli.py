@@ -1,0 +1,203 @@
+"""The `conformalsam` command line: one typer app, one sub-command per stage."""
+
+import functools
+import inspect
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from pipeline import PROJECT_ROOT, config as cfg
+from pipeline.errors import UserError
+from pipeline.ui import console, progress
+
+app = typer.Typer(
+    help="ConformalSAM: calibrate a foundation segmentation model's pseudo-labels with conformal prediction, "
+    "then train a segmentation model on labeled data + the filtered masks.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+data_app = typer.Typer(help="Check a data set before spending GPU hours on it.", no_args_is_help=True)
+config_app = typer.Typer(help="Show the effective experiment config, or write a preset to edit.", no_args_is_help=True)
+toy_app = typer.Typer(help="The embedded toy world: generate it, retrain or score its annotator.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+app.add_typer(toy_app, name="toy")
+
+Opt = Optional
+CONFIG_OPTIONS = {
+    "config": (Opt[str], "TOML config file or preset name (toy, voc-92 .. voc-1464, ade20k). "
+               "Default: ./conformalsam.toml, else the toy preset."),
+    "format": (Opt[str], "Override data.format: voc | ade20k | folder."),
+    "root": (Opt[Path], "Override data.root (data set folder)."),
+    "labeled": (Opt[Path], "Override data.labeled (split list)."),
+    "unlabeled": (Opt[Path], "Override data.unlabeled (split list)."),
+    "val": (Opt[Path], "Override data.val (split list)."),
+    "classes": (Opt[str], "Override data.classes: names separated by commas, background first."),
+    "backend": (Opt[str], "Override foundation.backend: seem | sam3 | clipseg | torchscript | toy."),
+    "weights": (Opt[Path], "Override foundation.weights (checkpoint path)."),
+    "work_dir": (Opt[Path], "Override work.dir (where every stage writes)."),
+}
+
+
+def with_config(command):
+    """Give a command the --config flag and one override flag per config field; it receives ``config``."""
+    params = [p for p in inspect.signature(command).parameters.values() if p.name != "config"]
+    for name, (kind, help_text) in CONFIG_OPTIONS.items():
+        option = typer.Option(help=help_text, rich_help_panel="Experiment config")
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[kind, option]))
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        flags = {name: kwargs.pop(name) for name in CONFIG_OPTIONS}
+        config = cfg.override(cfg.load(flags.pop("config")), **flags)
+        return command(*args, config=config, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
+
+
+@data_app.command("check")
+@with_config
+def data_check(
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Threads reading files.")] = 4,
+    examples: Annotated[int, typer.Option(help="Examples shown per problem kind.")] = 3,
+    config: cfg.Config = None,
+):
+    """Decode every listed image and mask; report each problem kind with a count and first examples.
+
+    Exit code 0 when the data set is clean, 1 when problems were found.
+    """
+    from pipeline.check import check_dataset
+    from pipeline.datasets import Dataset
+
+    dataset = Dataset(config)
+    with progress("checking") as update:
+        report = check_dataset(dataset, update, n_jobs=jobs)
+    sizes = ", ".join(f"{n} {split}" for split, n in report.images.items())
+    console.print(f"{config.format} data set at {config.root}: {sizes}; {len(dataset.classes)} classes")
+    if report.ok:
+        console.print("[green]no problems found[/green]")
+        return
+    table = Table(title="problems")
+    table.add_column("problem")
+    table.add_column("count", justify="right")
+    table.add_column("first examples", overflow="fold")
+    for kind, messages in sorted(report.problems.items()):
+        table.add_row(kind, str(len(messages)), "\n".join(messages[:examples]))
+    console.print(table)
+    raise typer.Exit(1)
+
+
+@config_app.command("show")
+@with_config
+def config_show(config: cfg.Config = None):
+    """Print the effective config (after file, preset and flags) with absolute paths."""
+    console.print(f"# from {config.source}", style="dim")
+    print(cfg.to_toml(config), end="")
+
+
+@config_app.command("init")
+def config_init(
+    preset: Annotated[str, typer.Argument(help="toy | voc-92 | voc-183 | voc-366 | voc-732 | voc-1464 | ade20k")],
+    out: Annotated[Path, typer.Option(help="Where to write it.")] = Path(cfg.DEFAULT_FILE),
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+):
+    """Write a preset as a TOML file to edit (paths in it are relative to the file's folder)."""
+    from pipeline.atomic import write_text_atomic
+
+    if preset not in cfg.PRESETS:
+        raise UserError(f"preset '{preset}' unknown: choose one of {', '.join(cfg.PRESETS)}")
+    if out.exists() and not force:
+        raise UserError(f"{out} exists: pass --force to overwrite it")
+    write_text_atomic(out, cfg.PRESETS[preset])
+    console.print(f"wrote {out} (preset '{preset}')")
+
+
+@toy_app.command("generate")
+def toy_generate(
+    out: Annotated[Path, typer.Option(help="Folder of the toy world.")] = PROJECT_ROOT / "data" / "toy",
+    seed: Annotated[int, typer.Option(help="World seed.")] = 0,
+    force: Annotated[bool, typer.Option(help="Rebuild even if an identical world is there.")] = False,
+):
+    """Generate the toy world (target domain + source val, UniMatch-format splits of 16/32/64 labeled)."""
+    from pipeline.toy.world import WorldSpec, generate
+
+    spec = WorldSpec(seed=seed)
+    start = time.perf_counter()
+    with progress("toy world") as update:
+        built = generate(out, spec, force=force, progress=update)
+    if not built:
+        console.print(f"toy world at {out} is up to date (--force rebuilds it)")
+        return
+    console.print(f"toy world written to {out} in {time.perf_counter() - start:.1f}s: {spec.train} target train "
+                  f"images (labeled splits 16/32/64), {spec.val} val, {spec.source_val} source val")
+
+
+@toy_app.command("train-annotator")
+def toy_train_annotator(
+    out: Annotated[Path, typer.Option(help="Weights file to write.")] = PROJECT_ROOT / "data" / "toy_annotator.pt",
+    iters: Annotated[int, typer.Option(help="Training iterations.")] = 700,
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+):
+    """Retrain the toy annotator on the source domain (CPU, a few minutes, deterministic)."""
+    from pipeline.toy.annotator import save_annotator
+    from pipeline.toy.train import TrainSpec, train_annotator
+    from pipeline.toy.world import CLASSES
+
+    spec = TrainSpec(seed=seed, iters=iters)
+    start = time.perf_counter()
+    model = train_annotator(spec, log=console.print)
+    save_annotator(out, model, CLASSES, {"seed": seed, "iters": iters, "images": spec.images})
+    console.print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) after {time.perf_counter() - start:.0f}s")
+
+
+@toy_app.command("evaluate")
+@with_config
+def toy_evaluate(
+    split: Annotated[str, typer.Option(help="Split to score: labeled | unlabeled | val.")] = "unlabeled",
+    config: cfg.Config = None,
+):
+    """Raw pseudo-label quality of the toy annotator (argmax, no filtering): mIoU and per-class IoU."""
+    from pipeline.datasets import Dataset
+    from pipeline.metrics import iou_per_class, mean_iou, pixel_accuracy
+    from pipeline.toy.annotator import load_annotator
+    from pipeline.toy.train import confusion_on
+
+    dataset = Dataset(config)
+    model, classes = load_annotator(config.weights)
+    if classes != dataset.classes:
+        raise UserError(f"{config.weights}: annotator classes {list(classes)} differ from the data set's")
+    samples = dataset.split(split)
+    if any(s.mask is None for s in samples):
+        raise UserError(f"{dataset.split_path(split)}: the {split} split has no masks to score against")
+    conf = confusion_on(model, (dataset.load(s) for s in samples), dataset.num_classes)
+    table = Table(title=f"toy annotator, raw argmax on {len(samples)} {split} images")
+    table.add_column("class")
+    table.add_column("IoU %", justify="right")
+    for name, iou in zip(classes, iou_per_class(conf)):
+        table.add_row(name, f"{100 * iou:.1f}")
+    table.add_row("[bold]mean", f"[bold]{100 * mean_iou(conf):.1f}")
+    console.print(table)
+    console.print(f"pixel accuracy {100 * pixel_accuracy(conf):.1f}%")
+
+
+def main() -> None:
+    """Entry point: user errors end in one line on stderr and exit code 2, never a traceback."""
+    try:
+        app()
+    except UserError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

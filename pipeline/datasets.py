@@ -1,0 +1,194 @@
+"""The dataset layer: UniMatch-format split lists over PASCAL VOC, ADE20K and a generic folder format.
+
+A split list has one image per line, ``image_path [mask_path]``, relative to the data root, so the
+split files of UniMatch / SemiVL work verbatim. An image's id is its file stem. Every reader raises
+`DataProblem` with a one-line message naming the file; `conformalsam data check` collects them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import Config
+from pipeline.errors import DataProblem, UserError
+from pipeline.masks import IGNORE
+
+SPLITS = ("labeled", "unlabeled", "val")
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
+    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
+    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
+    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
+    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
+    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
+    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
+    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
+    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher",
+    "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier",
+    "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    image: Path
+    mask: Path | None
+
+
+def parse_split(path: Path, root: Path, need_masks: bool) -> tuple[list[Sample], list[DataProblem]]:
+    """The samples of a split list and every problem found in it (bad lines, duplicates, emptiness)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return [], [DataProblem("missing split file", f"{path}: split list not found")]
+    except (OSError, UnicodeDecodeError) as exc:
+        return [], [DataProblem("missing split file", f"{path}: cannot read split list ({exc})")]
+    samples, problems, seen = [], [], {}
+    for number, line in enumerate(lines, 1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        where = f"{path}:{number}"
+        if len(tokens) > 2 or (need_masks and len(tokens) < 2):
+            want = "'image_path mask_path'" if need_masks else "'image_path [mask_path]'"
+            problems.append(DataProblem("bad split line", f"{where}: expected {want}, got {line.strip()!r}"))
+            continue
+        image = root / tokens[0]
+        sample = Sample(image.stem, image, root / tokens[1] if len(tokens) == 2 else None)
+        if sample.id in seen:
+            problems.append(DataProblem("duplicate id", f"{where}: id '{sample.id}' already on line {seen[sample.id]}"))
+            continue
+        seen[sample.id] = number
+        samples.append(sample)
+    if not samples and not problems:
+        problems.append(DataProblem("empty split", f"{path}: split list has no images"))
+    return samples, problems
+
+
+def read_image(path: Path) -> np.ndarray:
+    """uint8 (H, W, 3) RGB; a missing or undecodable file is a DataProblem naming it."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise DataProblem("missing image", f"{path}: image not found") from None
+    except Exception as exc:  # PIL raises many types for truncated / foreign files
+        raise DataProblem("corrupt image", f"{path}: cannot decode image ({exc})") from None
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) from the header only."""
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except FileNotFoundError:
+        raise DataProblem("missing image", f"{path}: image not found") from None
+    except Exception as exc:
+        raise DataProblem("corrupt image", f"{path}: cannot decode image ({exc})") from None
+
+
+def _read_index_png(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L", "I", "I;16"):
+                raise DataProblem("not a class-index mask", f"{path}: mask has mode {img.mode}; expected a palette or "
+                                  "grayscale PNG whose pixel values are class ids")
+            return np.asarray(img)
+    except FileNotFoundError:
+        raise DataProblem("missing mask", f"{path}: mask not found") from None
+    except DataProblem:
+        raise
+    except Exception as exc:
+        raise DataProblem("corrupt mask", f"{path}: cannot decode mask ({exc})") from None
+
+
+class Dataset:
+    """One configured data set: its class names, split lists and image / mask readers."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.format = config.format
+        self.root = config.root
+
+    @cached_property
+    def classes(self) -> tuple[str, ...]:
+        if self.config.classes:
+            return self.config.classes
+        if self.format == "voc":
+            return VOC_CLASSES
+        if self.format == "ade20k":
+            return ADE20K_CLASSES
+        path = self.root / "classes.txt"
+        try:
+            names = tuple(n.strip() for n in path.read_text().splitlines() if n.strip())
+        except OSError:
+            raise UserError(f"{path}: class list not found (folder format: one class name per line, "
+                            "background first; or set data.classes / --classes)") from None
+        if len(names) < 2:
+            raise UserError(f"{path}: needs at least two class names (background first)")
+        return names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def split_path(self, split: str) -> Path:
+        path = {"labeled": self.config.labeled, "unlabeled": self.config.unlabeled, "val": self.config.val}[split]
+        if path is None:
+            raise UserError(f"{self.config.source}: no '{split}' split list configured (data.{split} / --{split})")
+        return path
+
+    def split(self, split: str) -> list[Sample]:
+        """The samples of a split; the first problem in the list is raised as a one-line error."""
+        samples, problems = parse_split(self.split_path(split), self.root, need_masks=split != "unlabeled")
+        if problems:
+            more = f" (and {len(problems) - 1} more problems: run `conformalsam data check`)" if len(problems) > 1 else ""
+            raise DataProblem(problems[0].kind, f"{problems[0]}{more}")
+        return samples
+
+    def read_mask(self, path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+        """uint8 (H, W) of class ids 0..K-1 and 255 = ignore, in the format's convention.
+
+        ``size`` (H, W) of the image, when given, must match the mask's size.
+        """
+        raw = _read_index_png(path)
+        if size is not None and raw.shape != tuple(size):
+            raise DataProblem("mask size mismatch", f"{path}: mask is {raw.shape[1]}x{raw.shape[0]} but its image "
+                              f"is {size[1]}x{size[0]} (W x H)")
+        raw = raw.astype(np.int64)
+        if self.format == "ade20k":  # 0 = 'other' -> ignore; 1..150 -> 0..149
+            limit, valid = self.num_classes + 1, raw != 0
+        else:
+            limit, valid = self.num_classes, raw != IGNORE
+        bad = valid & ((raw < 0) | (raw >= limit))
+        if bad.any():
+            values = np.unique(raw[bad])
+            shown = ", ".join(map(str, values[:8])) + (" ..." if len(values) > 8 else "")
+            expect = f"1..{limit - 1} or 0" if self.format == "ade20k" else f"0..{limit - 1} or {IGNORE}"
+            raise DataProblem("mask values out of range", f"{path}: mask has values {shown} outside {expect} "
+                              f"({self.num_classes} classes)")
+        if self.format == "ade20k":
+            return np.where(valid, raw - 1, IGNORE).astype(np.uint8)
+        return raw.astype(np.uint8)
+
+    def load(self, sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
+        """(image, mask or None): the mask validated against the image's size and the class range."""
+        image = read_image(sample.image)
+        mask = self.read_mask(sample.mask, image.shape[:2]) if sample.mask is not None else None
+        return image, mask

@@ -1,0 +1,41 @@
+"""Shared fixtures: small generated data sets in each format (nothing downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import Config
+from pipeline.masks import write_palette_png
+from pipeline.toy.world import WorldSpec, generate
+
+
+def write_image(path: Path, rng: np.random.Generator, size=(24, 32)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path, quality=95)
+
+
+def write_gray_png(path: Path, mask: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask.astype(np.uint8)).save(path)  # 2-D uint8: mode L
+
+
+def make_config(root: Path, fmt: str, labeled: Path, unlabeled: Path, val: Path | None = None, classes=None) -> Config:
+    return Config(format=fmt, root=root, labeled=labeled, unlabeled=unlabeled, val=val, classes=classes,
+                  backend="toy", weights=None, work_dir=root / "work", source="test")
+
+
+@pytest.fixture(scope="session")
+def toy_world(tmp_path_factory) -> Path:
+    """A small toy world (70 target train, 6 val, 32x32 px), generated once per test session."""
+    out = tmp_path_factory.mktemp("world") / "toy"
+    generate(out, WorldSpec(train=70, val=6, source_val=4, size=32))
+    return out
+
+
+def toy_config(world: Path, labeled: int = 16) -> Config:
+    return make_config(world / "target", "folder", world / "splits" / str(labeled) / "labeled.txt",
+                       world / "splits" / str(labeled) / "unlabeled.txt", world / "splits" / "val.txt")

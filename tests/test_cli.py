@@ -1,0 +1,35 @@
+"""Every command's help renders; config commands behave."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline import config as cfg
+from pipeline.errors import UserError
+
+COMMANDS = [[], ["data"], ["data", "check"], ["config"], ["config", "show"], ["config", "init"], ["toy"],
+            ["toy", "generate"], ["toy", "train-annotator"], ["toy", "evaluate"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")
+def test_help(command):
+    result = CliRunner().invoke(app, [*command, "--help"], terminal_width=120)
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_config_init_writes_preset_and_refuses_overwrite(tmp_path):
+    out = tmp_path / "conformalsam.toml"
+    assert CliRunner().invoke(app, ["config", "init", "voc-92", "--out", str(out)]).exit_code == 0
+    assert cfg.load(out).format == "voc"
+    result = CliRunner().invoke(app, ["config", "init", "toy", "--out", str(out)])
+    assert isinstance(result.exception, UserError) and "--force" in str(result.exception)
+    assert cfg.load(out).format == "voc"  # untouched
+    assert CliRunner().invoke(app, ["config", "init", "toy", "--out", str(out), "--force"]).exit_code == 0
+    assert cfg.load(out).format == "folder"
+
+
+def test_config_show_applies_flags(tmp_path):
+    result = CliRunner().invoke(app, ["config", "show", "--config", "voc-92", "--backend", "clipseg"])
+    assert result.exit_code == 0 and 'backend = "clipseg"' in result.stdout
