@@ -7,7 +7,7 @@ CONFIG ?=
 CFG    := $(if $(CONFIG),--config $(CONFIG),)
 CLI    := $(BIN)/conformalsam
 
-.PHONY: setup test demo toy toy-annotator clean
+.PHONY: setup test demo toy toy-annotator seem-logits bench-logits clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,16 @@ toy: setup
 demo: toy
 	$(CLI) data check $(CFG)
 	$(CLI) toy evaluate $(CFG)
+	$(CLI) toy evaluate --root data/toy/source --val data/toy/splits/source_val.txt --split val
+	$(MAKE) --no-print-directory seem-logits
+
+# Stage 0 for the labeled and unlabeled splits of the config (toy world unless CONFIG=file).
+seem-logits: $(if $(CONFIG),setup,toy)
+	$(CLI) logits --split labeled $(CFG)
+	$(CLI) logits --split unlabeled $(CFG)
+
+bench-logits: setup
+	$(BIN)/python benchmarks/bench_logits.py
 
 # Retrain the shipped toy annotator (data/toy_annotator.pt) on the source domain: ~3 min on 2 cores.
 toy-annotator: toy

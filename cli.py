@@ -65,6 +65,36 @@ def with_config(command):
     return wrapper
 
 
+@app.command("logits")
+@with_config
+def logits(
+    split: Annotated[str, typer.Option(help="labeled | unlabeled | val | all")] = "all",
+    batch_size: Annotated[int, typer.Option(help="Images per model call (per process).")] = 8,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present) | cpu | cuda | cuda:N")] = "auto",
+    workers: Annotated[Optional[int], typer.Option(help="Loader worker processes (default: cores - 1, max 8).")] = None,
+    scale: Annotated[Optional[float], typer.Option(help="Store scores at this fraction of the image size "
+                                                   "instead of the model's native resolution.")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild a store made by another model or class list.")] = False,
+    config: cfg.Config = None,
+):
+    """Stage 0: score images with the foundation model into <work>/logits.zarr (resumable).
+
+    Images already in the store are skipped, so an interrupted run just continues. Under
+    `torchrun --nproc_per_node N` each process scores its share of the images.
+    """
+    from pipeline.logits import run_logits
+
+    start = time.perf_counter()
+    with progress("logits") as update:
+        result = run_logits(config, split, batch_size, device, force, workers, scale, update,
+                            warn=lambda msg: console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))
+    if result["rank"] == 0:
+        took = time.perf_counter() - start
+        console.print(f"{result['store']}: {result['written']} images scored in {took:.1f}s "
+                      f"({result['written'] / max(took, 1e-9):.1f} img/s), {result['skipped']} already there, "
+                      f"{result['failed']} unreadable (listed in the store's 'failed' attribute)")
+
+
 @data_app.command("check")
 @with_config
 def data_check(

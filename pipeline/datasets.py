@@ -85,7 +85,7 @@ def read_image(path: Path) -> np.ndarray:
     """uint8 (H, W, 3) RGB; a missing or undecodable file is a DataProblem naming it."""
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+            return np.array(img.convert("RGB"))  # writable: torch.from_numpy needs that
     except FileNotFoundError:
         raise DataProblem("missing image", f"{path}: image not found") from None
     except Exception as exc:  # PIL raises many types for truncated / foreign files

@@ -25,7 +25,7 @@ from pipeline.masks import write_palette_png
 CLASSES = ("background", "disc", "square", "triangle", "ring", "cross", "star", "capsule")
 LABELED_SIZES = (16, 32, 64)
 TEXTURES = ("solid", "stripes", "checker", "dots")
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,7 @@ def generate(out: Path, spec: WorldSpec = WorldSpec(), force: bool = False, prog
 
     Layout (the `folder` data set format):
       out/target/{images,masks,classes.txt}   out/source/{images,masks,classes.txt} (source val)
-      out/splits/{16,32,64}/{labeled,unlabeled}.txt   out/splits/val.txt   out/world.json
+      out/splits/{16,32,64}/{labeled,unlabeled}.txt   out/splits/{val,source_val}.txt   out/world.json
     Built in a temporary sibling folder and renamed into place, so a crash leaves no half world.
     """
     out = Path(out)
@@ -274,4 +274,6 @@ def _write_splits(folder: Path, spec: WorldSpec) -> None:
         (folder / str(n) / "labeled.txt").write_text("".join(line("train", i) for i in sorted(order[:n])))
         (folder / str(n) / "unlabeled.txt").write_text("".join(line("train", i) for i in sorted(order[n:])))
     (folder / "val.txt").write_text("".join(line("val", i) for i in range(spec.val)))
+    # source-domain val (root: out/source): how good the annotator is on its own domain
+    (folder / "source_val.txt").write_text("".join(line("val", i) for i in range(spec.source_val)))
 

@@ -1,0 +1,42 @@
+"""Any TorchScript model mapping float32 RGB (B, 3, H, W) in [0, 1] to (B, K, h, w) logits."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from pipeline.backends import Backend, Preprocess, require_file
+from pipeline.errors import UserError
+from pipeline.store import file_sha256
+
+
+class TorchScriptBackend(Backend):
+    name = "torchscript"
+    score_kind = "logits"
+    preprocess = Preprocess()
+
+    def __init__(self, weights: Path, classes: tuple[str, ...], device: torch.device):
+        require_file(weights, "TorchScript file")
+        try:
+            with warnings.catch_warnings():  # TorchScript is deprecated upstream, still what users export
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.model = torch.jit.load(str(weights), map_location=device).eval()
+        except Exception as exc:  # torch raises RuntimeError / ValueError variants for foreign files
+            raise UserError(f"{weights}: not a TorchScript file ({type(exc).__name__}); save one with "
+                            "torch.jit.script(model).save(path)") from None
+        self.weights, self.num_classes = Path(weights), len(classes)
+        self.model_id = f"torchscript:{Path(weights).name}"
+        self.weights_sha256 = file_sha256(weights)
+
+    @torch.no_grad()
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        out = self.model(batch)
+        if not (isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[0] == batch.shape[0]):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise UserError(f"{self.weights}: model must return (B, K, h, w) logits, got {got}")
+        if out.shape[1] != self.num_classes:
+            raise UserError(f"{self.weights}: model returns {out.shape[1]} classes, expected {self.num_classes} "
+                            "(the data set's class list)")
+        return out

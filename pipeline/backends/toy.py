@@ -1,0 +1,31 @@
+"""The toy world's annotator as a backend: the default of the toy preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.backends import Backend, Preprocess, require_file
+from pipeline.errors import UserError
+from pipeline.store import file_sha256
+from pipeline.toy.annotator import load_annotator
+
+
+class ToyBackend(Backend):
+    name = "toy"
+    score_kind = "logits"
+    preprocess = Preprocess()  # float RGB in [0, 1] at full size; the net normalises inside
+
+    def __init__(self, weights: Path, classes: tuple[str, ...], device: torch.device):
+        model, trained = load_annotator(require_file(weights, "toy annotator weights"))
+        if trained != tuple(classes):
+            raise UserError(f"{weights}: the toy annotator knows classes {list(trained)}, the data set has "
+                            f"{list(classes)}")
+        self.model = model.to(device)
+        self.model_id = f"toy-annotator:{Path(weights).name}"
+        self.weights_sha256 = file_sha256(weights)
+
+    @torch.no_grad()
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch)

@@ -1,0 +1,190 @@
+"""Stage 0: score every image of the chosen splits with the foundation model into the store.
+
+Data path: a batch plan is made once from image headers (images of equal model-input size share a
+batch, so nothing is padded and a batch's content never depends on what is already done); loader
+workers decode and preprocess whole batches; the model runs in the main process; writer threads
+compress and write each image's array. Under `torchrun` every rank takes every world-size-th batch of
+the same plan and writes its own arrays: same store as one process, no coordinator.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from joblib import Parallel, delayed
+
+from pipeline import distributed
+from pipeline.backends import Backend, Preprocess, build_backend
+from pipeline.config import Config
+from pipeline.datasets import SPLITS, Dataset, Sample, image_size, read_image
+from pipeline.errors import DataProblem, UserError
+from pipeline.store import complete_ids, open_for_writing, record_failures, write_scores
+
+
+@dataclass(frozen=True)
+class Item:
+    sample: Sample
+    size: tuple[int, int]  # original (H, W)
+
+
+def select_samples(dataset: Dataset, split: str) -> list[Sample]:
+    """The split's samples; ``all`` = labeled + unlabeled + val (when configured), each id once."""
+    names = [s for s in SPLITS if s != "val" or dataset.config.val is not None] if split == "all" else [split]
+    if split != "all" and split not in SPLITS:
+        raise UserError(f"--split {split}: choose labeled, unlabeled, val or all")
+    unique: dict[str, Sample] = {}
+    for name in names:
+        for sample in dataset.split(name):
+            unique.setdefault(sample.id, sample)
+    return list(unique.values())
+
+
+def plan_batches(items: list[Item], preprocess: Preprocess, batch_size: int) -> list[list[Item]]:
+    """Batches of images with equal model-input size, in a fixed order (by first id)."""
+    groups: dict[tuple[int, int], list[Item]] = defaultdict(list)
+    for item in sorted(items, key=lambda it: it.sample.id):
+        groups[preprocess.size(*item.size)].append(item)
+    batches = [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    return sorted(batches, key=lambda b: b[0].sample.id)
+
+
+def _header(sample: Sample):
+    try:
+        return Item(sample, image_size(sample.image)), None
+    except DataProblem as problem:
+        return None, (sample.id, str(problem))
+
+
+class BatchLoader(torch.utils.data.Dataset):
+    """Decodes and preprocesses one planned batch per item (in loader worker processes)."""
+
+    def __init__(self, batches: list[list[Item]], preprocess: Preprocess):
+        self.batches, self.preprocess = batches, preprocess
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int):
+        items, tensors, failed = [], [], {}
+        for item in self.batches[index]:
+            try:
+                image = read_image(item.sample.image)
+            except DataProblem as problem:
+                failed[item.sample.id] = str(problem)
+                continue
+            items.append(item)
+            tensors.append(self.preprocess(image))
+        return items, (torch.stack(tensors) if tensors else None), failed
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name (cpu, cuda, cuda:1, auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: str | None = None,
+               force: bool = False, workers: int | None = None, scale: float | None = None,
+               progress=None, warn=print) -> dict:
+    """Fill ``<work>/logits.zarr`` for a split; returns counts (written, skipped, failed)."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    if scale is not None and not 0 < scale <= 1:
+        raise UserError(f"--scale {scale}: must be in (0, 1] (a fraction of the image size)")
+    dataset = Dataset(config)
+    samples = select_samples(dataset, split)
+    rank, world = distributed.setup()
+    dev = resolve_device(device) if world == 1 or device not in (None, "auto") else distributed.local_device()
+    backend = build_backend(config.backend, config.weights, dataset.classes, dev)
+    path = config.work_dir / "logits.zarr"
+    identity = {"classes": list(dataset.classes), "backend": backend.name, "model_id": backend.model_id,
+                "weights_sha256": backend.weights_sha256, "score_kind": backend.score_kind,
+                "scale": "native" if scale is None else scale}
+    if rank == 0:
+        open_for_writing(path, identity, force)
+    distributed.barrier()
+    if rank != 0:
+        open_for_writing(path, identity, force=False)  # checks only: rank 0 created or validated it
+    headers = Parallel(n_jobs=8, prefer="threads")(delayed(_header)(s) for s in samples)
+    unreadable = dict(f for _, f in headers if f is not None)  # every rank sees these: rank 0 reports
+    batches = plan_batches([it for it, _ in headers if it is not None], backend.preprocess, batch_size)
+    mine = batches[rank::world]
+    done = set(complete_ids(path))
+    todo = [b for b in mine if not all(it.sample.id in done for it in b)]
+    skipped = sum(len(b) for b in mine) - sum(len(b) for b in todo)
+    undecodable: dict[str, str] = {}  # found by this rank's loader
+    written = _score(backend, todo, done, path, dev, scale, workers, progress, undecodable, skipped,
+                     sum(map(len, mine)))
+    for reason in sorted({**(unreadable if rank == 0 else {}), **undecodable}.values()):
+        warn(f"skipped unreadable image: {reason}")
+    all_failed = {**unreadable, **distributed.gather_dicts(undecodable)}
+    if rank == 0:
+        record_failures(path, all_failed)
+    distributed.barrier()
+    return {"written": written, "skipped": skipped, "failed": len(all_failed), "images": len(samples),
+            "store": path, "rank": rank, "world": world}
+
+
+def _score(backend: Backend, todo, done, path, device, scale, workers, progress, failed, skipped, total) -> int:
+    if workers is None:
+        workers = min(8, max(1, (os.cpu_count() or 2) - 1))
+    loader = torch.utils.data.DataLoader(
+        BatchLoader(todo, backend.preprocess), batch_size=None, shuffle=False, num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+        persistent_workers=False, multiprocessing_context="spawn" if workers and device.type == "cuda" else None)
+    if progress is not None:
+        progress(skipped, total)
+    written, pending = 0, []
+    with ThreadPoolExecutor(max_workers=3) as writers:
+        for items, batch, bad in loader:
+            failed.update(bad)
+            if batch is not None:
+                scores = _predict(backend, batch.to(device, non_blocking=True), items, scale)
+                for item, image_scores in zip(items, scores):
+                    if item.sample.id not in done:
+                        pending.append(writers.submit(write_scores, path, item.sample.id, image_scores, item.size))
+                        written += 1
+            pending = _settle(pending, limit=64)
+            if progress is not None:
+                progress(len(items) + len(bad), total)
+        for future in pending:
+            future.result()
+    return written
+
+
+def _settle(pending: list, limit: int) -> list:
+    """Drop finished writes (re-raising their errors); wait for the oldest while too many are queued."""
+    while len(pending) > limit:
+        pending.pop(0).result()
+    for future in [f for f in pending if f.done()]:
+        future.result()
+        pending.remove(future)
+    return pending
+
+
+def _predict(backend: Backend, batch: torch.Tensor, items: list[Item], scale: float | None):
+    with torch.autocast("cuda", dtype=torch.float16, enabled=backend.autocast and batch.is_cuda):
+        scores = backend.predict(batch)
+    scores = scores.float()
+    finite = torch.isfinite(scores).flatten(1).all(1)
+    if not finite.all():
+        bad = items[int((~finite).nonzero()[0])].sample.image
+        raise UserError(f"{bad}: backend '{backend.name}' produced NaN/inf scores for this image")
+    out = []
+    for item, image_scores in zip(items, scores):
+        if scale is not None:
+            size = (max(1, round(item.size[0] * scale)), max(1, round(item.size[1] * scale)))
+            image_scores = F.interpolate(image_scores[None], size=size, mode="bilinear", align_corners=False)[0]
+        out.append(image_scores.half().cpu().numpy())
+    return out

@@ -1,0 +1,182 @@
+"""The score store (`work/logits.zarr`): one compressed fp16 array per image, readable with plain zarr.
+
+Layout (zarr v3, local folder)::
+
+    logits.zarr/                 group; attrs: classes, backend, model_id, weights_sha256, score_kind,
+                                 scale, created, tool_version, failed (images that could not be read)
+    logits.zarr/scores/<id>      float16 (K, h, w), one chunk, blosc-zstd + byte shuffle;
+                                 attrs: image_size [H, W]
+
+An image's array is written under a temporary name and renamed into place, so an array that exists
+under its id is complete: a killed run loses at most the images in flight, and a rerun skips the rest.
+
+    >>> import zarr; zarr.open_group("work/logits.zarr")["scores/2007_000032"][:]   # (K, h, w) fp16
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+
+from pipeline import __version__
+from pipeline.errors import UserError
+
+SCORE_KINDS = ("logits", "probabilities", "scores")  # scores: non-negative, unnormalised (SEEM's sem_seg)
+SCORES = "scores"
+TMP_PREFIX = ".tmp-"
+CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2)
+# Attributes that must match for a store to be reused; the rest describe the run.
+IDENTITY = ("classes", "backend", "model_id", "weights_sha256", "score_kind", "scale")
+
+
+def to_probabilities(scores: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-pixel class probabilities (K, ...) from stored scores of the given kind."""
+    scores = scores.float()
+    if kind == "logits":
+        return scores.softmax(0)
+    if kind == "scores":  # SEEM: sum_q p_q(k) sigmoid(m_q): normalise over classes
+        return scores.clamp_min(0) / scores.clamp_min(0).sum(0, keepdim=True).clamp_min(1e-6)
+    if kind == "probabilities":
+        return scores
+    raise ValueError(f"unknown score kind {kind!r}")
+
+
+class LogitsStore:
+    """Read access to a score store. ``read(id)`` -> float32 (K, h, w) as stored."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise UserError(f"{self.path}: no score store here (run `conformalsam logits` first)")
+        self.group = zarr.open_group(self.path, mode="r")
+        self.attrs = dict(self.group.attrs)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.attrs["classes"])
+
+    @property
+    def score_kind(self) -> str:
+        return self.attrs["score_kind"]
+
+    def ids(self) -> list[str]:
+        return complete_ids(self.path)
+
+    def __len__(self) -> int:
+        return len(self.ids())
+
+    def __contains__(self, image_id: str) -> bool:
+        return (self.path / SCORES / image_id / "zarr.json").is_file()
+
+    def __iter__(self):
+        for image_id in self.ids():
+            yield image_id, self.read(image_id)
+
+    def _array(self, image_id: str) -> zarr.Array:
+        if image_id not in self:
+            raise UserError(f"{self.path}: no scores for image '{image_id}' (rerun `conformalsam logits`)")
+        return zarr.open_array(self.path / SCORES / image_id, mode="r")
+
+    def read(self, image_id: str) -> np.ndarray:
+        return self._array(image_id)[...].astype(np.float32)
+
+    def image_size(self, image_id: str) -> tuple[int, int]:
+        return tuple(self._array(image_id).attrs["image_size"])
+
+    def probabilities(self, image_id: str) -> torch.Tensor:
+        return to_probabilities(torch.from_numpy(self.read(image_id)), self.score_kind)
+
+
+def complete_ids(path: Path) -> list[str]:
+    folder = Path(path) / SCORES
+    if not folder.is_dir():
+        return []
+    return sorted(n for n in os.listdir(folder) if not n.startswith(TMP_PREFIX) and (folder / n / "zarr.json").is_file())
+
+
+def open_for_writing(path: Path, identity: dict, force: bool) -> None:
+    """Create the store, or check that an existing one was made by the same model for the same classes.
+
+    ``force`` deletes a mismatching store. Leftovers of killed runs (temporary arrays) are removed.
+    """
+    path = Path(path)
+    if (path / "zarr.json").is_file():
+        attrs = dict(zarr.open_group(path, mode="r").attrs)
+        diff = [k for k in IDENTITY if attrs.get(k) != identity.get(k)]
+        if diff and not force:
+            what = "; ".join(f"{k}: stored {_short(attrs.get(k))} vs now {_short(identity.get(k))}" for k in diff)
+            raise UserError(f"{path}: store was made with other settings ({what}); pass --force to rebuild it "
+                            "or choose another --work-dir")
+        if not diff:
+            _remove_leftovers(path)
+            return
+        shutil.rmtree(path)
+    elif path.exists() and any(path.iterdir()):
+        raise UserError(f"{path}: exists and is not a score store; remove it or choose another --work-dir")
+    tmp = path.with_name(path.name + TMP_PREFIX.rstrip("-") + f"-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(tmp, mode="w")
+    group.create_group(SCORES)
+    group.attrs.update({**identity, "created": _now(), "tool_version": __version__, "failed": {}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.rmdir()
+    os.replace(tmp, path)  # the group appears complete or not at all
+
+
+def _remove_leftovers(path: Path) -> None:
+    folder = path / SCORES
+    for name in os.listdir(folder):
+        if name.startswith(TMP_PREFIX):
+            shutil.rmtree(folder / name, ignore_errors=True)
+
+
+def write_scores(path: Path, image_id: str, scores: np.ndarray, image_size: tuple[int, int]) -> None:
+    """Write one image's (K, h, w) scores as fp16 under a temporary name, then rename it into place."""
+    folder = Path(path) / SCORES
+    tmp = folder / f"{TMP_PREFIX}{image_id}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    data = np.ascontiguousarray(scores, dtype=np.float16)
+    array = zarr.create_array(tmp, shape=data.shape, chunks=data.shape, dtype="float16",
+                              compressors=CODEC, fill_value=0, attributes={"image_size": list(image_size)})
+    array[...] = data
+    final = folder / image_id
+    if final.exists():  # a rerun of a partial batch: replace the old copy
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def record_failures(path: Path, failed: dict[str, str]) -> None:
+    """Add unreadable images (id -> reason) to the store's attributes."""
+    if not failed:
+        return
+    group = zarr.open_group(path, mode="r+")
+    group.attrs["failed"] = {**dict(group.attrs.get("failed", {})), **failed}
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,177 @@
+"""Stage 0: the score store is complete, reusable, safe against mismatches, resumable and shardable."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import toy_config
+from pipeline import PROJECT_ROOT
+from pipeline.datasets import Dataset
+from pipeline.errors import UserError
+from pipeline.logits import run_logits
+from pipeline.store import LogitsStore, complete_ids
+from pipeline.toy.annotator import load_annotator
+
+ANNOTATOR = PROJECT_ROOT / "data" / "toy_annotator.pt"
+
+
+class SlowNet(torch.nn.Module):
+    """A TorchScript-able scorer, deliberately heavy enough (~30 ms/image) to be killed part-way."""
+
+    def __init__(self, classes: int, depth: int = 24, out: float = 1.0):
+        super().__init__()
+        self.inp = torch.nn.Conv2d(3, 48, 3, padding=1)
+        self.body = torch.nn.ModuleList(torch.nn.Conv2d(48, 48, 3, padding=1) for _ in range(depth))
+        self.head = torch.nn.Conv2d(48, classes, 1)
+        self.out = out
+
+    def forward(self, x):
+        x = torch.relu(self.inp(x))
+        for conv in self.body:
+            x = x + torch.relu(conv(x)) * 0.1
+        return self.head(torch.nn.functional.avg_pool2d(x, 4)) * self.out
+
+
+def _script(tmp_path, classes=8, name="net.pt", **kw) -> str:
+    torch.manual_seed(0)
+    path = tmp_path / name
+    torch.jit.script(SlowNet(classes, **kw).eval()).save(str(path))
+    return path
+
+
+def _same_store(a, b) -> None:
+    sa, sb = LogitsStore(a), LogitsStore(b)
+    assert sa.ids() == sb.ids() and len(sa) > 0
+    for image_id in sa.ids():
+        np.testing.assert_array_equal(sa.read(image_id), sb.read(image_id), err_msg=image_id)
+        assert sa.image_size(image_id) == sb.image_size(image_id)
+    for key in ("classes", "backend", "model_id", "weights_sha256", "score_kind", "scale", "failed"):
+        assert sa.attrs[key] == sb.attrs[key], key
+
+
+def test_toy_store_holds_native_resolution_fp16_scores(toy_world, tmp_path):
+    config = replace(toy_config(toy_world), weights=ANNOTATOR, work_dir=tmp_path / "w")
+    result = run_logits(config, "all", batch_size=16, workers=0)
+    ids = {s.id for split in ("labeled", "unlabeled", "val") for s in Dataset(config).split(split)}
+    assert result["written"] == len(ids) == 76 and result["failed"] == 0
+    raw = zarr.open_group(tmp_path / "w/logits.zarr", mode="r")  # plain zarr reads it
+    assert set(raw["scores"].keys()) == ids
+    arr = raw["scores"]["val_00000"]
+    assert arr.dtype == np.float16 and arr.shape == (8, 8, 8) and arr.chunks == arr.shape
+    assert raw.attrs["score_kind"] == "logits" and raw.attrs["classes"][0] == "background"
+    assert len(raw.attrs["weights_sha256"]) == 64 and raw.attrs["tool_version"]
+    model, _ = load_annotator(ANNOTATOR)
+    image, _ = Dataset(config).load(Dataset(config).split("val")[0])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)[0]
+    store = LogitsStore(tmp_path / "w/logits.zarr")
+    np.testing.assert_allclose(store.read("val_00000"), expected.numpy(), atol=2e-2, rtol=1e-3)
+    probs = store.probabilities("val_00000")
+    torch.testing.assert_close(probs.sum(0), torch.ones(8, 8), atol=1e-3, rtol=0)
+    assert store.image_size("val_00000") == (32, 32)
+    again = run_logits(config, "all", batch_size=16, workers=0)
+    assert again["written"] == 0 and again["skipped"] == 76
+
+
+def test_scale_option_and_splits(toy_world, tmp_path):
+    config = replace(toy_config(toy_world), weights=ANNOTATOR, work_dir=tmp_path / "w")
+    result = run_logits(config, "labeled", batch_size=4, workers=0, scale=0.5)
+    assert result["written"] == 16
+    assert LogitsStore(tmp_path / "w/logits.zarr").read(complete_ids(tmp_path / "w/logits.zarr")[0]).shape == (8, 16, 16)
+    with pytest.raises(UserError, match="--split"):
+        run_logits(config, "train", workers=0)
+
+
+def test_mismatched_store_is_refused_then_rebuilt_with_force(toy_world, tmp_path):
+    config = replace(toy_config(toy_world), weights=ANNOTATOR, work_dir=tmp_path / "w")
+    run_logits(config, "labeled", workers=0)
+    other = replace(config, backend="torchscript", weights=_script(tmp_path, depth=1))
+    with pytest.raises(UserError, match="backend.*--force"):
+        run_logits(other, "labeled", workers=0)
+    assert len(complete_ids(tmp_path / "w/logits.zarr")) == 16  # untouched
+    assert run_logits(other, "labeled", workers=0, force=True)["written"] == 16
+    assert LogitsStore(tmp_path / "w/logits.zarr").attrs["backend"] == "torchscript"
+
+
+def test_bad_models_are_clear_errors(toy_world, tmp_path):
+    config = replace(toy_config(toy_world), backend="torchscript", work_dir=tmp_path / "w")
+    with pytest.raises(UserError, match="returns 5 classes, expected 8"):
+        run_logits(replace(config, weights=_script(tmp_path, classes=5, depth=1)), "labeled", workers=0)
+    with pytest.raises(UserError, match=r"train_\d+\.jpg: backend 'torchscript' produced NaN"):
+        run_logits(replace(config, weights=_script(tmp_path, depth=1, out=float("nan")), work_dir=tmp_path / "n"),
+                   "labeled", workers=0, force=True)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(UserError, match="not a TorchScript file"):
+        run_logits(replace(config, weights=tmp_path / "junk.pt"), "labeled", workers=0)
+
+
+def test_unreadable_images_are_skipped_and_listed(toy_world, tmp_path):
+    import shutil
+
+    world = tmp_path / "toy"
+    shutil.copytree(toy_world, world)
+    config = replace(toy_config(world), weights=ANNOTATOR, work_dir=tmp_path / "w")
+    first = Dataset(config).split("labeled")[0]
+    first.image.write_bytes(first.image.read_bytes()[:300])  # truncated JPEG: header fine, decode fails
+    second = Dataset(config).split("labeled")[1]
+    second.image.write_bytes(b"garbage")
+    warnings = []
+    result = run_logits(config, "labeled", workers=1, warn=warnings.append)
+    assert result["written"] == 14 and result["failed"] == 2
+    failed = LogitsStore(tmp_path / "w/logits.zarr").attrs["failed"]
+    assert set(failed) == {first.id, second.id} and str(first.image) in failed[first.id]
+    assert len(warnings) == 2
+
+
+def _cli(args, env=None, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "cli.py"), "logits", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _flags(world, weights, work):
+    cfg = toy_config(world)
+    return ["--format", "folder", "--root", str(cfg.root), "--labeled", str(cfg.labeled), "--unlabeled",
+            str(cfg.unlabeled), "--val", str(cfg.val), "--backend", "torchscript", "--weights", str(weights),
+            "--work-dir", str(work), "--batch-size", "2", "--workers", "1", "--device", "cpu"]
+
+
+def test_sigkill_then_rerun_equals_uninterrupted_run(toy_world, tmp_path):
+    weights = _script(tmp_path)
+    reference = _cli(_flags(toy_world, weights, tmp_path / "ref"))
+    killed = _cli(_flags(toy_world, weights, tmp_path / "run"))
+    store = tmp_path / "run" / "logits.zarr"
+    deadline = time.time() + 120
+    while len(complete_ids(store)) < 10 and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    partial = len(complete_ids(store))
+    assert 10 <= partial < 76, f"kill did not land part-way ({partial} images done)"
+    assert reference.wait() == 0, reference.stdout.read()
+    rerun = _cli(_flags(toy_world, weights, tmp_path / "run"))
+    out = rerun.communicate()[0]
+    assert rerun.returncode == 0, out
+    _same_store(tmp_path / "ref/logits.zarr", store)
+    assert not [p for p in (store / "scores").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_torchrun_two_processes_equals_single_process(toy_world, tmp_path):
+    weights = _script(tmp_path, depth=2)
+    single = _cli(_flags(toy_world, weights, tmp_path / "one"))
+    assert single.wait() == 0, single.stdout.read()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(PROJECT_ROOT / "cli.py"), "logits", *_flags(toy_world, weights, tmp_path / "two")]
+    proc = subprocess.run(torchrun, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _same_store(tmp_path / "one/logits.zarr", tmp_path / "two/logits.zarr")
