@@ -91,8 +91,10 @@ def logits(
     if result["rank"] == 0:
         took = time.perf_counter() - start
         console.print(f"{result['store']}: {result['written']} images scored in {took:.1f}s "
-                      f"({result['written'] / max(took, 1e-9):.1f} img/s), {result['skipped']} already there, "
-                      f"{result['failed']} unreadable (listed in the store's 'failed' attribute)")
+                      f"({result['written'] / max(took, 1e-9):.1f} img/s), {result['skipped']} already there")
+        if result["failed"]:
+            console.print(f"[yellow]{result['failed']} unreadable images skipped[/yellow] "
+                          "(listed in the store's 'failed' attribute)")
 
 
 @data_app.command("check")
