@@ -161,15 +161,15 @@ def toy_generate(
     force: Annotated[bool, typer.Option(help="Rebuild even if an identical world is there.")] = False,
 ):
     """Generate the toy world (target domain + source val, UniMatch-format splits of 16/32/64 labeled)."""
-    from pipeline.toy.world import WorldSpec, generate
+    from pipeline.toy.world import WorldSpec, generate, is_current
 
     spec = WorldSpec(seed=seed)
-    start = time.perf_counter()
-    with progress("toy world") as update:
-        built = generate(out, spec, force=force, progress=update)
-    if not built:
+    if not force and is_current(out, spec):
         console.print(f"toy world at {out} is up to date (--force rebuilds it)")
         return
+    start = time.perf_counter()
+    with progress("toy world") as update:
+        generate(out, spec, force=True, progress=update)
     console.print(f"toy world written to {out} in {time.perf_counter() - start:.1f}s: {spec.train} target train "
                   f"images (labeled splits 16/32/64), {spec.val} val, {spec.source_val} source val")
 

@@ -230,6 +230,12 @@ def _render_and_write(spec: WorldSpec, domain: str, split: str, index: int, fold
     _write_pair(folder, f"{split}_{index:05d}", image, mask)
 
 
+def is_current(out: Path, spec: WorldSpec) -> bool:
+    """Whether ``out`` already holds the world of ``spec``."""
+    meta = Path(out) / "world.json"
+    return meta.is_file() and json.loads(meta.read_text()) == asdict(spec)
+
+
 def generate(out: Path, spec: WorldSpec = WorldSpec(), force: bool = False, progress=None) -> bool:
     """Write the toy world under ``out``; returns False when an identical world is already there.
 
@@ -239,8 +245,7 @@ def generate(out: Path, spec: WorldSpec = WorldSpec(), force: bool = False, prog
     Built in a temporary sibling folder and renamed into place, so a crash leaves no half world.
     """
     out = Path(out)
-    meta = out / "world.json"
-    if not force and meta.exists() and json.loads(meta.read_text()) == asdict(spec):
+    if not force and is_current(out, spec):
         return False
     if spec.train < max(LABELED_SIZES) + 1:
         raise ValueError(f"train pool must exceed the largest labeled split ({max(LABELED_SIZES)})")
