@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from pipeline.config import Config
-from pipeline.masks import write_palette_png
 from pipeline.toy.world import WorldSpec, generate
 
 
