@@ -23,7 +23,7 @@ from pipeline.backends import Backend, Preprocess, build_backend
 from pipeline.config import Config
 from pipeline.datasets import SPLITS, Dataset, Sample, image_size, read_image
 from pipeline.errors import DataProblem, UserError
-from pipeline.store import complete_ids, open_for_writing, record_failures, write_scores
+from pipeline.store import check_identity, complete_ids, open_for_writing, record_failures, write_scores
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,8 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     if rank == 0:
         open_for_writing(path, identity, force)
     distributed.barrier()
-    if rank != 0:
-        open_for_writing(path, identity, force=False)  # checks only: rank 0 created or validated it
+    if rank != 0:  # rank 0 created or validated it; only check (cleaning up here could hit its writes)
+        check_identity(path, identity)
     headers = Parallel(n_jobs=8, prefer="threads")(delayed(_header)(s) for s in samples)
     unreadable = dict(f for _, f in headers if f is not None)  # every rank sees these: rank 0 reports
     batches = plan_batches([it for it, _ in headers if it is not None], backend.preprocess, batch_size)

@@ -108,13 +108,8 @@ def open_for_writing(path: Path, identity: dict, force: bool) -> None:
     """
     path = Path(path)
     if (path / "zarr.json").is_file():
-        attrs = dict(zarr.open_group(path, mode="r").attrs)
-        diff = [k for k in IDENTITY if attrs.get(k) != identity.get(k)]
-        if diff and not force:
-            what = "; ".join(f"{k}: stored {_short(attrs.get(k))} vs now {_short(identity.get(k))}" for k in diff)
-            raise UserError(f"{path}: store was made with other settings ({what}); pass --force to rebuild it "
-                            "or choose another --work-dir")
-        if not diff:
+        if not force or not _differences(path, identity):
+            check_identity(path, identity)
             _remove_leftovers(path)
             return
         shutil.rmtree(path)
@@ -129,6 +124,20 @@ def open_for_writing(path: Path, identity: dict, force: bool) -> None:
     if path.exists():
         path.rmdir()
     os.replace(tmp, path)  # the group appears complete or not at all
+
+
+def _differences(path: Path, identity: dict) -> list[str]:
+    attrs = dict(zarr.open_group(path, mode="r").attrs)
+    return [f"{k}: stored {_short(attrs.get(k))} vs now {_short(identity.get(k))}"
+            for k in IDENTITY if attrs.get(k) != identity.get(k)]
+
+
+def check_identity(path: Path, identity: dict) -> None:
+    """Refuse a store made by another model, class list or setting (read-only: safe while others write)."""
+    diff = _differences(path, identity)
+    if diff:
+        raise UserError(f"{path}: store was made with other settings ({'; '.join(diff)}); pass --force to rebuild "
+                        "it or choose another --work-dir")
 
 
 def _remove_leftovers(path: Path) -> None:
