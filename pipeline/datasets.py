@@ -81,26 +81,25 @@ def parse_split(path: Path, root: Path, need_masks: bool) -> tuple[list[Sample],
     return samples, problems
 
 
-def read_image(path: Path) -> np.ndarray:
-    """uint8 (H, W, 3) RGB; a missing or undecodable file is a DataProblem naming it."""
+def _from_image(path: Path, read):
+    """``read(opened PIL image)``; a missing or undecodable file is a DataProblem naming it."""
     try:
         with Image.open(path) as img:
-            return np.array(img.convert("RGB"))  # writable: torch.from_numpy needs that
+            return read(img)
     except FileNotFoundError:
         raise DataProblem("missing image", f"{path}: image not found") from None
     except Exception as exc:  # PIL raises many types for truncated / foreign files
         raise DataProblem("corrupt image", f"{path}: cannot decode image ({exc})") from None
 
 
+def read_image(path: Path) -> np.ndarray:
+    """uint8 (H, W, 3) RGB, fully decoded."""
+    return _from_image(path, lambda img: np.array(img.convert("RGB")))  # writable: torch.from_numpy needs it
+
+
 def image_size(path: Path) -> tuple[int, int]:
     """(H, W) from the header only."""
-    try:
-        with Image.open(path) as img:
-            return img.height, img.width
-    except FileNotFoundError:
-        raise DataProblem("missing image", f"{path}: image not found") from None
-    except Exception as exc:
-        raise DataProblem("corrupt image", f"{path}: cannot decode image ({exc})") from None
+    return _from_image(path, lambda img: (img.height, img.width))
 
 
 def _read_index_png(path: Path) -> np.ndarray:

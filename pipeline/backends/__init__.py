@@ -88,6 +88,16 @@ def build_backend(name: str, weights: Path | None, classes: tuple[str, ...], dev
     return cls(Path(weights), classes, device)
 
 
+# VOC-style names that are not words: what to say to a text encoder instead
+PROMPTS = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor",
+           "aeroplane": "airplane"}
+
+
+def prompts(classes: tuple[str, ...]) -> list[str]:
+    """Class names as text prompts for the text-promptable backends."""
+    return [PROMPTS.get(c, c.replace("_", " ")) for c in classes]
+
+
 def require_file(path: Path, what: str) -> Path:
     if not Path(path).exists():
         raise UserError(f"{path}: {what} not found (set foundation.weights or --weights)")

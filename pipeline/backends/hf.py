@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.backends import Backend, Preprocess
+from pipeline.backends import Backend, Preprocess, prompts
 from pipeline.errors import UserError
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -32,12 +32,6 @@ def _load(cls, weights: Path, device: torch.device):
     except (OSError, ValueError) as exc:
         raise UserError(f"{weights}: cannot load a {cls.__name__} from it ({str(exc).splitlines()[0]}); give a "
                         "folder written by save_pretrained (or a hub id already in the local cache)") from None
-
-
-def _prompts(classes: tuple[str, ...]) -> list[str]:
-    from pipeline.backends.seem import PROMPTS
-
-    return [PROMPTS.get(c, c.replace("_", " ")) for c in classes]
 
 
 def _weights_id(weights: Path) -> str | None:
@@ -61,7 +55,7 @@ class _TextPromptBackend(Backend):
         self.device, self.weights = device, weights
         self.model_id = f"{self.name}:{Path(weights).name}"
         self.weights_sha256 = _weights_id(weights)
-        ids, mask = self._tokenize(weights, _prompts(classes))
+        ids, mask = self._tokenize(weights, prompts(classes))
         with torch.no_grad():
             self.text = self._encode_text(ids.to(device), mask.to(device))
 
@@ -104,22 +98,19 @@ class Sam3Backend(_TextPromptBackend):
 
     name = "sam3"
     model_class = "Sam3Model"
-    preprocess = Preprocess(fixed=(1008, 1008), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
     def __init__(self, weights: Path, classes: tuple[str, ...], device: torch.device):
-        self.prompt_ids: tuple[torch.Tensor, torch.Tensor] | None = None
         super().__init__(weights, classes, device)
         size = self.model.config.vision_config.backbone_config.image_size
         size = size if isinstance(size, int) else size[0]
         self.preprocess = Preprocess(fixed=(size, size), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
-    def _encode_text(self, ids, mask) -> torch.Tensor:
-        self.prompt_ids = (ids, mask)  # SAM 3 takes token ids per call; nothing to precompute
-        return ids
+    def _encode_text(self, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        return ids, mask  # SAM 3 takes token ids per call; nothing to precompute
 
     @torch.no_grad()
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
-        ids, mask = self.prompt_ids
+        ids, mask = self.text
         vision = self.model.get_vision_features(pixel_values=batch)  # once per image, reused per class
         maps = []
         for k in range(ids.shape[0]):

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
-from pipeline.backends import Backend, Preprocess, require_file
+from pipeline.backends import Backend, Preprocess, prompts, require_file
 from pipeline.errors import UserError
 from pipeline.store import file_sha256
 
@@ -32,9 +32,6 @@ SHORT_SIDE = 512  # SEEM's demo resolution
 CONFIGS = {"seem_focall_v1": "focall_unicl_lang_v1.yaml", "seem_focalt_v1": "focalt_unicl_lang_v1.yaml",
            "seem_focall_v0": "focall_unicl_lang_v0.yaml", "seem_focalt_v0": "focalt_unicl_lang_v0.yaml",
            "seem_samvitb_v1": "samvitb_unicl_lang_v1.yaml", "seem_samvitl_v1": "samvitl_unicl_lang_v1.yaml"}
-# VOC-style names that are not words: what to say to a text encoder instead
-PROMPTS = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor",
-           "aeroplane": "airplane"}
 INSTALL = ("install SEEM from its git repository (see README: 'SEEM'), e.g. pip install "
            "'git+https://github.com/UX-Decoder/Segment-Everything-Everywhere-All-At-Once.git@package'")
 
@@ -81,7 +78,7 @@ class SeemBackend(Backend):
         test = opt["MODEL"]["DECODER"]["TEST"]
         test.update({"SEMANTIC_ON": True, "PANOPTIC_ON": False, "INSTANCE_ON": False})
         model = seem.BaseModel(opt, seem.build_model(opt)).from_pretrained(str(weights)).eval().to(device)
-        vocabulary = [PROMPTS.get(c, c.replace("_", " ")) for c in classes] + ["background"]
+        vocabulary = prompts(classes) + ["background"]
         with torch.no_grad():
             model.model.sem_seg_head.predictor.lang_encoder.get_text_embeddings(vocabulary, is_eval=True)
         model.model.sem_seg_head.num_classes = len(classes)
