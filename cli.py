@@ -97,6 +97,43 @@ def logits(
                           "(listed in the store's 'failed' attribute)")
 
 
+@app.command("calibrate")
+@with_config
+def calibrate(
+    alpha: Annotated[float, typer.Option(help="Miscoverage level: sets hold the true class with probability >= "
+                                         "1 - alpha (0.05 was best in the paper).")] = 0.1,
+    mode: Annotated[str, typer.Option(help="paper: one pooled threshold | mondrian: one per class | "
+                                      "crc: conformal risk control over images (finite-sample guarantee).")] = "paper",
+    rule: Annotated[str, typer.Option(help="Set -> label. paper: most probable non-background class of the set | "
+                                      "singleton: only one-class sets kept.")] = "paper",
+    masks: Annotated[bool, typer.Option("--masks/--no-masks", help="Write the unlabeled images' filtered masks "
+                                        "(--no-masks: fit and report only).")] = True,
+    folds: Annotated[int, typer.Option(help="Folds of the cross-calibration coverage check.")] = 5,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Worker threads (default: all cores).")] = None,
+    config: cfg.Config = None,
+):
+    """Stage 1: fit conformal thresholds on the labeled set, write filtered masks to <work>/masks/.
+
+    Reads <work>/logits.zarr. Writes <work>/calibration.json (thresholds, settings, diagnostics) and one
+    palette PNG per unlabeled image, 255 = ignore. Rerunning with the same settings and inputs does nothing.
+    """
+    from pipeline.calibrate import Settings, run_calibrate
+
+    start = time.perf_counter()
+    record = run_calibrate(config, Settings(alpha=alpha, mode=mode, rule=rule, folds=folds), masks, jobs,
+                           progress, warn=lambda msg: console.print(f"[yellow]warning:[/yellow] {msg}"))
+    took = time.perf_counter() - start
+    path = config.work_dir / "calibration.json"
+    if record["unchanged"]:
+        console.print(f"{path} is up to date for these settings and inputs: nothing to do")
+    from pipeline.calibrate_report import print_report
+
+    print_report(record, console)
+    if not record["unchanged"]:
+        written = f" and {record['masks']['count']} masks in {config.work_dir / 'masks'}" if record["masks"] else ""
+        console.print(f"wrote {path}{written} in {took:.1f}s")
+
+
 @data_app.command("check")
 @with_config
 def data_check(

@@ -1,0 +1,441 @@
+"""Stage 1: fit conformal thresholds on the labeled set, write filtered masks of the unlabeled set.
+
+Reads ``<work>/logits.zarr`` (stage 0) and the data set's masks; writes
+
+    <work>/calibration.json   settings, thresholds, counts, diagnostics, the inputs' checksums
+    <work>/masks/<id>.png     one palette PNG per unlabeled image, class ids and 255 = ignore
+
+Masks are written into ``<work>/.masks-<key>/`` (a killed run resumes there: each PNG is written
+atomically, so one that exists is complete) and moved to ``<work>/masks`` only when all are there;
+``masks/.key`` then names the calibration they belong to. ``calibration.json`` is removed before that
+move and rewritten after it, so a reader never pairs masks with the thresholds of another run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from functools import reduce
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from joblib import Parallel, delayed
+
+from pipeline import __version__
+from pipeline.atomic import write_text_atomic
+from pipeline.conformal import (MODES, RULES, ScoreHistogram, Thresholds, Upsampler, background_index, check_alpha,
+                                fit, nonconformity, prediction_sets, pseudo_label, to_bins)
+from pipeline.config import Config
+from pipeline.datasets import Dataset, Sample
+from pipeline.errors import UserError
+from pipeline.masks import IGNORE, write_palette_png
+from pipeline.metrics import confusion
+from pipeline.store import LogitsStore
+
+CALIBRATION = "calibration.json"
+MASKS = "masks"
+KEY_FILE = ".key"
+
+
+@dataclass(frozen=True)
+class Settings:
+    alpha: float = 0.1
+    mode: str = "paper"
+    rule: str = "paper"
+    folds: int = 5  # cross-calibration folds of the diagnostics
+    seed: int = 0  # assignment of labeled images to folds
+
+    def check(self) -> None:
+        check_alpha(self.alpha)
+        if self.mode not in MODES:
+            raise UserError(f"--mode {self.mode}: choose one of {', '.join(MODES)}")
+        if self.rule not in RULES:
+            raise UserError(f"--rule {self.rule}: choose one of {', '.join(RULES)}")
+        if self.folds < 2:
+            raise UserError(f"--folds {self.folds}: cross-calibration needs at least 2 folds")
+
+
+def run_calibrate(config: Config, settings: Settings, write_masks: bool = True, jobs: int | None = None,
+                  progress=None, warn=print) -> dict:
+    """Fit (and write masks unless ``write_masks`` is False); returns the calibration record.
+
+    ``progress(description)`` is a context manager yielding ``update(advance, total)`` (see `pipeline.ui`).
+    Does nothing and returns the existing record when ``calibration.json`` already holds this fit of the
+    same inputs (and its masks, when asked for).
+    """
+    settings.check()
+    jobs = jobs or os.cpu_count() or 1
+    dataset = Dataset(config)
+    store = LogitsStore(config.work_dir / "logits.zarr")
+    if store.classes != dataset.classes:
+        raise UserError(f"{store.path}: scores are for classes {list(store.classes)[:5]}... but the data set has "
+                        f"{list(dataset.classes)[:5]}...; rerun `conformalsam logits --force`")
+    labeled = _scored(store, dataset, "labeled", warn)
+    checksum = store_checksum(store, [s.id for s in labeled])
+    key = fit_key(settings, dataset, checksum, labeled)
+    unlabeled = _scored(store, dataset, "unlabeled", warn) if write_masks else []
+    masks_key = mask_key(key, store, unlabeled) if write_masks else None
+    work = config.work_dir
+    previous = _read_record(work / CALIBRATION)
+    if previous and previous.get("key") == key and (not write_masks or (
+            (previous.get("masks") or {}).get("key") == masks_key and _masks_current(work, masks_key))):
+        return {**previous, "unchanged": True}
+
+    hist = accumulate(store, dataset, labeled, settings, jobs, progress)
+    thresholds = fit(hist.total(), settings.alpha, settings.mode)
+    record = _record(key, settings, store, checksum, dataset, hist, thresholds)
+    record["diagnostics"] = {"cross_calibration": cross_calibrate(hist, settings, dataset.classes)}
+    if write_masks:
+        stats = write_all_masks(store, dataset, unlabeled, thresholds, settings.rule, work, masks_key, jobs,
+                                progress)
+        record["diagnostics"]["unlabeled"] = stats
+        record["masks"] = {"dir": MASKS, "count": len(unlabeled), "key": masks_key}
+    write_text_atomic(work / CALIBRATION, json.dumps(record, indent=1) + "\n")
+    return {**record, "unchanged": False}
+
+
+def _scored(store: LogitsStore, dataset: Dataset, split: str, warn) -> list[Sample]:
+    """The split's samples that have scores; images stage 0 could not read are skipped with a warning."""
+    samples = list({s.id: s for s in dataset.split(split)}.values())
+    failed = dict(store.attrs.get("failed", {}))
+    have = set(store.ids())
+    missing = [s.id for s in samples if s.id not in have and s.id not in failed]
+    if missing:
+        raise UserError(f"{store.path}: {len(missing)} {split} images have no scores (first: {missing[0]}); run "
+                        f"`conformalsam logits --split {split}` with the same config")
+    skipped = [s.id for s in samples if s.id in failed]
+    if skipped:
+        warn(f"{len(skipped)} {split} images were unreadable in stage 0 and are left out (first: {skipped[0]})")
+    return [s for s in samples if s.id in have]
+
+
+# ---------------------------------------------------------------- calibration pass (labeled images)
+
+def accumulate(store: LogitsStore, dataset: Dataset, samples: list[Sample], settings: Settings, jobs: int,
+               progress=None) -> ScoreHistogram:
+    """Stream every labeled image once into per-fold, per-class score histograms."""
+    if not samples:
+        raise UserError(f"{dataset.split_path('labeled')}: no labeled images to calibrate on")
+    folds = min(settings.folds, len(samples))
+    order = np.random.default_rng(settings.seed).permutation(len(samples))
+    fold_of = {samples[i].id: int(rank % folds) for rank, i in enumerate(order)}
+    with (progress or _quiet)("labeled") as update:
+        update(0, len(samples))
+        parts = _parallel(lambda share: _accumulate_share(store, dataset, share, folds, fold_of, update),
+                          samples, jobs)
+    return reduce(lambda a, b: a.merge(b), parts)
+
+
+def _accumulate_share(store, dataset, share, folds, fold_of, update) -> ScoreHistogram:
+    hist = ScoreHistogram(dataset.num_classes, folds)
+    for sample in share:
+        labels, bins = image_scores(store, dataset, sample)
+        hist.add(labels, bins, fold_of[sample.id])
+        update(1)
+    return hist
+
+
+def image_scores(store: LogitsStore, dataset: Dataset, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """(true class, score bin) of each valid pixel of a labeled image, at the mask's full resolution."""
+    probs = store.probabilities(sample.id)
+    mask = torch.from_numpy(dataset.read_mask(sample.mask, store.image_size(sample.id))).long()
+    valid = mask != IGNORE
+    p_true = Upsampler(probs.shape[1:], mask.shape).at(probs, mask.masked_fill(~valid, 0))
+    labels = mask[valid]
+    return labels, to_bins(nonconformity(p_true[valid]))
+
+
+@contextmanager
+def _quiet(description: str):
+    yield lambda advance, total=None: None
+
+
+def _parallel(work, samples: list, jobs: int) -> list:
+    """Run ``work`` on ``jobs`` interleaved shares of the samples in threads (torch and zlib release the GIL)."""
+    shares = [samples[i::jobs] for i in range(min(jobs, len(samples)))]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // len(shares)))  # one level of parallelism, not two
+    try:
+        return Parallel(n_jobs=len(shares), prefer="threads")(delayed(work)(share) for share in shares)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- diagnostics on the labeled set
+
+def held_out_coverage(hist: ScoreHistogram, fold: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Covered and total pixels per class, and the summed per-image coverage, of one fold at thresholds q."""
+    last = to_bins(q)  # q is on the grid: its own bin
+    below = torch.arange(hist.counts.shape[-1])[None, :] <= last[:, None]
+    covered = (hist.counts[fold] * below).sum(1)
+    image_covered = float((hist.mass[fold] * below).sum())
+    return covered, hist.counts[fold].sum(1), image_covered
+
+
+def cross_calibrate(hist: ScoreHistogram, settings: Settings, classes) -> dict:
+    """k-fold cross-calibration: fit on k-1 folds of labeled images, measure coverage on the held-out fold."""
+    covered = torch.zeros(hist.num_classes, dtype=torch.int64)
+    total = torch.zeros(hist.num_classes, dtype=torch.int64)
+    image_covered, images, skipped = 0.0, 0, []
+    for fold in range(hist.folds):
+        rest = [f for f in range(hist.folds) if f != fold]
+        try:
+            q = fit(hist.select(rest), settings.alpha, settings.mode).q
+        except UserError:  # too little data without this fold: no finite threshold to test
+            skipped.append(fold)
+            continue
+        c, t, ic = held_out_coverage(hist, fold, q)
+        covered += c
+        total += t
+        image_covered += ic
+        images += int(hist.images[fold])
+    per_class = {name: (float(c) / float(t) if t else None) for name, c, t in zip(classes, covered, total)}
+    return {
+        "folds": hist.folds,
+        "folds_without_finite_threshold": skipped,
+        "target": 1 - settings.alpha,
+        "pixel_coverage": float(covered.sum()) / float(total.sum()) if total.sum() else None,
+        "image_coverage": image_covered / images if images else None,
+        "per_class": per_class,
+    }
+
+
+# ---------------------------------------------------------------- masks (unlabeled images)
+
+def write_all_masks(store: LogitsStore, dataset: Dataset, samples: list[Sample], thresholds: Thresholds,
+                    rule: str, work: Path, key: str, jobs: int, progress=None) -> dict:
+    """Write every unlabeled image's filtered mask, then move the finished folder to ``<work>/masks``."""
+    staging = work / f".masks-{key[:16]}"
+    _clean_staging(work, staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    num_classes = dataset.num_classes
+    background = background_index(dataset.classes)
+    with_truth = bool(samples) and all(s.mask is not None and s.mask.is_file() for s in samples)
+
+    def work_on(share: list[Sample]) -> MaskStats:
+        stats = MaskStats(num_classes, with_truth)
+        for sample in share:
+            probs = store.probabilities(sample.id)
+            full = Upsampler(probs.shape[1:], store.image_size(sample.id)).full(probs)
+            sets = prediction_sets(full, thresholds.q)
+            label = pseudo_label(full, sets, rule, background)
+            out = staging / f"{sample.id}.png"
+            if not out.exists():  # written by an interrupted run of this same calibration
+                write_palette_png(out, label.numpy())
+            truth = dataset.read_mask(sample.mask, tuple(label.shape)) if with_truth else None
+            stats.add(full.argmax(0), label, sets.sum(0), truth)
+            update(1)
+        return stats
+
+    with (progress or _quiet)("masks") as update:
+        update(0, len(samples))
+        parts = _parallel(work_on, samples, jobs) if samples else [MaskStats(num_classes, with_truth)]
+    stats = reduce(lambda a, b: a.merge(b), parts)
+    (staging / KEY_FILE).write_text(key + "\n")
+    _install(work, staging)
+    return stats.report(dataset.classes)
+
+
+def _clean_staging(work: Path, staging: Path) -> None:
+    """Drop staging folders of other calibrations and temporary files of killed writers."""
+    for old in work.glob(".masks-*"):
+        if old != staging:
+            shutil.rmtree(old, ignore_errors=True)
+    if staging.is_dir():
+        for tmp in staging.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def _install(work: Path, staging: Path) -> None:
+    """Replace ``<work>/masks`` by the finished staging folder; calibration.json is rewritten after this."""
+    (work / CALIBRATION).unlink(missing_ok=True)
+    final = work / MASKS
+    if final.exists():
+        retired = work / f".masks-old-{os.getpid()}"
+        os.replace(final, retired)
+        os.replace(staging, final)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+
+
+def _masks_current(work: Path, key: str) -> bool:
+    try:
+        return (work / MASKS / KEY_FILE).read_text().strip() == key
+    except OSError:
+        return False
+
+
+class MaskStats:
+    """What the filtered masks did: raw -> filtered transitions, set sizes, and quality against ground truth."""
+
+    def __init__(self, num_classes: int, with_truth: bool):
+        k = num_classes
+        self.k = k
+        self.transitions = np.zeros((k, k + 1), np.int64)  # raw argmax class -> filtered label (k = ignore)
+        self.set_sizes = np.zeros(k + 1, np.int64)
+        self.raw = np.zeros((k, k), np.int64) if with_truth else None  # truth x raw argmax
+        self.filtered = np.zeros((k, k + 1), np.int64) if with_truth else None  # truth x filtered (k = ignore)
+        self.images = 0
+
+    def add(self, raw: torch.Tensor, label: torch.Tensor, sizes: torch.Tensor, truth: np.ndarray | None) -> None:
+        k = self.k
+        filtered = torch.where(label == IGNORE, k, label.long())
+        self.transitions += confusion_rect(raw, filtered, k, k + 1)
+        self.set_sizes += np.bincount(sizes.reshape(-1).numpy(), minlength=k + 1)[: k + 1]
+        if truth is not None:
+            self.raw += confusion(raw, truth, k)
+            self.filtered += confusion_rect(torch.from_numpy(truth).long(), filtered, k, k + 1, skip_ignore=True)
+        self.images += 1
+
+    def merge(self, other: "MaskStats") -> "MaskStats":
+        for name in ("transitions", "set_sizes", "raw", "filtered"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.images += other.images
+        return self
+
+    def report(self, classes) -> dict:
+        k = self.k
+        pixels = self.transitions.sum()
+        kept = pixels - self.transitions[:, k].sum()
+        raw_count = self.transitions.sum(1)
+        report = {
+            "images": self.images,
+            "pixels": int(pixels),
+            "kept_fraction": _ratio(kept, pixels),
+            "per_class": {name: {"raw_pixels": int(raw_count[c]),
+                                 "kept_fraction": _ratio(raw_count[c] - self.transitions[c, k], raw_count[c]),
+                                 "filtered_pixels": int(self.transitions[:, c].sum())}
+                          for c, name in enumerate(classes)},
+            "set_size_histogram": [int(v) for v in self.set_sizes],
+        }
+        if self.raw is not None:
+            report["quality"] = quality(self.raw, self.filtered, classes)
+        return report
+
+
+def confusion_rect(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int,
+                   skip_ignore: bool = False) -> np.ndarray:
+    """(n_rows, n_cols) counts of (row value, col value) pairs; rows == 255 skipped when asked."""
+    rows, cols = rows.reshape(-1).long(), cols.reshape(-1).long()
+    if skip_ignore:
+        valid = rows != IGNORE
+        rows, cols = rows[valid], cols[valid]
+    return torch.bincount(rows * n_cols + cols, minlength=n_rows * n_cols).view(n_rows, n_cols).numpy()
+
+
+def quality(raw: np.ndarray, filtered: np.ndarray, classes) -> dict:
+    """Pseudo-label quality against ground truth: raw argmax; filtered on kept pixels; filtered with ignore = miss."""
+    k = raw.shape[0]
+    kept = filtered[:, :k]
+    tp = np.diag(kept).astype(np.float64)
+    # Overall: an ignored pixel counts as a miss of its true class (a false negative), never a false positive.
+    overall_union = filtered.sum(1) + kept.sum(0) - tp
+
+    def iou(conf):
+        inter = np.diag(conf).astype(np.float64)
+        return _safe_div(inter, conf.sum(0) + conf.sum(1) - inter)
+
+    raw_iou, kept_iou, overall_iou = iou(raw), iou(kept), _safe_div(tp, overall_union)
+    return {
+        "raw": {"miou": _nanmean(raw_iou), "pixel_accuracy": _ratio(np.trace(raw), raw.sum())},
+        "filtered_kept": {"miou": _nanmean(kept_iou), "pixel_accuracy": _ratio(tp.sum(), kept.sum())},
+        "filtered_overall": {"miou": _nanmean(overall_iou), "pixel_accuracy": _ratio(tp.sum(), filtered.sum())},
+        "per_class_iou": {name: {"raw": _num(raw_iou[c]), "filtered_kept": _num(kept_iou[c]),
+                                 "filtered_overall": _num(overall_iou[c])} for c, name in enumerate(classes)},
+    }
+
+
+def _safe_div(a, b):
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(b > 0, a / np.maximum(b, 1), np.nan)
+
+
+def _nanmean(values) -> float | None:
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else None
+
+
+def _num(value) -> float | None:
+    return None if not np.isfinite(value) else float(value)
+
+
+def _ratio(a, b) -> float | None:
+    return float(a) / float(b) if b else None
+
+
+# ---------------------------------------------------------------- the record and its key
+
+def _record(key: str, settings: Settings, store: LogitsStore, checksum: str, dataset: Dataset,
+            hist: ScoreHistogram, thresholds: Thresholds) -> dict:
+    from datetime import datetime, timezone
+
+    classes = list(dataset.classes)
+    per_class = thresholds.mode == "mondrian"
+    counts = hist.counts.sum((0, 2))
+    return {
+        "key": key,
+        "tool_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "alpha": settings.alpha,
+        "mode": settings.mode,
+        "rule": settings.rule,
+        "classes": classes,
+        "background": background_index(classes),
+        "qhat": ({c: float(q) for c, q in zip(classes, thresholds.q)} if per_class else float(thresholds.q[0])),
+        "min_probability": ({c: 1 - float(q) for c, q in zip(classes, thresholds.q)} if per_class
+                            else 1 - float(thresholds.q[0])),
+        "rank": {"k": thresholds.rank, "n": thresholds.n} if thresholds.mode != "crc" else None,
+        "per_class_rank": ({c: {"k": k, "n": n} for c, (k, n) in zip(classes, thresholds.per_class_rank)}
+                           if per_class else None),
+        "fallbacks": [classes[c] for c in thresholds.fallbacks],
+        "n_images": int(hist.images.sum()),
+        "n_pixels": {c: int(n) for c, n in zip(classes, counts)},
+        "store": {"path": str(store.path), "checksum": checksum,
+                  **{k: store.attrs.get(k) for k in ("backend", "model_id", "score_kind", "scale")}},
+        "settings": {"folds": settings.folds, "seed": settings.seed},
+        "masks": None,
+    }
+
+
+def store_checksum(store: LogitsStore, ids: list[str]) -> str:
+    """sha256 over the store's identity and, per listed image, its array's metadata file (size, mtime):
+    a rescored image gets a new array, so the checksum changes without reading every chunk."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({k: store.attrs.get(k) for k in sorted(store.attrs) if k != "failed"},
+                             sort_keys=True, default=str).encode())
+    for image_id in sorted(ids):
+        stat = (store.path / "scores" / image_id / "zarr.json").stat()
+        digest.update(f"{image_id}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def fit_key(settings: Settings, dataset: Dataset, checksum: str, labeled: list[Sample]) -> str:
+    """Changes when anything the fit depends on changes: settings, class list, scores, labeled masks."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([settings.alpha, settings.mode, settings.rule, settings.folds, settings.seed,
+                              list(dataset.classes), __version__, checksum]).encode())
+    for sample in labeled:
+        stat = sample.mask.stat()
+        digest.update(f"{sample.id}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def mask_key(key: str, store: LogitsStore, unlabeled: list[Sample]) -> str:
+    """The fit's key plus the unlabeled images and their scores: names one complete set of masks."""
+    digest = hashlib.sha256(key.encode())
+    digest.update(store_checksum(store, [s.id for s in unlabeled]).encode())
+    return digest.hexdigest()
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

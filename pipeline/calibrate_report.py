@@ -1,0 +1,69 @@
+"""The calibration record (calibration.json) as rich tables: thresholds, coverage, what the masks kept."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def print_report(record: dict, console: Console) -> None:
+    classes = record["classes"]
+    cross = record["diagnostics"]["cross_calibration"]
+    unlabeled = record["diagnostics"].get("unlabeled")
+    qhat = record["qhat"]
+    if isinstance(qhat, dict):
+        shown = ", ".join(f"{c} {q:.4f}" for c, q in qhat.items())
+        threshold = f"per class: {shown}"
+    else:
+        threshold = f"{qhat:.4f} (class kept in a set when its probability >= {1 - qhat:.4f})"
+    rank = record["rank"]
+    units = f"k = {rank['k']} of n = {rank['n']} labeled pixels" if rank else f"{record['n_images']} images"
+    console.print(f"[bold]{record['mode']}[/bold] mode, alpha {record['alpha']}, rule {record['rule']}: "
+                  f"qhat {threshold} ({units})", highlight=False)
+    if record["fallbacks"]:
+        console.print(f"[yellow]too few calibration pixels for a class threshold; pooled threshold used for: "
+                      f"{', '.join(record['fallbacks'])}[/yellow]")
+    console.print(f"cross-calibration ({cross['folds']} folds of labeled images): pixel coverage "
+                  f"{_pct(cross['pixel_coverage'])}%, mean image coverage {_pct(cross['image_coverage'])}% "
+                  f"(target {_pct(cross['target'])}%)", highlight=False)
+
+    table = Table(title="per class")
+    table.add_column("class")
+    table.add_column("calib. pixels", justify="right")
+    table.add_column("coverage %", justify="right")
+    if unlabeled:
+        table.add_column("kept % (of raw argmax)", justify="right")
+        quality = unlabeled.get("quality")
+        if quality:
+            table.add_column("IoU % raw", justify="right")
+            table.add_column("IoU % kept", justify="right")
+    for name in classes:
+        row = [name, str(record["n_pixels"][name]), _pct(cross["per_class"][name])]
+        if unlabeled:
+            row.append(_pct(unlabeled["per_class"][name]["kept_fraction"]))
+            if unlabeled.get("quality"):
+                iou = unlabeled["quality"]["per_class_iou"][name]
+                row += [_pct(iou["raw"]), _pct(iou["filtered_kept"])]
+        table.add_row(*row)
+    console.print(table)
+    if not unlabeled:
+        return
+    sizes = unlabeled["set_size_histogram"]
+    total = max(1, sum(sizes))
+    shown = ", ".join(f"{k}: {100 * n / total:.1f}%" for k, n in enumerate(sizes) if n)
+    console.print(f"unlabeled: {unlabeled['images']} images, kept {_pct(unlabeled['kept_fraction'])}% of pixels; "
+                  f"set sizes {shown}", highlight=False)
+    quality = unlabeled.get("quality")
+    if quality:
+        table = Table(title="pseudo-label quality on the unlabeled set (its ground truth)")
+        table.add_column("masks")
+        table.add_column("mIoU %", justify="right")
+        table.add_column("pixel acc. %", justify="right")
+        for key, label in (("raw", "raw argmax"), ("filtered_kept", "filtered, kept pixels"),
+                           ("filtered_overall", "filtered, ignore = miss")):
+            table.add_row(label, _pct(quality[key]["miou"]), _pct(quality[key]["pixel_accuracy"]))
+        console.print(table)

@@ -1,0 +1,252 @@
+"""Conformal prediction on per-pixel class probabilities: scores, exact streaming quantiles, prediction sets.
+
+Nonconformity of class k at a pixel is s_k = 1 - p_k, the probability coming from the stored scores
+upsampled (bilinear) to the mask's resolution. Scores are rounded UP to the next float16 value: that
+keeps every guarantee (a rounded-up score is never smaller) and makes them fall on a fixed grid of
+15,361 values, the fp16 bit patterns of [0, 1], which sort like the values they encode. A per-class
+count histogram over that grid then gives the EXACT k-th smallest rounded score at any n, in memory
+that does not grow with the number of pixels or images.
+
+A threshold q (one per class; equal for every class in `paper` and `crc` modes) puts class k in a
+pixel's prediction set when s_k <= q. Because q is itself an fp16 value, comparing the unrounded fp32
+score with q is the same as comparing the rounded one: calibration and mask writing agree exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.masks import IGNORE
+
+GRID = 0x3C00 + 1  # fp16 bit patterns 0 .. 0x3C00 = the values 0 .. 1.0
+MODES = ("paper", "mondrian", "crc")
+RULES = ("paper", "singleton")
+
+
+def grid_values() -> torch.Tensor:
+    """float32 (GRID,): the score each histogram bin stands for."""
+    return torch.arange(GRID, dtype=torch.int16).view(torch.float16).float()
+
+
+def nonconformity(p: torch.Tensor) -> torch.Tensor:
+    """s = 1 - p, clamped to [0, 1] (bilinear upsampling may leave p a rounding error above 1)."""
+    return (1 - p).clamp_(0, 1)
+
+
+def to_bins(scores: torch.Tensor) -> torch.Tensor:
+    """int64 bin of each score in [0, 1]: its fp16 bit pattern after rounding UP to the fp16 grid."""
+    half = scores.half()  # round to nearest ...
+    bins = half.view(torch.int16).long()
+    return bins + (half.float() < scores)  # ... and one step up where that went down
+
+
+def conformal_rank(n: int, alpha: float) -> int:
+    """k = ceil((n+1)(1-alpha)), with alpha read as the decimal the user wrote (0.1 is exactly 1/10)."""
+    return math.ceil((n + 1) * (1 - Fraction(str(alpha))))
+
+
+def min_calibration(alpha: float) -> int:
+    """The fewest calibration units for which k <= n, i.e. a finite threshold: ceil((1-alpha)/alpha)."""
+    a = Fraction(str(alpha))
+    return math.ceil((1 - a) / a)
+
+
+def check_alpha(alpha: float) -> None:
+    if not 0 < alpha < 1:
+        raise UserError(f"--alpha {alpha}: must be between 0 and 1 (e.g. 0.1 keeps 90% coverage)")
+
+
+class Upsampler:
+    """Bilinear resize (half-pixel centres, like F.interpolate with align_corners=False) from (h, w) to (H, W).
+
+    `full` resizes every class; `at` evaluates one class per pixel with the same arithmetic in the same
+    order, so `at(p, y) == full(p).gather(y)` bit for bit: calibration never has to upsample all K classes.
+    """
+
+    def __init__(self, src: tuple[int, int], dst: tuple[int, int]):
+        self.src, self.dst = tuple(src), tuple(dst)
+        self.y0, self.y1, self.wy0, self.wy1 = _axis(src[0], dst[0])
+        self.x0, self.x1, self.wx0, self.wx1 = _axis(src[1], dst[1])
+
+    def full(self, p: torch.Tensor) -> torch.Tensor:
+        """(K, h, w) -> (K, H, W). Columns first: the gather along the last axis runs on the small tensor."""
+        cols = p.index_select(2, self.x0).mul_(self.wx0).add_(p.index_select(2, self.x1).mul_(self.wx1))
+        out = cols.index_select(1, self.y0).mul_(self.wy0[:, None])
+        return out.add_(cols.index_select(1, self.y1).mul_(self.wy1[:, None]))
+
+    def at(self, p: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(K, h, w), (H, W) class ids in 0..K-1 -> (H, W): p[label] upsampled, at each pixel."""
+        h, w = self.src
+        flat = p.reshape(-1)
+        base = labels * (h * w)
+
+        def row(y):  # the class's source row y (per output row), resized along x
+            start = base + (y * w)[:, None]
+            return flat[start + self.x0] * self.wx0 + flat[start + self.x1] * self.wx1
+
+        return row(self.y0) * self.wy0[:, None] + row(self.y1) * self.wy1[:, None]
+
+
+def _axis(n_in: int, n_out: int):
+    scale = n_in / n_out
+    src = ((torch.arange(n_out, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_min(0)
+    i0 = src.long().clamp_max(n_in - 1)
+    i1 = (i0 + 1).clamp_max(n_in - 1)
+    w1 = src - i0
+    return i0, i1, 1 - w1, w1
+
+
+class ScoreHistogram:
+    """Everything any mode needs from the calibration set, in fixed memory.
+
+    ``counts[f, y, b]``: pixels of true class y whose rounded score falls in bin b, for images of fold f.
+    ``mass[f, y, b]``: the same counts divided by each image's number of valid pixels, summed over
+    images (the per-image miscoverage that CRC and image-level coverage need).
+    """
+
+    def __init__(self, num_classes: int, folds: int = 1):
+        self.num_classes, self.folds = num_classes, folds
+        self.counts = torch.zeros(folds, num_classes, GRID, dtype=torch.int64)
+        self.mass = torch.zeros(folds, num_classes, GRID, dtype=torch.float64)
+        self.images = torch.zeros(folds, dtype=torch.int64)
+
+    def add(self, labels: torch.Tensor, bins: torch.Tensor, fold: int = 0) -> None:
+        """One image's valid pixels: true classes and score bins (1-D, same length)."""
+        if labels.numel() == 0:
+            return  # an image with no valid pixel carries no information (and no loss)
+        counts = torch.bincount(labels * GRID + bins, minlength=self.num_classes * GRID)
+        counts = counts.view(self.num_classes, GRID)
+        self.counts[fold] += counts
+        self.mass[fold] += counts / labels.numel()
+        self.images[fold] += 1
+
+    def merge(self, other: "ScoreHistogram") -> "ScoreHistogram":
+        self.counts += other.counts
+        self.mass += other.mass
+        self.images += other.images
+        return self
+
+    def select(self, folds) -> "ScoreHistogram":
+        """The histogram of a subset of folds, as a single fold."""
+        out = ScoreHistogram(self.num_classes, 1)
+        out.counts[0] = self.counts[folds].sum(0)
+        out.mass[0] = self.mass[folds].sum(0)
+        out.images[0] = self.images[folds].sum()
+        return out
+
+    def total(self) -> "ScoreHistogram":
+        return self.select(list(range(self.folds)))
+
+
+@dataclass
+class Thresholds:
+    """A fitted calibration: per-class score thresholds q (class k is in the set when 1 - p_k <= q_k)."""
+
+    mode: str
+    alpha: float
+    q: torch.Tensor  # float32 (K,)
+    rank: int | None = None  # k of the pooled quantile (paper); None for crc
+    n: int = 0  # calibration units: pixels (paper, mondrian) or images (crc)
+    per_class_rank: list = field(default_factory=list)  # (k_y, n_y) per class, mondrian
+    fallbacks: list = field(default_factory=list)  # classes given the pooled threshold, mondrian
+
+
+def kth_smallest(counts: torch.Tensor, k: int) -> float:
+    """The k-th smallest value (1-based) of the scores a 1-D grid histogram counts."""
+    index = int(torch.searchsorted(counts.cumsum(0), torch.tensor([k])).item())
+    return float(grid_values()[index])
+
+
+def pooled_quantile(counts: torch.Tensor, alpha: float, what: str) -> tuple[float, int, int]:
+    """(qhat, k, n) of split conformal prediction over all the scores a (GRID,) histogram counts."""
+    n = int(counts.sum())
+    k = conformal_rank(n, alpha)
+    if k > n:
+        raise UserError(f"--alpha {alpha}: {what} has {n} calibration scores; a finite threshold needs at least "
+                        f"{min_calibration(alpha)} (alpha >= 1/(n+1)), otherwise every class enters every set. "
+                        "Raise --alpha or label more images")
+    return kth_smallest(counts, k), k, n
+
+
+def fit(hist: ScoreHistogram, alpha: float, mode: str) -> Thresholds:
+    """Fit thresholds on a single-fold histogram (use ``hist.total()`` for all the data)."""
+    check_alpha(alpha)
+    counts = hist.counts[0]
+    num_classes = counts.shape[0]
+    if mode == "paper":
+        q, k, n = pooled_quantile(counts.sum(0), alpha, "the labeled set")
+        return Thresholds(mode, alpha, torch.full((num_classes,), q), rank=k, n=n)
+    if mode == "mondrian":
+        pooled, k, n = pooled_quantile(counts.sum(0), alpha, "the labeled set")
+        q = torch.full((num_classes,), pooled)
+        ranks, fallbacks = [], []
+        for y in range(num_classes):
+            n_y = int(counts[y].sum())
+            k_y = conformal_rank(n_y, alpha)
+            ranks.append((k_y, n_y))
+            if k_y > n_y:  # too few pixels of class y for a finite quantile: use the pooled one
+                fallbacks.append(y)
+            else:
+                q[y] = kth_smallest(counts[y], k_y)
+        return Thresholds(mode, alpha, q, rank=k, n=n, per_class_rank=ranks, fallbacks=fallbacks)
+    if mode == "crc":
+        q, n = crc_threshold(hist.mass[0].sum(0), int(hist.images[0]), alpha)
+        return Thresholds(mode, alpha, torch.full((num_classes,), q), n=n)
+    raise UserError(f"--mode {mode}: choose one of {', '.join(MODES)}")
+
+
+def crc_threshold(mass: torch.Tensor, n: int, alpha: float) -> tuple[float, int]:
+    """Conformal risk control with loss = an image's fraction of valid pixels outside their set (bound B=1).
+
+    ``mass[b]`` = sum over the n images of (their pixels with score bin b) / (their valid pixels). At
+    threshold grid[b] the summed loss is miss(b) = sum of mass above b, so the empirical risk is
+    miss(b) / n. Returns the smallest grid value with n/(n+1) R + 1/(n+1) <= alpha, i.e.
+    miss(b) + 1 <= alpha (n+1). miss is summed from the top, so a loss of zero is exactly zero: only a risk
+    within float64 rounding (~1e-13) of the bound could tip either way.
+    """
+    budget = float(Fraction(str(alpha)) * (n + 1))
+    if n < min_calibration(alpha):
+        raise UserError(f"--alpha {alpha}: crc mode has {n} labeled images with valid pixels; a finite threshold "
+                        f"needs at least {min_calibration(alpha)} (alpha >= 1/(n+1)). Raise --alpha or label "
+                        "more images")
+    tail = mass.flip(0).cumsum(0).flip(0)  # tail[b] = mass at b and above
+    miss = torch.cat([tail[1:], torch.zeros(1, dtype=tail.dtype)])
+    index = int(torch.nonzero(miss + 1 <= budget)[0].item())  # the last bin always qualifies (miss = 0)
+    return float(grid_values()[index]), n
+
+
+def prediction_sets(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """bool (K, H, W): class k is in a pixel's set when 1 - p_k <= q_k."""
+    return nonconformity(p) <= q.view(-1, *([1] * (p.dim() - 1)))
+
+
+def pseudo_label(p: torch.Tensor, sets: torch.Tensor, rule: str, background: int | None) -> torch.Tensor:
+    """uint8 (H, W) label from probabilities (K, H, W) and prediction sets; 255 where the rule keeps nothing.
+
+    ``paper``: empty set -> 255; otherwise the most probable class of the set that is not background,
+    and background only when it is alone in the set. ``singleton``: only one-class sets are kept.
+    """
+    sizes = sets.sum(0)
+    if rule == "singleton":
+        label = sets.to(torch.uint8).argmax(0)
+        keep = sizes == 1
+    elif rule == "paper":
+        ranked = torch.where(sets, p, torch.tensor(-1.0))  # probabilities are >= 0 > -1
+        if background is not None:  # below every other member, above every non-member
+            ranked[background] = torch.where(sets[background], torch.tensor(-0.5), torch.tensor(-1.0))
+        label = ranked.argmax(0)
+        keep = sizes > 0
+    else:
+        raise UserError(f"--rule {rule}: choose one of {', '.join(RULES)}")
+    return torch.where(keep, label, torch.tensor(IGNORE)).to(torch.uint8)
+
+
+def background_index(classes) -> int | None:
+    """The class named 'background' (VOC, toy world), if any: ADE20K has none."""
+    names = [c.lower() for c in classes]
+    return names.index("background") if "background" in names else None
