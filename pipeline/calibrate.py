@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
-from functools import reduce
+from functools import lru_cache, reduce
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,8 @@ from joblib import Parallel, delayed
 from pipeline import __version__
 from pipeline.atomic import write_text_atomic
 from pipeline.conformal import (MODES, RULES, ScoreHistogram, Thresholds, Upsampler, background_index, check_alpha,
-                                fit, nonconformity, prediction_sets, pseudo_label, to_bins)
+                                crc_threshold, fit, min_calibration, nonconformity, prediction_sets, pseudo_label,
+                                set_sizes, to_bins)
 from pipeline.config import Config
 from pipeline.datasets import Dataset, Sample
 from pipeline.errors import UserError
@@ -76,6 +77,8 @@ def run_calibrate(config: Config, settings: Settings, write_masks: bool = True, 
         raise UserError(f"{store.path}: scores are for classes {list(store.classes)[:5]}... but the data set has "
                         f"{list(dataset.classes)[:5]}...; rerun `conformalsam logits --force`")
     labeled = _scored(store, dataset, "labeled", warn)
+    if settings.mode == "crc" and len(labeled) < min_calibration(settings.alpha):  # fail before the long pass
+        crc_threshold(torch.zeros(1), len(labeled), settings.alpha)
     checksum = store_checksum(store, [s.id for s in labeled])
     key = fit_key(settings, dataset, checksum, labeled)
     unlabeled = _scored(store, dataset, "unlabeled", warn) if write_masks else []
@@ -141,13 +144,17 @@ def _accumulate_share(store, dataset, share, folds, fold_of, update) -> ScoreHis
 
 
 def image_scores(store: LogitsStore, dataset: Dataset, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
-    """(true class, score bin) of each valid pixel of a labeled image, at the mask's full resolution."""
+    """(true class, score bin) of each pixel of a labeled image at the mask's resolution; class 255 = ignore."""
     probs = store.probabilities(sample.id)
     mask = torch.from_numpy(dataset.read_mask(sample.mask, store.image_size(sample.id))).long()
-    valid = mask != IGNORE
-    p_true = Upsampler(probs.shape[1:], mask.shape).at(probs, mask.masked_fill(~valid, 0))
-    labels = mask[valid]
-    return labels, to_bins(nonconformity(p_true[valid]))
+    p_true = upsampler(tuple(probs.shape[1:]), tuple(mask.shape)).at(probs, mask.masked_fill(mask == IGNORE, 0))
+    return mask, to_bins(nonconformity(p_true))
+
+
+@lru_cache(maxsize=32)
+def upsampler(src: tuple[int, int], dst: tuple[int, int]) -> Upsampler:
+    """Shared per size pair: data sets have few image sizes, and the neighbour offsets are worth keeping."""
+    return Upsampler(src, dst)
 
 
 @contextmanager
@@ -221,14 +228,14 @@ def write_all_masks(store: LogitsStore, dataset: Dataset, samples: list[Sample],
         stats = MaskStats(num_classes, with_truth)
         for sample in share:
             probs = store.probabilities(sample.id)
-            full = Upsampler(probs.shape[1:], store.image_size(sample.id)).full(probs)
+            full = upsampler(tuple(probs.shape[1:]), store.image_size(sample.id)).full(probs)
             sets = prediction_sets(full, thresholds.q)
             label = pseudo_label(full, sets, rule, background)
             out = staging / f"{sample.id}.png"
             if not out.exists():  # written by an interrupted run of this same calibration
                 write_palette_png(out, label.numpy())
             truth = dataset.read_mask(sample.mask, tuple(label.shape)) if with_truth else None
-            stats.add(full.argmax(0), label, sets.sum(0), truth)
+            stats.add(full.max(0).indices, label, set_sizes(sets), truth)
             update(1)
         return stats
 
@@ -287,7 +294,7 @@ class MaskStats:
         k = self.k
         filtered = torch.where(label == IGNORE, k, label.long())
         self.transitions += confusion_rect(raw, filtered, k, k + 1)
-        self.set_sizes += np.bincount(sizes.reshape(-1).numpy(), minlength=k + 1)[: k + 1]
+        self.set_sizes += np.bincount(sizes.reshape(-1).numpy(), minlength=k + 1)
         if truth is not None:
             self.raw += confusion(raw, truth, k)
             self.filtered += confusion_rect(torch.from_numpy(truth).long(), filtered, k, k + 1, skip_ignore=True)
@@ -395,6 +402,7 @@ def _record(key: str, settings: Settings, store: LogitsStore, checksum: str, dat
         "per_class_rank": ({c: {"k": k, "n": n} for c, (k, n) in zip(classes, thresholds.per_class_rank)}
                            if per_class else None),
         "fallbacks": [classes[c] for c in thresholds.fallbacks],
+        "pooled_qhat": thresholds.pooled,
         "n_images": int(hist.images.sum()),
         "n_pixels": {c: int(n) for c, n in zip(classes, counts)},
         "store": {"path": str(store.path), "checksum": checksum,

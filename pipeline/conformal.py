@@ -72,6 +72,7 @@ class Upsampler:
         self.src, self.dst = tuple(src), tuple(dst)
         self.y0, self.y1, self.wy0, self.wy1 = _axis(src[0], dst[0])
         self.x0, self.x1, self.wx0, self.wx1 = _axis(src[1], dst[1])
+        self._offsets = None
 
     def full(self, p: torch.Tensor) -> torch.Tensor:
         """(K, h, w) -> (K, H, W). Columns first: the gather along the last axis runs on the small tensor."""
@@ -84,12 +85,13 @@ class Upsampler:
         h, w = self.src
         flat = p.reshape(-1)
         base = labels * (h * w)
-
-        def row(y):  # the class's source row y (per output row), resized along x
-            start = base + (y * w)[:, None]
-            return flat[start + self.x0] * self.wx0 + flat[start + self.x1] * self.wx1
-
-        return row(self.y0) * self.wy0[:, None] + row(self.y1) * self.wy1[:, None]
+        if self._offsets is None:  # flat source offsets of the four neighbours, per output pixel
+            top, bottom = (self.y0 * w)[:, None], (self.y1 * w)[:, None]
+            self._offsets = (top + self.x0, top + self.x1, bottom + self.x0, bottom + self.x1)
+        tl, tr, bl, br = (flat[base + o] for o in self._offsets)
+        upper = tl * self.wx0 + tr * self.wx1  # the same operations, in the same order, as `full`
+        lower = bl * self.wx0 + br * self.wx1
+        return upper * self.wy0[:, None] + lower * self.wy1[:, None]
 
 
 def _axis(n_in: int, n_out: int):
@@ -116,13 +118,16 @@ class ScoreHistogram:
         self.images = torch.zeros(folds, dtype=torch.int64)
 
     def add(self, labels: torch.Tensor, bins: torch.Tensor, fold: int = 0) -> None:
-        """One image's valid pixels: true classes and score bins (1-D, same length)."""
-        if labels.numel() == 0:
+        """One image: true class (255 = ignore, skipped) and score bin of each pixel, any equal shapes."""
+        labels, bins = labels.reshape(-1), bins.reshape(-1)
+        spill = self.num_classes * GRID  # ignored pixels are counted here and dropped
+        index = torch.where(labels == IGNORE, spill, labels * GRID + bins)
+        counts = torch.bincount(index, minlength=spill + 1)[:spill].view(self.num_classes, GRID)
+        valid = int(counts.sum())
+        if valid == 0:
             return  # an image with no valid pixel carries no information (and no loss)
-        counts = torch.bincount(labels * GRID + bins, minlength=self.num_classes * GRID)
-        counts = counts.view(self.num_classes, GRID)
         self.counts[fold] += counts
-        self.mass[fold] += counts / labels.numel()
+        self.mass[fold] += counts / valid
         self.images[fold] += 1
 
     def merge(self, other: "ScoreHistogram") -> "ScoreHistogram":
@@ -154,6 +159,7 @@ class Thresholds:
     n: int = 0  # calibration units: pixels (paper, mondrian) or images (crc)
     per_class_rank: list = field(default_factory=list)  # (k_y, n_y) per class, mondrian
     fallbacks: list = field(default_factory=list)  # classes given the pooled threshold, mondrian
+    pooled: float | None = None  # the pooled threshold those fallbacks use, mondrian
 
 
 def kth_smallest(counts: torch.Tensor, k: int) -> float:
@@ -193,7 +199,7 @@ def fit(hist: ScoreHistogram, alpha: float, mode: str) -> Thresholds:
                 fallbacks.append(y)
             else:
                 q[y] = kth_smallest(counts[y], k_y)
-        return Thresholds(mode, alpha, q, rank=k, n=n, per_class_rank=ranks, fallbacks=fallbacks)
+        return Thresholds(mode, alpha, q, rank=k, n=n, per_class_rank=ranks, fallbacks=fallbacks, pooled=pooled)
     if mode == "crc":
         q, n = crc_threshold(hist.mass[0].sum(0), int(hist.images[0]), alpha)
         return Thresholds(mode, alpha, torch.full((num_classes,), q), n=n)
@@ -231,19 +237,24 @@ def pseudo_label(p: torch.Tensor, sets: torch.Tensor, rule: str, background: int
     ``paper``: empty set -> 255; otherwise the most probable class of the set that is not background,
     and background only when it is alone in the set. ``singleton``: only one-class sets are kept.
     """
-    sizes = sets.sum(0)
+    sizes = set_sizes(sets)
     if rule == "singleton":
-        label = sets.to(torch.uint8).argmax(0)
+        label = sets.to(torch.uint8).max(0).indices  # the first (here: only) member
         keep = sizes == 1
     elif rule == "paper":
         ranked = torch.where(sets, p, torch.tensor(-1.0))  # probabilities are >= 0 > -1
         if background is not None:  # below every other member, above every non-member
             ranked[background] = torch.where(sets[background], torch.tensor(-0.5), torch.tensor(-1.0))
-        label = ranked.argmax(0)
+        label = ranked.max(0).indices  # max(dim) rather than argmax: far faster over the leading dim
         keep = sizes > 0
     else:
         raise UserError(f"--rule {rule}: choose one of {', '.join(RULES)}")
     return torch.where(keep, label, torch.tensor(IGNORE)).to(torch.uint8)
+
+
+def set_sizes(sets: torch.Tensor) -> torch.Tensor:
+    """Members per pixel of (K, ...) sets."""
+    return sets.sum(0, dtype=torch.uint8 if sets.shape[0] < 256 else torch.int16)
 
 
 def background_index(classes) -> int | None:
