@@ -124,10 +124,10 @@ def job_naive(root: Path, n: int, alpha: float) -> dict:
         full = Upsampler(probs.shape[1:], store.image_size(sample.id)).full(probs)
         mask = torch.from_numpy(dataset.read_mask(sample.mask)).long()
         valid = mask != 255
-        scores.append(nonconformity(full.gather(0, mask.masked_fill(~valid, 0)[None])[0][valid]))
-        labels.append(mask[valid])
-    scores = grid_values()[to_bins(torch.cat(scores))]  # the same rounded-up scores ...
-    labels = torch.cat(labels)
+        score = nonconformity(full.gather(0, mask.masked_fill(~valid, 0)[None])[0][valid])
+        scores.append(grid_values()[to_bins(score)])  # the same rounded-up scores ...
+        labels.append(mask[valid].to(torch.uint8))
+    scores, labels = torch.cat(scores), torch.cat(labels)
     total = scores.numel()
     pooled = torch.kthvalue(scores, conformal_rank(total, alpha)).values.item()  # ... and kthvalue
     per_class = []

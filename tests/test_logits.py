@@ -175,3 +175,32 @@ def test_torchrun_two_processes_equals_single_process(toy_world, tmp_path):
     proc = subprocess.run(torchrun, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     _same_store(tmp_path / "one/logits.zarr", tmp_path / "two/logits.zarr")
+
+
+def test_store_reads_its_own_layout_directly_and_any_other_through_zarr(tmp_path, monkeypatch):
+    from pipeline.store import open_for_writing, write_scores
+
+    path = tmp_path / "logits.zarr"
+    identity = {"classes": ["a", "b", "c"], "backend": "t", "model_id": "m", "weights_sha256": "",
+                "score_kind": "logits", "scale": "native"}
+    open_for_writing(path, identity, force=False)
+    rng = np.random.default_rng(0)
+    data = rng.normal(0, 3, (3, 9, 13)).astype(np.float16)
+    write_scores(path, "own", data, (36, 52))
+    other = zarr.create_array(path / "scores" / "other", shape=data.shape, chunks=(1, 4, 4), dtype="float16",
+                              attributes={"image_size": [36, 52]})  # several chunks, default codecs
+    other[...] = data
+    store = LogitsStore(path)
+    assert store.ids() == ["other", "own"]
+    for image_id in store.ids():
+        np.testing.assert_array_equal(store.read(image_id), data.astype(np.float32))
+        np.testing.assert_array_equal(store.read(image_id),
+                                      zarr.open_array(path / "scores" / image_id)[...].astype(np.float32))
+        assert store.image_size(image_id) == (36, 52)
+    with pytest.raises(UserError, match="no scores for image 'nope'"):
+        store.read("nope")
+    through_zarr = []
+    real = LogitsStore._array
+    monkeypatch.setattr(LogitsStore, "_array", lambda self, i: through_zarr.append(i) or real(self, i))
+    store.read("own"), store.read("other")
+    assert through_zarr == ["other"]  # the tool's own single-chunk layout skips zarr's machinery
