@@ -86,7 +86,7 @@ def run_calibrate(config: Config, settings: Settings, write_masks: bool = True, 
     work = config.work_dir
     previous = _read_record(work / CALIBRATION)
     if previous and previous.get("key") == key and (not write_masks or (
-            (previous.get("masks") or {}).get("key") == masks_key and _masks_current(work, masks_key))):
+            (previous.get("masks") or {}).get("key") == masks_key and _masks_current(work, masks_key, len(unlabeled)))):
         return {**previous, "unchanged": True}
 
     hist = accumulate(store, dataset, labeled, settings, jobs, progress)
@@ -227,15 +227,12 @@ def write_all_masks(store: LogitsStore, dataset: Dataset, samples: list[Sample],
     def work_on(share: list[Sample]) -> MaskStats:
         stats = MaskStats(num_classes, with_truth)
         for sample in share:
-            probs = store.probabilities(sample.id)
-            full = upsampler(tuple(probs.shape[1:]), store.image_size(sample.id)).full(probs)
-            sets = prediction_sets(full, thresholds.q)
-            label = pseudo_label(full, sets, rule, background)
+            label, raw, sizes = filtered_mask(store, sample.id, thresholds.q, rule, background)
             out = staging / f"{sample.id}.png"
             if not out.exists():  # written by an interrupted run of this same calibration
                 write_palette_png(out, label.numpy())
             truth = dataset.read_mask(sample.mask, tuple(label.shape)) if with_truth else None
-            stats.add(full.max(0).indices, label, set_sizes(sets), truth)
+            stats.add(raw, label, sizes, truth)
             update(1)
         return stats
 
@@ -246,6 +243,31 @@ def write_all_masks(store: LogitsStore, dataset: Dataset, samples: list[Sample],
     (staging / KEY_FILE).write_text(key + "\n")
     _install(work, staging)
     return stats.report(dataset.classes)
+
+
+def filtered_mask(store: LogitsStore, image_id: str, q: torch.Tensor, rule: str, background: int | None,
+                  band_elements: int = 1 << 23) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(filtered label, raw argmax, set size), each (H, W), of one stored image at full resolution.
+
+    Rows are processed in bands of at most ``band_elements`` class scores, so memory stays bounded for
+    many classes and large images (ADE20K: 150 classes).
+    """
+    probs = store.probabilities(image_id)
+    height, width = store.image_size(image_id)
+    up = upsampler(tuple(probs.shape[1:]), (height, width))
+    cols = up.columns(probs)
+    step = max(1, band_elements // (probs.shape[0] * width))
+    label = torch.empty(height, width, dtype=torch.uint8)
+    raw = torch.empty(height, width, dtype=torch.int64)
+    sizes = torch.empty(height, width, dtype=torch.int16)
+    for start in range(0, height, step):
+        stop = min(height, start + step)
+        full = up.rows(cols, start, stop)
+        sets = prediction_sets(full, q)
+        label[start:stop] = pseudo_label(full, sets, rule, background)
+        raw[start:stop] = full.max(0).indices
+        sizes[start:stop] = set_sizes(sets)
+    return label, raw, sizes
 
 
 def _clean_staging(work: Path, staging: Path) -> None:
@@ -271,9 +293,11 @@ def _install(work: Path, staging: Path) -> None:
         os.replace(staging, final)
 
 
-def _masks_current(work: Path, key: str) -> bool:
+def _masks_current(work: Path, key: str, count: int) -> bool:
+    """The masks folder holds the complete set of masks for this key (none deleted since)."""
     try:
-        return (work / MASKS / KEY_FILE).read_text().strip() == key
+        return ((work / MASKS / KEY_FILE).read_text().strip() == key
+                and sum(1 for _ in (work / MASKS).glob("*.png")) == count)
     except OSError:
         return False
 

@@ -75,10 +75,18 @@ class Upsampler:
         self._offsets = None
 
     def full(self, p: torch.Tensor) -> torch.Tensor:
-        """(K, h, w) -> (K, H, W). Columns first: the gather along the last axis runs on the small tensor."""
-        cols = p.index_select(2, self.x0).mul_(self.wx0).add_(p.index_select(2, self.x1).mul_(self.wx1))
-        out = cols.index_select(1, self.y0).mul_(self.wy0[:, None])
-        return out.add_(cols.index_select(1, self.y1).mul_(self.wy1[:, None]))
+        """(K, h, w) -> (K, H, W)."""
+        return self.rows(self.columns(p), 0, self.dst[0])
+
+    def columns(self, p: torch.Tensor) -> torch.Tensor:
+        """(K, h, w) -> (K, h, W): the first pass (the gather along the last axis runs on the small tensor)."""
+        return p.index_select(2, self.x0).mul_(self.wx0).add_(p.index_select(2, self.x1).mul_(self.wx1))
+
+    def rows(self, cols: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """(K, h, W) -> (K, stop - start, W): output rows start..stop-1, so big images can go in bands."""
+        band = slice(start, stop)
+        out = cols.index_select(1, self.y0[band]).mul_(self.wy0[band, None])
+        return out.add_(cols.index_select(1, self.y1[band]).mul_(self.wy1[band, None]))
 
     def at(self, p: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(K, h, w), (H, W) class ids in 0..K-1 -> (H, W): p[label] upsampled, at each pixel."""

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import toy_config
 from pipeline import PROJECT_ROOT
-from pipeline.calibrate import Settings, run_calibrate
+from pipeline.calibrate import Settings, filtered_mask, run_calibrate
 from pipeline.conformal import Upsampler, background_index, grid_values, prediction_sets, pseudo_label, to_bins
 from pipeline.datasets import Dataset
 from pipeline.errors import UserError
@@ -146,10 +146,28 @@ def test_rerun_is_a_no_op_and_new_settings_rewrite(toy_world, scored, tmp_path):
     assert (masks / ".key").read_text().strip() == other["masks"]["key"]
     assert not list(config.work_dir.glob(".masks-*"))  # staging moved into place
 
+    (masks / pngs_of(masks)[0]).unlink()  # a deleted mask is noticed and rewritten
+    assert not run_calibrate(config, Settings(alpha=0.3), jobs=1)["unchanged"]
+    assert len(pngs_of(masks)) == len(stamps) - 1  # every PNG, not counting .key
+
     # a changed labeled mask changes the fit's key
     sample = Dataset(config).split("labeled")[0]
     os.utime(sample.mask, ns=(time.time_ns(), time.time_ns()))
     assert not run_calibrate(config, Settings(alpha=0.3), jobs=1)["unchanged"]
+
+
+def pngs_of(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.png"))
+
+
+def test_banded_mask_equals_whole_image(scored):
+    store = LogitsStore(scored / "logits.zarr")
+    q = torch.linspace(0.3, 0.9, 8)
+    for image_id in store.ids()[:5]:
+        whole = filtered_mask(store, image_id, q, "paper", 0)
+        for band in (1, 8 * 32 * 3, 8 * 32 * 7):  # one row, three rows, seven rows per band
+            for a, b in zip(whole, filtered_mask(store, image_id, q, "paper", 0, band_elements=band)):
+                assert torch.equal(a, b)
 
 
 def test_no_masks_fits_only(toy_world, scored, tmp_path):
@@ -194,7 +212,7 @@ Image.Image.save = slow
 
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 from conftest import toy_config
-from pipeline.calibrate import Settings, run_calibrate
+from pipeline.calibrate import Settings, filtered_mask, run_calibrate
 config = replace(toy_config(Path(sys.argv[3])), weights=Path(sys.argv[4]), work_dir=Path(sys.argv[5]))
 run_calibrate(config, Settings(alpha=float(sys.argv[6])), jobs=1)
 """
