@@ -11,11 +11,14 @@ import torch
 import torch.distributed as dist
 
 
-def setup() -> tuple[int, int]:
-    """(rank, world size); joins the process group (gloo: works on CPU and GPU) when under torchrun."""
+def setup(backend: str = "gloo") -> tuple[int, int]:
+    """(rank, world size); joins the process group when under torchrun (gloo works on CPU and GPU;
+    training on GPUs asks for nccl)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 

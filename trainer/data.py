@@ -1,0 +1,97 @@
+"""Training and validation data over the dataset layer: labeled images with ground truth, unlabeled
+images with their cached filtered masks (stage I) or weak + strong views (stage II), and val images.
+
+Every random choice for sample i in epoch e comes from a generator seeded by (seed, e, role, i), so an
+epoch is the same whatever the number of loader workers or processes, and a resumed run replays it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.datasets import Dataset, Sample, read_image
+from pipeline.errors import UserError
+from pipeline.masks import IGNORE
+from trainer.augment import cutmix_box, geometric, photometric, to_tensor
+from trainer.recipes import Recipe
+
+ROLES = {"labeled": 0, "cached": 1, "unlabeled": 2}
+
+
+class TrainImages(torch.utils.data.Dataset):
+    """role: ``labeled`` (ground truth), ``cached`` (the filtered mask from stage 1), ``unlabeled`` (no
+    label: weak view, strong view and a CutMix box, for stage II)."""
+
+    def __init__(self, dataset: Dataset, samples: list[Sample], role: str, recipe: Recipe,
+                 masks_dir: Path | None = None):
+        self.dataset, self.samples, self.role, self.recipe = dataset, samples, role, recipe
+        self.masks_dir = masks_dir
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        rng = np.random.default_rng([self.recipe.seed, self.epoch, ROLES[self.role], index])
+        image = read_image(sample.image)
+        if self.role == "labeled":
+            masks = [self.dataset.read_mask(sample.mask, image.shape[:2])]
+        elif self.role == "cached":
+            masks = [read_cached_mask(self.masks_dir / f"{sample.id}.png", image.shape[:2], self.dataset.num_classes)]
+        else:
+            masks = []
+        image, masks, valid = geometric(image, masks, rng, self.recipe.crop, self.recipe.scale_range)
+        out = {"image": to_tensor(image), "valid": torch.from_numpy(valid.copy())}
+        if masks:
+            out["mask"] = torch.from_numpy(masks[0].copy()).long()
+        if self.role == "unlabeled":
+            out["strong"] = to_tensor(photometric(image, rng))
+            out["box"] = torch.from_numpy(cutmix_box(self.recipe.crop, rng))
+        return out
+
+
+class ValImages(torch.utils.data.Dataset):
+    """Whole validation images (normalised) and their masks, one at a time."""
+
+    def __init__(self, dataset: Dataset, samples: list[Sample]):
+        self.dataset, self.samples = dataset, samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.dataset.load(self.samples[index])
+        return to_tensor(image), torch.from_numpy(mask).long()
+
+
+def read_cached_mask(path: Path, size: tuple[int, int], num_classes: int) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            mask = np.asarray(img)
+    except FileNotFoundError:
+        raise UserError(f"{path}: cached mask missing (rerun `conformalsam calibrate`)") from None
+    if mask.shape != tuple(size):
+        raise UserError(f"{path}: cached mask is {mask.shape[1]}x{mask.shape[0]}, its image {size[1]}x{size[0]}; "
+                        "rerun `conformalsam calibrate`")
+    if mask.max(initial=0) >= num_classes and not np.isin(mask[mask >= num_classes], [IGNORE]).all():
+        raise UserError(f"{path}: cached mask has values outside 0..{num_classes - 1} and {IGNORE}")
+    return mask
+
+
+def epoch_plan(n_unlabeled: int, n_labeled: int, batch: int, seed: int, epoch: int) -> list[tuple[list, list]]:
+    """The (labeled indices, unlabeled indices) of every step of an epoch, for all processes together.
+
+    An epoch is one pass over the unlabeled set (full batches); the labeled set is cycled in fresh
+    permutations to keep up, as UniMatch does.
+    """
+    rng = np.random.default_rng([seed, epoch, 99])
+    steps = max(1, n_unlabeled // batch)
+    unlabeled = np.resize(rng.permutation(n_unlabeled), steps * batch).reshape(steps, batch)
+    rounds = -(-steps * batch // n_labeled)
+    labeled = np.concatenate([rng.permutation(n_labeled) for _ in range(rounds)])[: steps * batch]
+    return [(l.tolist(), u.tolist()) for l, u in zip(labeled.reshape(steps, batch), unlabeled)]

@@ -1,0 +1,337 @@
+"""The training loop of both stages.
+
+Stage I (`--stage 1`): labeled images against their ground truth + unlabeled images against the cached
+filtered masks of `conformalsam calibrate` (255 ignored), L = (1 - l(t)) L_sup + l(t) L_unsup.
+Stage II (`--stage 2`, from stage I's last checkpoint): the cached masks are dropped; pseudo-labels come
+from the model itself (or an EMA teacher) on the weak view, kept where confidence >= threshold, and the
+student learns them on the strong view (colour jitter, grayscale, blur, CutMix), with the same weighting.
+
+Writes ``<work>/runs/<name>/stage<N>/``: last.pt (every epoch, for --resume), best.pt (best val mIoU),
+metrics.jsonl (one line per epoch).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline import distributed
+from pipeline.atomic import write_text_atomic
+from pipeline.config import Config
+from pipeline.datasets import Dataset
+from pipeline.errors import UserError
+from pipeline.masks import IGNORE
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.data import TrainImages, ValImages, epoch_plan
+from trainer.evaluate import evaluate
+from trainer.models import build_model, load_backbone
+from trainer.recipes import Recipe, effective_lr
+from trainer.schedule import poly, unlabeled_weight
+
+
+def run_dir(config: Config, name: str, stage: int) -> Path:
+    return config.work_dir / "runs" / name / f"stage{stage}"
+
+
+def resolve_device(name: str, world: int) -> torch.device:
+    if world > 1 or name in (None, "auto"):
+        return distributed.local_device()
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, name: str | None = None,
+                resume: bool = False, allow_missing_masks: bool = False, device: str = "auto",
+                deterministic: bool = False, init: Path | None = None, progress=None, log=print,
+                on_epoch=None) -> dict:
+    """Train one stage; returns its summary (best and last val mIoU, run folder, epochs run).
+
+    ``progress(description)`` yields ``update(advance, total)`` (see `pipeline.ui`); ``log(text)`` and
+    ``on_epoch(metrics record)`` are called on rank 0 only.
+    """
+    if stage not in (1, 2):
+        raise UserError(f"--stage {stage}: choose 1, 2 or all")
+    name = name or recipe_name
+    rank, world = distributed.setup("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
+    dev = resolve_device(device, world)
+    _determinism(deterministic, dev)
+    if recipe.batch_size % world:
+        raise UserError(f"--batch-size {recipe.batch_size}: must be divisible by the {world} processes")
+    dataset = Dataset(config)
+    out = run_dir(config, name, stage)
+    last, best_path = out / "last.pt", out / "best.pt"
+    if not resume and last.exists():
+        raise UserError(f"{out}: a run is already there; pass --resume to continue it or --name for a new one")
+    if resume and not last.exists():
+        raise UserError(f"{last}: nothing to resume (no checkpoint yet); run without --resume")
+
+    labeled = dataset.split("labeled")
+    unlabeled = dataset.split("unlabeled")
+    if stage == 1:
+        unlabeled = _with_cached_masks(config, unlabeled, allow_missing_masks, log if rank == 0 else None)
+    val = ValImages(dataset, dataset.split("val")) if config.val is not None else None
+    train_l = TrainImages(dataset, labeled, "labeled", recipe)
+    train_u = TrainImages(dataset, unlabeled, "cached" if stage == 1 else "unlabeled", recipe,
+                          masks_dir=config.work_dir / "masks")
+
+    torch.manual_seed(recipe.seed)
+    model = build_model(recipe.model, dataset.num_classes)
+    if resume:
+        checkpoint = load_checkpoint(last)
+        _check_compatible(checkpoint, recipe, dataset, last)
+        model.load_state_dict(checkpoint["model"])
+    elif stage == 2:
+        source = init or run_dir(config, name, 1) / "last.pt"
+        if not Path(source).exists():
+            raise UserError(f"{source}: stage II starts from stage I's checkpoint; run `conformalsam train --stage 1`"
+                            " first (or pass --init)")
+        start = load_checkpoint(source)
+        _check_compatible(start, recipe, dataset, source)
+        model.load_state_dict(start["model"])
+    elif recipe.backbone_weights:
+        loaded = load_backbone(model, recipe.backbone_weights)
+        if rank == 0:
+            log(f"backbone: {loaded['loaded']} tensors from {recipe.backbone_weights}")
+    model.to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        if world > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 else model
+    teacher = copy.deepcopy(model).eval() if stage == 2 and recipe.ema > 0 else None
+
+    lr = effective_lr(recipe, recipe.batch_size)
+    backbone = list(model.backbone.parameters())
+    ids = {id(p) for p in backbone}
+    head = [p for p in model.parameters() if id(p) not in ids]
+    groups = [{"params": backbone, "lr": lr, "base_lr": lr},
+              {"params": head, "lr": lr * recipe.head_lr_mult, "base_lr": lr * recipe.head_lr_mult}]
+    if recipe.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=recipe.weight_decay)
+    amp = dev.type == "cuda" and recipe.amp != "none"
+    amp_dtype = torch.bfloat16 if recipe.amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+
+    epochs = recipe.epochs[stage - 1]
+    steps_per_epoch = max(1, len(unlabeled) // recipe.batch_size)
+    total_steps = epochs * steps_per_epoch
+    epoch, step, best = 0, 0, float("-inf")
+    if resume:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        if teacher is not None:
+            teacher.load_state_dict(checkpoint["teacher"])
+        epoch, step, best = checkpoint["epoch"], checkpoint["step"], checkpoint["best"]
+        torch.set_rng_state(checkpoint["torch_rng"])
+        if rank == 0:
+            _truncate_metrics(out / "metrics.jsonl", epoch)
+            log(f"resuming {out} after epoch {epoch} (step {step}, best mIoU {100 * max(best, 0):.1f})")
+    if rank == 0:
+        log(f"stage {stage}: {recipe.model}, {len(labeled)} labeled + {len(unlabeled)} unlabeled images, "
+            f"{epochs} epochs x {steps_per_epoch} steps, batch {recipe.batch_size} ({world} process(es)), "
+            f"crop {recipe.crop}, lr {lr:.2e} (= {recipe.lr:g} x {recipe.batch_size}/8), device {dev}")
+
+    per_process = recipe.batch_size // world
+    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp else None
+    summary = {"run_dir": str(out), "stage": stage, "epochs": epochs, "best": None, "last": None}
+    while epoch < epochs:
+        started = time.perf_counter()
+        plan = epoch_plan(len(unlabeled), len(labeled), recipe.batch_size, recipe.seed, epoch)
+        mine = [(lab[rank * per_process:(rank + 1) * per_process], unl[rank * per_process:(rank + 1) * per_process])
+                for lab, unl in plan]
+        train_l.epoch = train_u.epoch = epoch
+        loaders = [_loader(ds, [m[i] for m in mine], recipe, epoch) for i, ds in enumerate((train_l, train_u))]
+        net.train()
+        totals = torch.zeros(3)
+        with (progress or _quiet)(f"stage {stage} epoch {epoch + 1}/{epochs}") as update:
+            update(0, len(mine))
+            for batch_l, batch_u in zip(*loaders):
+                weight = unlabeled_weight(step / max(total_steps, 1), recipe.lambda_start, recipe.lambda_end,
+                                          recipe.lambda_schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * poly(step, total_steps, recipe.poly_power)
+                batch_l, batch_u = _to(batch_l, dev), _to(batch_u, dev)
+                with autocast() if autocast else torch.autocast("cpu", enabled=False):
+                    if stage == 1:
+                        sup, unsup = _stage1_losses(net, batch_l, batch_u)
+                    else:
+                        sup, unsup = _stage2_losses(net, teacher or model, batch_l, batch_u, recipe.threshold)
+                    loss = (1 - weight) * sup + weight * unsup
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                if teacher is not None:
+                    _ema_update(teacher, model, recipe.ema)
+                totals += torch.tensor([loss.item(), sup.item(), unsup.item()])
+                step += 1
+                update(1)
+        epoch += 1
+        seconds = time.perf_counter() - started
+        record = {"stage": stage, "epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                  "lambda": weight, **dict(zip(("loss", "loss_sup", "loss_unsup"), (totals / len(mine)).tolist())),
+                  "seconds": seconds, "images_per_s": 2 * recipe.batch_size * len(mine) / seconds}
+        if val is not None:
+            eval_model = teacher if teacher is not None else model
+            with (progress or _quiet)("val") as update:
+                update(0, len(range(rank, len(val), world)))
+                record.update(evaluate(eval_model, val, dataset.num_classes, dev, recipe.eval_mode, recipe.crop,
+                                       autocast, rank, world, update))
+        improved = val is None or record["miou"] > best
+        best = record["miou"] if val is not None and improved else best
+        record["best_miou"] = None if val is None else best
+        if rank == 0:
+            state = {"model": model.state_dict(), "model_name": recipe.model, "classes": list(dataset.classes),
+                     "recipe": _plain(asdict(recipe)), "stage": stage, "epoch": epoch, "step": step, "best": best,
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "teacher": teacher.state_dict() if teacher is not None else None,
+                     "torch_rng": torch.get_rng_state(), "metrics": record}
+            _append_metrics(out / "metrics.jsonl", record)
+            save_checkpoint(last, state)
+            if improved:
+                save_checkpoint(best_path, {**state, "optimizer": None, "scaler": None})
+            if on_epoch:
+                on_epoch(record)
+        distributed.barrier()
+        summary.update(last=record.get("miou"), best=None if val is None else best, epochs_run=epoch)
+    return summary
+
+
+def _stage1_losses(net, batch_l: dict, batch_u: dict):
+    """One forward over labeled + unlabeled images (shared BatchNorm statistics), CE against GT and cached masks."""
+    n = batch_l["image"].shape[0]
+    logits = net(torch.cat([batch_l["image"], batch_u["image"]]))
+    return _ce(logits[:n], batch_l["mask"], batch_l["valid"]), _ce(logits[n:], batch_u["mask"], batch_u["valid"])
+
+
+def _stage2_losses(net, teacher, batch_l: dict, batch_u: dict, threshold: float):
+    """FixMatch-style: teacher on the weak view, student on the CutMix-ed strong view."""
+    with torch.no_grad():
+        was_training = teacher.training
+        teacher.eval()
+        conf, pseudo = teacher(batch_u["image"]).float().softmax(1).max(1)
+        teacher.train(was_training)
+    box, valid = batch_u["box"], batch_u["valid"]
+    other = torch.roll(torch.arange(box.shape[0], device=box.device), 1)  # mix each image with its neighbour
+    strong = torch.where(box[:, None], batch_u["strong"][other], batch_u["strong"])
+    pseudo = torch.where(box, pseudo[other], pseudo)
+    conf = torch.where(box, conf[other], conf)
+    valid = torch.where(box, valid[other], valid)
+    n = batch_l["image"].shape[0]
+    logits = net(torch.cat([batch_l["image"], strong]))
+    sup = _ce(logits[:n], batch_l["mask"], batch_l["valid"])
+    per_pixel = F.cross_entropy(logits[n:].float(), pseudo, reduction="none")
+    unsup = (per_pixel * ((conf >= threshold) & valid)).sum() / valid.sum().clamp_min(1)
+    return sup, unsup
+
+
+def _ce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over pixels that are neither ignore (255) nor padding; 0 when there are none."""
+    target = target.masked_fill(~valid, IGNORE)
+    total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
+    return total / (target != IGNORE).sum().clamp_min(1)
+
+
+@torch.no_grad()
+def _ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        t.copy_(s)
+
+
+def _with_cached_masks(config: Config, samples: list, allow_missing: bool, log) -> list:
+    """The unlabeled samples that have a cached mask of the current calibration."""
+    masks, calibration = config.work_dir / "masks", config.work_dir / "calibration.json"
+    try:
+        record = json.loads(calibration.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{calibration}: no calibration; run `conformalsam calibrate` before stage 1") from None
+    key = (record.get("masks") or {}).get("key")
+    try:
+        on_disk = (masks / ".key").read_text().strip()
+    except OSError:
+        on_disk = None
+    if key is None or key != on_disk:
+        raise UserError(f"{masks}: the cached masks do not belong to {calibration} (was it run with --no-masks?); "
+                        "rerun `conformalsam calibrate` without --no-masks")
+    present = {p.stem for p in masks.glob("*.png")}
+    missing = [s.id for s in samples if s.id not in present]
+    if missing and not allow_missing:
+        raise UserError(f"{masks / (missing[0] + '.png')}: cached mask missing for unlabeled image '{missing[0]}' "
+                        f"({len(missing)} missing in all); rerun `conformalsam calibrate` or pass --allow-missing-masks")
+    if missing and log:
+        log(f"--allow-missing-masks: {len(missing)} unlabeled images without a cached mask are left out")
+    return [s for s in samples if s.id in present]
+
+
+def _check_compatible(checkpoint: dict, recipe: Recipe, dataset: Dataset, path: Path) -> None:
+    if checkpoint.get("model_name") != recipe.model or checkpoint.get("classes") != list(dataset.classes):
+        raise UserError(f"{path}: checkpoint is a {checkpoint.get('model_name')} for classes "
+                        f"{checkpoint.get('classes', [])[:4]}...; this run wants {recipe.model} for "
+                        f"{list(dataset.classes)[:4]}...")
+
+
+def _loader(dataset, batches: list, recipe: Recipe, epoch: int):
+    workers = min(recipe.workers, os.cpu_count() or 1)
+    generator = torch.Generator().manual_seed(recipe.seed * 1000 + epoch)  # keeps the global RNG untouched
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, generator=generator,
+                                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    for key in ("image", "strong"):
+        if key in out and device.type == "cuda":
+            out[key] = out[key].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _determinism(deterministic: bool, device: torch.device) -> None:
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # bilinear upsampling has no deterministic CUDA backward: warn there instead of failing
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    """Append one line; written as a whole new file so a crash never leaves half a line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text() if path.exists() else ""
+    write_text_atomic(path, old + json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, epoch: int) -> None:
+    """Drop lines of epochs after the checkpoint (a crash between the two writes): a resumed run redoes them."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] <= epoch]
+        write_text_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+@contextmanager
+def _quiet(description: str):
+    yield lambda advance, total=None: None
