@@ -4,6 +4,7 @@ import functools
 import inspect
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -132,6 +133,136 @@ def calibrate(
     if not record["unchanged"]:
         written = f" and {record['masks']['count']} masks in {config.work_dir / 'masks'}" if record["masks"] else ""
         console.print(f"wrote {path}{written} in {took:.1f}s")
+
+
+TRAIN = "Training recipe (overrides)"
+
+
+@app.command("train")
+@with_config
+def train(
+    stage: Annotated[str, typer.Option(help="1: labeled + cached filtered masks | 2: self-training from stage 1's "
+                                       "checkpoint | all: 1 then 2.")] = "1",
+    recipe: Annotated[Optional[str], typer.Option(help="toy | voc-r101-321 | voc-r101-513 | voc-segformer-b5 | "
+                                                  "ade20k-segformer-b5 | ade20k-r101 (default: by data format)")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Run name: <work>/runs/<name>/ (default: the recipe).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
+    allow_missing_masks: Annotated[bool, typer.Option(help="Stage 1: leave out unlabeled images without a cached "
+                                                      "mask instead of stopping.")] = False,
+    init: Annotated[Optional[Path], typer.Option(help="Stage 2: start from this checkpoint instead of stage 1's.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (under torchrun: LOCAL_RANK).")] = "auto",
+    deterministic: Annotated[bool, typer.Option(help="Deterministic algorithms (slower; exact resume).")] = False,
+    model: Annotated[Optional[str], typer.Option(help="deeplabv3plus-r50|-r101|-tiny, segformer-b0..b5|-tiny.",
+                                                 rich_help_panel=TRAIN)] = None,
+    backbone_weights: Annotated[Optional[Path], typer.Option(help="ImageNet weights: torchvision ResNet .pth or "
+                                                             "official mit_b*.pth.", rich_help_panel=TRAIN)] = None,
+    crop: Annotated[Optional[int], typer.Option(help="Training crop size.", rich_help_panel=TRAIN)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Labeled images per step over all processes (as many "
+                                                      "unlabeled).", rich_help_panel=TRAIN)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs of the stage being run.", rich_help_panel=TRAIN)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate at a total batch of 8 (scaled linearly).",
+                                                rich_help_panel=TRAIN)] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="sgd | adamw", rich_help_panel=TRAIN)] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Stage 2 confidence threshold.",
+                                                       rich_help_panel=TRAIN)] = None,
+    ema: Annotated[Optional[float], typer.Option(help="Stage 2 EMA teacher decay (0: the model itself).",
+                                                 rich_help_panel=TRAIN)] = None,
+    lambda_start: Annotated[Optional[float], typer.Option(help="Unlabeled-loss weight at the start.",
+                                                          rich_help_panel=TRAIN)] = None,
+    lambda_end: Annotated[Optional[float], typer.Option(help="... and at the end.", rich_help_panel=TRAIN)] = None,
+    lambda_schedule: Annotated[Optional[str], typer.Option(help="exp | linear | constant",
+                                                           rich_help_panel=TRAIN)] = None,
+    eval_mode: Annotated[Optional[str], typer.Option(help="whole | sliding", rich_help_panel=TRAIN)] = None,
+    amp: Annotated[Optional[str], typer.Option(help="GPU precision: bf16 | fp16 | none", rich_help_panel=TRAIN)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of everything random.", rich_help_panel=TRAIN)] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Loader processes.", rich_help_panel=TRAIN)] = None,
+    config: cfg.Config = None,
+):
+    """Train: stage 1 on labeled images + the cached filtered masks, stage 2 on the model's own pseudo-labels.
+
+    Writes <work>/runs/<name>/stage<N>/: last.pt, best.pt, metrics.jsonl. Under
+    `torchrun --nproc_per_node N` each process takes its share of every batch (DDP).
+    """
+    from trainer.recipes import get_recipe
+    from trainer.stages import train_stage
+
+    stages = {"1": [1], "2": [2], "all": [1, 2]}.get(stage)
+    if stages is None:
+        raise UserError(f"--stage {stage}: choose 1, 2 or all")
+    if epochs is not None and len(stages) > 1:
+        raise UserError("--epochs applies to one stage; with --stage all set each stage's epochs in the recipe")
+    overrides = dict(model=model, backbone_weights=backbone_weights, crop=crop, batch_size=batch_size, lr=lr,
+                     optimizer=optimizer, threshold=threshold, ema=ema, lambda_start=lambda_start,
+                     lambda_end=lambda_end, lambda_schedule=lambda_schedule, eval_mode=eval_mode, amp=amp, seed=seed,
+                     workers=workers)
+    recipe_name, base = get_recipe(recipe, config.format, **overrides)
+    for number in stages:
+        chosen = base
+        if epochs is not None:
+            chosen = replace(base, epochs=tuple(epochs if i == number - 1 else e for i, e in enumerate(base.epochs)))
+        summary = train_stage(config, recipe_name, chosen, number, name, resume and number == stages[0],
+                              allow_missing_masks, device, deterministic, init, progress, console.print,
+                              on_epoch=_print_epoch)
+        best = "-" if summary["best"] is None else f"{100 * summary['best']:.1f}"
+        console.print(f"stage {number} done: best val mIoU {best}% -> {summary['run_dir']}")
+
+
+def _print_epoch(record: dict) -> None:
+    table = Table(title=f"stage {record['stage']}, epoch {record['epoch']}", title_justify="left")
+    for column in ("loss", "sup", "unsup", "lambda", "lr", "img/s", "val mIoU %", "best %"):
+        table.add_column(column, justify="right")
+    miou = record.get("miou")
+    table.add_row(f"{record['loss']:.3f}", f"{record['loss_sup']:.3f}", f"{record['loss_unsup']:.3f}",
+                  f"{record['lambda']:.3f}", f"{record['lr']:.2e}", f"{record['images_per_s']:.0f}",
+                  "-" if miou is None else f"{100 * miou:.1f}",
+                  "-" if record["best_miou"] is None else f"{100 * record['best_miou']:.1f}")
+    console.print(table)
+
+
+@app.command("eval")
+@with_config
+def eval_checkpoint(
+    checkpoint: Annotated[Path, typer.Option(help="A last.pt or best.pt of `conformalsam train`.")],
+    mode: Annotated[str, typer.Option(help="whole | sliding")] = "whole",
+    crop: Annotated[Optional[int], typer.Option(help="Sliding-window size (default: the run's crop).")] = None,
+    split: Annotated[str, typer.Option(help="val | labeled | unlabeled (needs masks).")] = "val",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    config: cfg.Config = None,
+):
+    """mIoU and per-class IoU of a checkpoint on the val split (whole image or sliding window)."""
+    from pipeline.datasets import Dataset
+    from trainer.checkpoint import load_checkpoint
+    from trainer.data import ValImages
+    from trainer.evaluate import evaluate
+    from trainer.models import build_model
+    from trainer.stages import resolve_device
+
+    if mode not in ("whole", "sliding"):
+        raise UserError(f"--mode {mode}: choose whole or sliding")
+    state = load_checkpoint(checkpoint)
+    dataset = Dataset(config)
+    if state.get("classes") != list(dataset.classes):
+        raise UserError(f"{checkpoint}: trained for classes {state.get('classes', [])[:4]}..., the data set has "
+                        f"{list(dataset.classes)[:4]}...")
+    model = build_model(state["model_name"], dataset.num_classes)
+    model.load_state_dict(state["model"])
+    dev = resolve_device(device, 1)
+    samples = dataset.split(split)
+    if any(s.mask is None for s in samples):
+        raise UserError(f"{dataset.split_path(split)}: the {split} split has no masks to score against")
+    with progress("eval") as update:
+        update(0, len(samples))
+        result = evaluate(model.to(dev), ValImages(dataset, samples), dataset.num_classes, dev, mode,
+                          crop or state["recipe"]["crop"], progress=update)
+    table = Table(title=f"{checkpoint} (stage {state['stage']}, epoch {state['epoch']}) on {len(samples)} {split} "
+                  f"images, {mode}")
+    table.add_column("class")
+    table.add_column("IoU %", justify="right")
+    for name, iou in zip(dataset.classes, result["iou"]):
+        table.add_row(name, "-" if iou is None else f"{100 * iou:.1f}")
+    table.add_row("[bold]mean", f"[bold]{100 * result['miou']:.1f}")
+    console.print(table)
+    console.print(f"pixel accuracy {100 * result['pixel_accuracy']:.1f}%")
 
 
 @data_app.command("check")

@@ -11,11 +11,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextmanager
 def atomic_write(path: Path):
     """Yields a temporary path beside ``path``; on success it replaces ``path``, on error it is removed."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the file should get the usual permissions
     os.close(fd)
     tmp = Path(tmp)
     try:

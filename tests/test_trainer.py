@@ -1,0 +1,306 @@
+"""The trainer on CPU with tiny models: learning, weight loading, exact resume, DDP, metrics, padding."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from conftest import toy_config
+from pipeline import PROJECT_ROOT
+from pipeline.calibrate import Settings, run_calibrate
+from pipeline.datasets import Dataset
+from pipeline.errors import UserError
+from pipeline.logits import run_logits
+from pipeline.masks import IGNORE
+from trainer.augment import random_crop
+from trainer.checkpoint import load_checkpoint
+from trainer.data import TrainImages, epoch_plan
+from trainer.evaluate import evaluate, predict
+from trainer.models import build_model, load_backbone
+from trainer.recipes import Recipe, effective_lr, get_recipe
+from trainer.schedule import poly, unlabeled_weight
+from trainer.stages import _ce, _stage2_losses, train_stage
+
+ANNOTATOR = PROJECT_ROOT / "data" / "toy_annotator.pt"
+TINY = Recipe(model="deeplabv3plus-tiny", crop=32, batch_size=4, epochs=(2, 1), optimizer="adamw", lr=2e-3,
+              head_lr_mult=1.0, scale_range=(0.75, 1.25), workers=0)
+
+
+@pytest.fixture(scope="module")
+def calibrated(toy_world, tmp_path_factory) -> Path:
+    """A work folder with scores, calibration.json and cached masks for the small toy world."""
+    work = tmp_path_factory.mktemp("calibrated") / "work"
+    config = replace(toy_config(toy_world), weights=ANNOTATOR, work_dir=work)
+    run_logits(config, "labeled", workers=0)
+    run_logits(config, "unlabeled", workers=0)
+    run_calibrate(config, Settings(alpha=0.1), jobs=1)
+    return work
+
+
+def fresh(toy_world, calibrated, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(calibrated, work)
+    return replace(toy_config(toy_world), weights=ANNOTATOR, work_dir=work)
+
+
+def fixed_batch(k: int = 4, size: int = 48):
+    """Blocks of 8x8 pixels, each coloured by its class (plus noise): learnable in a few steps."""
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, k, (4, size // 8, size // 8), generator=gen)
+    y = blocks.repeat_interleave(8, 1).repeat_interleave(8, 2)
+    colours = torch.randn(k, 3, generator=gen)
+    x = colours[y].permute(0, 3, 1, 2) + 0.1 * torch.randn(4, 3, size, size, generator=gen)
+    y[:, :4] = IGNORE
+    return x, y
+
+
+@pytest.mark.parametrize("name", ["deeplabv3plus-tiny", "segformer-tiny"])
+def test_training_steps_reduce_the_loss_on_a_fixed_batch(name):
+    torch.manual_seed(0)
+    model = build_model(name, 4)
+    x, y = fixed_batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    valid = torch.ones_like(y, dtype=torch.bool)
+    losses = []
+    for _ in range(15):
+        loss = _ce(model(x), y, valid)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+# Names and shapes of the published checkpoints (torchvision resnet50 / official mit_b0.pth), written down
+# here independently of the model code: loading real files depends on them.
+TORCHVISION_R50 = {"conv1.weight": (64, 3, 7, 7), "bn1.running_var": (64,), "layer1.0.conv1.weight": (64, 64, 1, 1),
+                   "layer1.0.downsample.0.weight": (256, 64, 1, 1), "layer3.5.bn2.weight": (256,),
+                   "layer4.0.downsample.1.running_mean": (2048,), "layer4.2.conv3.weight": (2048, 512, 1, 1),
+                   "fc.weight": (1000, 2048), "fc.bias": (1000,)}
+OFFICIAL_MIT_B0 = {"patch_embed1.proj.weight": (32, 3, 7, 7), "patch_embed1.norm.weight": (32,),
+                   "block1.0.attn.q.weight": (32, 32), "block1.0.attn.kv.weight": (64, 32),
+                   "block1.0.attn.sr.weight": (32, 32, 8, 8), "block1.1.attn.norm.bias": (32,),
+                   "block1.0.mlp.dwconv.dwconv.weight": (128, 1, 3, 3), "block4.1.mlp.fc2.weight": (256, 1024),
+                   "norm4.weight": (256,), "patch_embed4.proj.weight": (256, 160, 3, 3), "head.weight": (1000, 256),
+                   "head.bias": (1000,)}
+
+
+@pytest.mark.parametrize("name,known,extra", [("deeplabv3plus-r50", TORCHVISION_R50, "fc."),
+                                              ("segformer-b0", OFFICIAL_MIT_B0, "head.")])
+def test_backbone_weights_load_from_the_published_format(tmp_path, name, known, extra):
+    model = build_model(name, 21)
+    own = model.backbone.state_dict()
+    for key, shape in known.items():
+        if not key.startswith(extra):
+            assert tuple(own[key].shape) == shape, key
+    torch.manual_seed(1)
+    state = {k: torch.randn(v.shape) if v.is_floating_point() else v.clone() for k, v in own.items()}
+    state.update({k: torch.randn(s) for k, s in known.items() if k.startswith(extra)})  # the ImageNet classifier
+    path = tmp_path / "weights.pth"
+    torch.save(state, path)
+    assert load_backbone(model, path)["ignored"] == 2
+    for key, value in model.backbone.state_dict().items():
+        torch.testing.assert_close(value, state[key], msg=key)
+    wrapped = tmp_path / "wrapped.pth"  # {"state_dict": {"module.<key>": ...}} as some trainers save it
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, wrapped)
+    load_backbone(build_model(name, 21), wrapped)
+
+    broken = dict(state)
+    first = next(iter(own))
+    del broken[first]
+    broken["decoder.extra.weight"] = torch.zeros(1)
+    torch.save(broken, path)
+    with pytest.raises(UserError, match=rf"1 missing keys \(first: {first}\); 1 unexpected keys \(first: "
+                                        r"decoder.extra.weight\)"):
+        load_backbone(build_model(name, 21), path)
+    with pytest.raises(UserError, match="not found"):
+        load_backbone(model, tmp_path / "nope.pth")
+
+
+def test_miou_equals_a_hand_computed_confusion_matrix():
+    # two 2x3 images, K = 3; the model below predicts exactly `pred`
+    pred = torch.tensor([[[0, 0, 1], [1, 2, 2]], [[0, 1, 1], [2, 2, 0]]])
+    truth = torch.tensor([[[0, 0, 0], [1, 1, 2]], [[0, 1, IGNORE], [2, 1, 0]]])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(pred[int(x[0, 0, 0, 0])], 3).permute(2, 0, 1)[None].float() * 10
+
+    val = [(torch.full((3, 2, 3), float(i)), truth[i]) for i in range(2)]
+    result = evaluate(Fixed(), val, 3, torch.device("cpu"))
+    # rows truth, cols prediction, ignore skipped:
+    # class 0: truth at 5 px; predicted 0 at 4 of them (img0 (0,0),(0,1); img1 (0,0),(1,2)), img0 (0,2) -> 1
+    # class 1: truth at 4 px; img0 (1,0) -> 1, (1,1) -> 2; img1 (0,1) -> 1, (1,1) -> 2
+    # class 2: truth at 2 px; img0 (1,2) -> 2; img1 (1,0) -> 2
+    conf = np.array([[4, 1, 0], [0, 2, 2], [0, 0, 2]])
+    inter = np.diag(conf)
+    iou = inter / (conf.sum(0) + conf.sum(1) - inter)
+    assert result["iou"] == pytest.approx(iou.tolist())
+    assert result["miou"] == pytest.approx(iou.mean())
+    assert result["pixel_accuracy"] == pytest.approx(8 / 11)
+
+
+def test_padding_is_neither_a_class_nor_ignore():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    mask = rng.integers(0, 3, (10, 12)).astype(np.uint8)
+    mask[0, 0] = IGNORE  # a real ignore pixel
+    crop_img, (crop_mask,), valid = random_crop(image, [mask], 16, rng)
+    assert crop_img.shape == (16, 16, 3) and valid.sum() == 10 * 12
+    assert (crop_mask[~valid] == IGNORE).all() and (crop_img[~valid] == 0).all()
+    assert (crop_mask[valid] == IGNORE).sum() == 1  # the real ignore pixel is still told apart by `valid`
+
+    # the loss never sees padding, whatever the logits say there
+    logits = torch.randn(1, 3, 16, 16)
+    target = torch.from_numpy(crop_mask.astype(np.int64))[None]
+    v = torch.from_numpy(valid)[None]
+    wild = logits.clone()
+    wild[:, :, ~v[0]] = 100.0
+    assert _ce(logits, target, v) == pytest.approx(_ce(wild, target, v).item())
+    # stage II: a confident teacher on padded pixels adds nothing, and the mean is over real pixels only
+    model = torch.nn.Conv2d(3, 3, 1)
+    batch_u = {"image": torch.randn(2, 3, 16, 16), "strong": torch.randn(2, 3, 16, 16),
+               "box": torch.zeros(2, 16, 16, dtype=torch.bool), "valid": v.repeat(2, 1, 1)}
+    batch_l = {"image": torch.randn(1, 3, 16, 16), "mask": target, "valid": v}
+    _, unsup = _stage2_losses(model, model, batch_l, batch_u, threshold=0.0)
+    with torch.no_grad():
+        pseudo = model(batch_u["image"]).softmax(1).argmax(1)
+    per_pixel = torch.nn.functional.cross_entropy(model(batch_u["strong"]), pseudo, reduction="none")
+    assert unsup.item() == pytest.approx(per_pixel[batch_u["valid"]].mean().item(), rel=1e-5)
+
+    # sliding-window evaluation of an image smaller than the window cuts the padding off again
+    pointwise = torch.nn.Conv2d(3, 3, 1)
+    x = torch.randn(1, 3, 10, 12)
+    torch.testing.assert_close(predict(pointwise, x, "sliding", crop=16), predict(pointwise, x, "whole"))
+    x = torch.randn(1, 3, 40, 50)
+    torch.testing.assert_close(predict(pointwise, x, "sliding", crop=16), predict(pointwise, x, "whole"))
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index(toy_world, calibrated, tmp_path):
+    config = fresh(toy_world, calibrated, tmp_path)
+    dataset = Dataset(config)
+    a = TrainImages(dataset, dataset.split("unlabeled"), "unlabeled", TINY)
+    b = TrainImages(dataset, dataset.split("unlabeled"), "unlabeled", TINY)
+    for key, value in a[3].items():
+        assert torch.equal(value, b[3][key]), key
+    b.epoch = 1
+    assert not torch.equal(a[3]["image"], b[3]["image"])
+    loader = torch.utils.data.DataLoader(a, batch_size=2, num_workers=2)
+    first = next(iter(loader))
+    assert torch.equal(first["strong"][1], a[1]["strong"])  # same in a worker process
+
+
+def test_schedules_and_lr_rule():
+    assert unlabeled_weight(0, 0.5, 0.1) == pytest.approx(0.5)
+    assert unlabeled_weight(1, 0.5, 0.1) == pytest.approx(0.1)
+    assert unlabeled_weight(0.5, 0.5, 0.1) == pytest.approx((0.5 * 0.1) ** 0.5)  # geometric mean halfway
+    assert unlabeled_weight(0.5, 0.5, 0.1, "linear") == pytest.approx(0.3)
+    assert unlabeled_weight(0.7, 0.4, 0.1, "constant") == 0.4
+    assert poly(0, 100) == 1 and poly(100, 100) == 0 and poly(50, 100, 1.0) == pytest.approx(0.5)
+    assert effective_lr(Recipe(lr=1e-3), 2) == pytest.approx(2.5e-4)
+    plan = epoch_plan(10, 3, 4, seed=0, epoch=0)
+    assert len(plan) == 2 and all(len(lab) == len(unl) == 4 for lab, unl in plan)
+    assert sorted(i for _, unl in plan for i in unl) == sorted(set(i for _, unl in plan for i in unl))
+    assert epoch_plan(10, 3, 4, 0, 0) == plan != epoch_plan(10, 3, 4, 0, 1)
+    with pytest.raises(UserError, match="--optimizer"):
+        get_recipe("toy", "folder", optimizer="lion")
+
+
+def test_stage_one_then_two_on_the_toy_world_and_clear_errors(toy_world, calibrated, tmp_path):
+    config = fresh(toy_world, calibrated, tmp_path)
+    with pytest.raises(UserError, match="run `conformalsam train --stage 1`"):
+        train_stage(config, "t", TINY, 2, name="run")
+    one = train_stage(config, "t", TINY, 1, name="run", log=lambda *_: None)
+    two = train_stage(config, "t", TINY, 2, name="run", log=lambda *_: None)
+    assert 0 <= one["best"] <= 1 and 0 <= two["best"] <= 1
+    lines = [json.loads(x) for x in (Path(one["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2] and all("miou" in x and len(x["iou"]) == 8 for x in lines)
+    state = load_checkpoint(Path(two["run_dir"]) / "best.pt")
+    assert state["stage"] == 2 and state["model_name"] == "deeplabv3plus-tiny"
+    with pytest.raises(UserError, match="--resume"):
+        train_stage(config, "t", TINY, 1, name="run")
+
+    masks = config.work_dir / "masks"
+    victim = sorted(masks.glob("*.png"))[0]
+    victim.unlink()
+    with pytest.raises(UserError, match=f"{victim.stem}.*--allow-missing-masks"):
+        train_stage(config, "t", TINY, 1, name="other")
+    train_stage(config, "t", replace(TINY, epochs=(1, 1)), 1, name="other", allow_missing_masks=True,
+                log=lambda *_: None)
+    (masks / ".key").write_text("stale\n")
+    with pytest.raises(UserError, match="do not belong"):
+        train_stage(config, "t", TINY, 1, name="third")
+
+
+RESUMABLE = """
+import sys
+from dataclasses import replace
+from pathlib import Path
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+from conftest import toy_config
+from test_trainer import TINY
+from trainer.stages import train_stage
+config = replace(toy_config(Path(sys.argv[3])), work_dir=Path(sys.argv[4]))
+recipe = replace(TINY, crop=48, epochs=(4, 1))
+train_stage(config, "t", recipe, 1, name=sys.argv[5], resume=sys.argv[6] == "1", deterministic=True,
+            log=lambda *_: None)
+"""
+
+
+def test_kill_and_resume_gives_the_parameters_of_an_uninterrupted_run(toy_world, calibrated, tmp_path):
+    config = fresh(toy_world, calibrated, tmp_path)
+    tests = Path(__file__).resolve().parent
+
+    def command(name, resume):
+        return [sys.executable, "-c", RESUMABLE, str(tests), str(PROJECT_ROOT), str(toy_world), str(config.work_dir),
+                name, "1" if resume else "0"]
+
+    subprocess.run(command("straight", False), check=True)
+    proc = subprocess.Popen(command("killed", False))
+    last = config.work_dir / "runs" / "killed" / "stage1" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(last)["epoch"] < 4, "the run finished before it could be killed"
+    subprocess.run(command("killed", True), check=True)
+    a = load_checkpoint(config.work_dir / "runs" / "straight" / "stage1" / "last.pt")
+    b = load_checkpoint(last)
+    assert a["epoch"] == b["epoch"] == 4 and a["step"] == b["step"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    lines = (last.parent / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4]
+
+
+def test_torchrun_two_processes_train_an_epoch(toy_world, calibrated, tmp_path):
+    config = fresh(toy_world, calibrated, tmp_path)
+    flags = ["--config", "toy", "--root", str(config.root), "--labeled", str(config.labeled), "--unlabeled",
+             str(config.unlabeled), "--val", str(config.val), "--work-dir", str(config.work_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(PROJECT_ROOT / "cli.py"), "train", "--stage", "1", "--epochs", "1", "--crop", "32",
+                    "--batch-size", "4", "--workers", "0", "--name", "ddp", *flags],
+                   check=True, env=env, cwd=tmp_path, timeout=300)
+    run = config.work_dir / "runs" / "ddp" / "stage1"
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert load_checkpoint(run / "last.pt")["step"] == len(Dataset(config).split("unlabeled")) // 4
+
+    result = CliRunner().invoke(app, ["eval", "--checkpoint", str(run / "last.pt"), "--mode", "sliding",
+                                      "--crop", "24", *flags], terminal_width=120)
+    assert result.exit_code == 0, result.output
+    assert "mean" in result.output
