@@ -230,8 +230,11 @@ def test_stage_one_then_two_on_the_toy_world_and_clear_errors(toy_world, calibra
     assert [x["epoch"] for x in lines] == [1, 2] and all("miou" in x and len(x["iou"]) == 8 for x in lines)
     state = load_checkpoint(Path(two["run_dir"]) / "best.pt")
     assert state["stage"] == 2 and state["model_name"] == "deeplabv3plus-tiny"
-    with pytest.raises(UserError, match="--resume"):
-        train_stage(config, "t", TINY, 1, name="run")
+    again = train_stage(config, "t", TINY, 1, name="run", log=lambda *_: None)  # finished, same inputs: reused
+    assert again["unchanged"] and again["best"] == one["best"]
+    assert train_stage(config, "t", TINY, 2, name="run", log=lambda *_: None)["unchanged"]
+    with pytest.raises(UserError, match="other settings.*--resume"):
+        train_stage(config, "t", replace(TINY, lr=1e-3), 1, name="run")
 
     masks = config.work_dir / "masks"
     victim = sorted(masks.glob("*.png"))[0]

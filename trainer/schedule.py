@@ -6,7 +6,7 @@ import math
 
 
 def unlabeled_weight(progress: float, start: float, end: float, kind: str = "exp") -> float:
-    """lambda(t) for t = progress through the stage in [0, 1].
+    """lambda(t) for t = progress through training (stage I then II, one schedule) in [0, 1].
 
     ``exp`` (default, the paper's shape; its constants are unpublished): start * (end/start)^t, an
     exponential decay from start to end. ``linear``: straight from start to end. ``constant``: start.

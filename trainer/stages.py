@@ -71,15 +71,39 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
     dataset = Dataset(config)
     out = run_dir(config, name, stage)
     last, best_path = out / "last.pt", out / "best.pt"
-    if not resume and last.exists():
-        raise UserError(f"{out}: a run is already there; pass --resume to continue it or --name for a new one")
     if resume and not last.exists():
         raise UserError(f"{last}: nothing to resume (no checkpoint yet); run without --resume")
 
     labeled = dataset.split("labeled")
     unlabeled = dataset.split("unlabeled")
+    source = Path(init or run_dir(config, name, 1) / "last.pt")
     if stage == 1:
-        unlabeled = _with_cached_masks(config, unlabeled, allow_missing_masks, log if rank == 0 else None)
+        unlabeled, inputs = _with_cached_masks(config, unlabeled, allow_missing_masks, log if rank == 0 else None)
+    elif not source.exists():
+        raise UserError(f"{source}: stage II starts from stage I's checkpoint; run `conformalsam train --stage 1`"
+                        " first (or pass --init)")
+    else:
+        inputs = _fingerprint(source)
+    # what the run's result depends on: a finished run with the same identity is reused, not redone
+    identity = {"recipe": _plain(asdict(recipe)), "classes": list(dataset.classes), "inputs": inputs,
+                "unlabeled": len(unlabeled)}
+    if last.exists():
+        done = load_checkpoint(last)
+        same = done.get("identity") == identity
+        if not resume and same and done["epoch"] == recipe.epochs[stage - 1]:
+            if rank == 0:
+                log(f"{out}: already trained with this recipe and these inputs (best val mIoU "
+                    f"{_pct(done['best'])}); nothing to do")
+            return {"run_dir": str(out), "stage": stage, "epochs": done["epoch"], "epochs_run": done["epoch"],
+                    "best": done["metrics"].get("best_miou"), "last": done["metrics"].get("miou"),
+                    "unchanged": True}
+        if not resume:
+            state = "with other settings or inputs" if not same else f"unfinished (epoch {done['epoch']})"
+            raise UserError(f"{out}: a run is already there, {state}; pass --resume to continue it, --name for a "
+                            "new run, or delete the folder")
+        if not same:
+            raise UserError(f"{last}: the run was started with another recipe or other inputs; resume it with the "
+                            "same flags, or start a new run with --name")
     val = ValImages(dataset, dataset.split("val")) if config.val is not None else None
     train_l = TrainImages(dataset, labeled, "labeled", recipe)
     train_u = TrainImages(dataset, unlabeled, "cached" if stage == 1 else "unlabeled", recipe,
@@ -92,10 +116,6 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
         _check_compatible(checkpoint, recipe, dataset, last)
         model.load_state_dict(checkpoint["model"])
     elif stage == 2:
-        source = init or run_dir(config, name, 1) / "last.pt"
-        if not Path(source).exists():
-            raise UserError(f"{source}: stage II starts from stage I's checkpoint; run `conformalsam train --stage 1`"
-                            " first (or pass --init)")
         start = load_checkpoint(source)
         _check_compatible(start, recipe, dataset, source)
         model.load_state_dict(start["model"])
@@ -127,7 +147,10 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
 
     epochs = recipe.epochs[stage - 1]
     steps_per_epoch = max(1, len(unlabeled) // recipe.batch_size)
-    total_steps = epochs * steps_per_epoch
+    # One schedule over both stages (as one 60 + 20 epoch run): stage II continues the poly decay and the
+    # lambda(t) decay where stage I left them instead of restarting at the full learning rate.
+    offset = recipe.epochs[0] * steps_per_epoch if stage == 2 else 0
+    schedule_steps = sum(recipe.epochs) * steps_per_epoch
     epoch, step, best = 0, 0, float("-inf")
     if resume:
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -138,7 +161,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
         torch.set_rng_state(checkpoint["torch_rng"])
         if rank == 0:
             _truncate_metrics(out / "metrics.jsonl", epoch)
-            log(f"resuming {out} after epoch {epoch} (step {step}, best mIoU {100 * max(best, 0):.1f})")
+            log(f"resuming {out} after epoch {epoch} (step {step}, best mIoU {_pct(best)})")
     if rank == 0:
         log(f"stage {stage}: {recipe.model}, {len(labeled)} labeled + {len(unlabeled)} unlabeled images, "
             f"{epochs} epochs x {steps_per_epoch} steps, batch {recipe.batch_size} ({world} process(es)), "
@@ -146,7 +169,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
 
     per_process = recipe.batch_size // world
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp else None
-    summary = {"run_dir": str(out), "stage": stage, "epochs": epochs, "best": None, "last": None}
+    summary = {"run_dir": str(out), "stage": stage, "epochs": epochs, "best": None, "last": None, "unchanged": False}
     while epoch < epochs:
         started = time.perf_counter()
         plan = epoch_plan(len(unlabeled), len(labeled), recipe.batch_size, recipe.seed, epoch)
@@ -159,10 +182,10 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
         with (progress or _quiet)(f"stage {stage} epoch {epoch + 1}/{epochs}") as update:
             update(0, len(mine))
             for batch_l, batch_u in zip(*loaders):
-                weight = unlabeled_weight(step / max(total_steps, 1), recipe.lambda_start, recipe.lambda_end,
-                                          recipe.lambda_schedule)
+                progress_t = (offset + step) / max(schedule_steps, 1)
+                weight = unlabeled_weight(progress_t, recipe.lambda_start, recipe.lambda_end, recipe.lambda_schedule)
                 for group in optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * poly(step, total_steps, recipe.poly_power)
+                    group["lr"] = group["base_lr"] * poly(offset + step, schedule_steps, recipe.poly_power)
                 batch_l, batch_u = _to(batch_l, dev), _to(batch_u, dev)
                 with autocast() if autocast else torch.autocast("cpu", enabled=False):
                     if stage == 1:
@@ -195,6 +218,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
         record["best_miou"] = None if val is None else best
         if rank == 0:
             state = {"model": model.state_dict(), "model_name": recipe.model, "classes": list(dataset.classes),
+                     "identity": identity,
                      "recipe": _plain(asdict(recipe)), "stage": stage, "epoch": epoch, "step": step, "best": best,
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "teacher": teacher.state_dict() if teacher is not None else None,
@@ -254,7 +278,7 @@ def _ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float
 
 
 def _with_cached_masks(config: Config, samples: list, allow_missing: bool, log) -> list:
-    """The unlabeled samples that have a cached mask of the current calibration."""
+    """The unlabeled samples that have a cached mask of the current calibration, and that calibration's key."""
     masks, calibration = config.work_dir / "masks", config.work_dir / "calibration.json"
     try:
         record = json.loads(calibration.read_text())
@@ -275,7 +299,7 @@ def _with_cached_masks(config: Config, samples: list, allow_missing: bool, log) 
                         f"({len(missing)} missing in all); rerun `conformalsam calibrate` or pass --allow-missing-masks")
     if missing and log:
         log(f"--allow-missing-masks: {len(missing)} unlabeled images without a cached mask are left out")
-    return [s for s in samples if s.id in present]
+    return [s for s in samples if s.id in present], key
 
 
 def _check_compatible(checkpoint: dict, recipe: Recipe, dataset: Dataset, path: Path) -> None:
@@ -315,6 +339,15 @@ def _append_metrics(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     old = path.read_text() if path.exists() else ""
     write_text_atomic(path, old + json.dumps(record) + "\n")
+
+
+def _fingerprint(path: Path) -> str:
+    stat = Path(path).stat()
+    return f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None or value == float("-inf") else f"{100 * value:.1f}"
 
 
 def _truncate_metrics(path: Path, epoch: int) -> None:
