@@ -18,12 +18,10 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ from joblib import Parallel, delayed
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.isolated import measure  # noqa: E402
 from pipeline.calibrate import Settings, run_calibrate  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 from pipeline.conformal import Upsampler, conformal_rank, grid_values, nonconformity, to_bins  # noqa: E402
@@ -145,16 +144,6 @@ def job_masks(root: Path, n: int, alpha: float) -> dict:
             "kept": record["diagnostics"]["unlabeled"]["kept_fraction"]}
 
 
-def measure(args: list[str]) -> tuple[dict, float]:
-    """Run one job in a fresh process: (its JSON result, its peak RSS in MB)."""
-    proc = subprocess.Popen([sys.executable, __file__, "--job", *args], stdout=subprocess.PIPE)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"job {args} failed")
-    return json.loads(out), usage.ru_maxrss / 1024
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--labeled", type=int, default=1464)
@@ -179,20 +168,20 @@ def main() -> None:
         sizes = sorted({args.labeled // 4, args.labeled // 2, args.labeled})
         print(f"{'':14s}{'labeled imgs':>13s}{'pixels':>13s}{'seconds':>9s}{'Mpixel/s':>10s}{'peak RSS MB':>13s}")
         for n in sizes:
-            ours, ours_rss = measure(["fit", str(tmp), str(n), "paper"])
-            naive, naive_rss = measure(["naive", str(tmp), str(n)])
+            ours, ours_rss = measure(__file__, ["fit", str(tmp), str(n), "paper"])
+            naive, naive_rss = measure(__file__, ["naive", str(tmp), str(n)])
             assert ours["qhat"] == naive["qhat"], (ours["qhat"], naive["qhat"])
             assert ours["pixels"] == naive["pixels"]
             for name, r, rss in (("conformalsam", ours, ours_rss), ("naive", naive, naive_rss)):
                 print(f"{name:14s}{n:13d}{r['pixels']:13,d}{r['seconds']:9.1f}{r['pixels'] / r['seconds'] / 1e6:10.1f}"
                       f"{rss:13.0f}")
-        mondrian, _ = measure(["fit", str(tmp), str(sizes[-1]), "mondrian"])
+        mondrian, _ = measure(__file__, ["fit", str(tmp), str(sizes[-1]), "mondrian"])
         assert mondrian["qhat"] == naive["qhat_mondrian"], (mondrian["qhat"], naive["qhat_mondrian"])
         print(f"thresholds identical to the naive kthvalue at every n (paper: qhat {ours['qhat']:.4f}; "
               f"mondrian: all {K} per-class thresholds at n = {sizes[-1]})")
         print(f"conformalsam labeled pass alone at n = {sizes[-1]}: "
               f"{ours['pixels'] / ours['pass_seconds'] / 1e6:.1f} Mpixel/s")
-        masks, masks_rss = measure(["masks", str(tmp), str(sizes[-1])])
+        masks, masks_rss = measure(__file__, ["masks", str(tmp), str(sizes[-1])])
         print(f"masks: {masks['images']} unlabeled PNGs at full resolution in {masks['seconds']:.1f}s = "
               f"{masks['images'] / masks['seconds']:.1f} images/s (kept {100 * masks['kept']:.1f}% of pixels, "
               f"peak RSS {masks_rss:.0f} MB)")

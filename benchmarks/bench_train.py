@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.isolated import measure  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from trainer.stages import _stage1_losses  # noqa: E402
 
@@ -68,15 +67,6 @@ def job(model_name: str, crop: int, batch: int, device: str, steps: int, warmup:
     return out
 
 
-def measure(args: list[str]) -> tuple[dict, float]:
-    proc = subprocess.Popen([sys.executable, __file__, "--job", *args], stdout=subprocess.PIPE)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"job {args} failed")
-    return json.loads(out), usage.ru_maxrss / 1024
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
@@ -96,7 +86,7 @@ def main() -> None:
           f"{torch.get_num_threads()} CPU threads")
     print(f"{'model':22s}{'device':>7s}{'crop':>6s}{'batch':>7s}{'images/s':>10s}{'ms/step':>9s}{'peak MB':>10s}")
     for model, crop, batch, device in configs:
-        result, rss = measure([model, str(crop), str(batch), device])
+        result, rss = measure(__file__, [model, str(crop), str(batch), device])
         peak = result.get("peak_gpu_mb", rss)
         label = "GPU" if device == "cuda" else "RSS"
         print(f"{model:22s}{device:>7s}{crop:6d}{f'{batch}+{batch}':>7s}{result['images_per_s']:10.1f}"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline import PROJECT_ROOT
 from pipeline.config import Config
 from pipeline.toy.world import WorldSpec, generate
 
@@ -38,3 +41,25 @@ def toy_world(tmp_path_factory) -> Path:
 def toy_config(world: Path, labeled: int = 16) -> Config:
     return make_config(world / "target", "folder", world / "splits" / str(labeled) / "labeled.txt",
                        world / "splits" / str(labeled) / "unlabeled.txt", world / "splits" / "val.txt")
+
+
+ANNOTATOR = PROJECT_ROOT / "data" / "toy_annotator.pt"
+
+
+@pytest.fixture(scope="session")
+def scored(toy_world, tmp_path_factory) -> Path:
+    """A work folder whose store holds the toy annotator's scores of the labeled and unlabeled splits."""
+    from pipeline.logits import run_logits
+
+    work = tmp_path_factory.mktemp("scored") / "work"
+    config = replace(toy_config(toy_world), weights=ANNOTATOR, work_dir=work)
+    run_logits(config, "labeled", workers=0)
+    run_logits(config, "unlabeled", workers=0)
+    return work
+
+
+def work_copy(world: Path, work: Path, tmp_path: Path) -> Config:
+    """The toy config with its own copy of a prepared work folder (tests may change it freely)."""
+    mine = tmp_path / "work"
+    shutil.copytree(work, mine)
+    return replace(toy_config(world), weights=ANNOTATOR, work_dir=mine)

@@ -19,33 +19,19 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import toy_config
+from conftest import ANNOTATOR, work_copy
 from pipeline import PROJECT_ROOT
 from pipeline.calibrate import Settings, filtered_mask, run_calibrate
 from pipeline.conformal import Upsampler, background_index, grid_values, prediction_sets, pseudo_label, to_bins
 from pipeline.datasets import Dataset
 from pipeline.errors import UserError
-from pipeline.logits import run_logits
 from pipeline.store import LogitsStore
 
-ANNOTATOR = PROJECT_ROOT / "data" / "toy_annotator.pt"
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module")
-def scored(toy_world, tmp_path_factory) -> Path:
-    """A work folder whose store holds the toy annotator's scores of the labeled and unlabeled splits."""
-    work = tmp_path_factory.mktemp("scored") / "work"
-    config = replace(toy_config(toy_world), weights=ANNOTATOR, work_dir=work)
-    run_logits(config, "labeled", workers=0)
-    run_logits(config, "unlabeled", workers=0)
-    return work
-
-
-def fresh(toy_world, scored, tmp_path) -> "Config":  # noqa: F821
-    work = tmp_path / "work"
-    shutil.copytree(scored, work)
-    return replace(toy_config(toy_world), weights=ANNOTATOR, work_dir=work)
+def fresh(toy_world, scored, tmp_path):
+    return work_copy(toy_world, scored, tmp_path)
 
 
 def full_probabilities(store: LogitsStore, image_id: str) -> torch.Tensor:
@@ -211,7 +197,7 @@ def slow(self, fp, format=None, **kw):  # writes half, pauses, writes the rest: 
 Image.Image.save = slow
 
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
-from conftest import toy_config
+from conftest import ANNOTATOR, work_copy
 from pipeline.calibrate import Settings, filtered_mask, run_calibrate
 config = replace(toy_config(Path(sys.argv[3])), weights=Path(sys.argv[4]), work_dir=Path(sys.argv[5]))
 run_calibrate(config, Settings(alpha=float(sys.argv[6])), jobs=1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,12 +17,11 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import toy_config
+from conftest import work_copy
 from pipeline import PROJECT_ROOT
 from pipeline.calibrate import Settings, run_calibrate
 from pipeline.datasets import Dataset
 from pipeline.errors import UserError
-from pipeline.logits import run_logits
 from pipeline.masks import IGNORE
 from trainer.augment import random_crop
 from trainer.checkpoint import load_checkpoint
@@ -34,26 +32,20 @@ from trainer.recipes import Recipe, effective_lr, get_recipe
 from trainer.schedule import poly, unlabeled_weight
 from trainer.stages import _ce, _stage2_losses, train_stage
 
-ANNOTATOR = PROJECT_ROOT / "data" / "toy_annotator.pt"
 TINY = Recipe(model="deeplabv3plus-tiny", crop=32, batch_size=4, epochs=(2, 1), optimizer="adamw", lr=2e-3,
               head_lr_mult=1.0, scale_range=(0.75, 1.25), workers=0)
 
 
 @pytest.fixture(scope="module")
-def calibrated(toy_world, tmp_path_factory) -> Path:
+def calibrated(toy_world, scored, tmp_path_factory) -> Path:
     """A work folder with scores, calibration.json and cached masks for the small toy world."""
-    work = tmp_path_factory.mktemp("calibrated") / "work"
-    config = replace(toy_config(toy_world), weights=ANNOTATOR, work_dir=work)
-    run_logits(config, "labeled", workers=0)
-    run_logits(config, "unlabeled", workers=0)
+    config = work_copy(toy_world, scored, tmp_path_factory.mktemp("calibrated"))
     run_calibrate(config, Settings(alpha=0.1), jobs=1)
-    return work
+    return config.work_dir
 
 
 def fresh(toy_world, calibrated, tmp_path):
-    work = tmp_path / "work"
-    shutil.copytree(calibrated, work)
-    return replace(toy_config(toy_world), weights=ANNOTATOR, work_dir=work)
+    return work_copy(toy_world, calibrated, tmp_path)
 
 
 def fixed_batch(k: int = 4, size: int = 48):
