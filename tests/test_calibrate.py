@@ -197,7 +197,7 @@ def slow(self, fp, format=None, **kw):  # writes half, pauses, writes the rest: 
 Image.Image.save = slow
 
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
-from conftest import ANNOTATOR, work_copy
+from conftest import toy_config
 from pipeline.calibrate import Settings, filtered_mask, run_calibrate
 config = replace(toy_config(Path(sys.argv[3])), weights=Path(sys.argv[4]), work_dir=Path(sys.argv[5]))
 run_calibrate(config, Settings(alpha=float(sys.argv[6])), jobs=1)
