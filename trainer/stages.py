@@ -87,23 +87,14 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
     # what the run's result depends on: a finished run with the same identity is reused, not redone
     identity = {"recipe": _plain(asdict(recipe)), "classes": list(dataset.classes), "inputs": inputs,
                 "unlabeled": len(unlabeled)}
-    if last.exists():
-        done = load_checkpoint(last)
-        same = done.get("identity") == identity
-        if not resume and same and done["epoch"] == recipe.epochs[stage - 1]:
-            if rank == 0:
-                log(f"{out}: already trained with this recipe and these inputs (best val mIoU "
-                    f"{_pct(done['best'])}); nothing to do")
-            return {"run_dir": str(out), "stage": stage, "epochs": done["epoch"], "epochs_run": done["epoch"],
-                    "best": done["metrics"].get("best_miou"), "last": done["metrics"].get("miou"),
-                    "unchanged": True}
-        if not resume:
-            state = "with other settings or inputs" if not same else f"unfinished (epoch {done['epoch']})"
-            raise UserError(f"{out}: a run is already there, {state}; pass --resume to continue it, --name for a "
-                            "new run, or delete the folder")
-        if not same:
-            raise UserError(f"{last}: the run was started with another recipe or other inputs; resume it with the "
-                            "same flags, or start a new run with --name")
+    finished = _finished_run(last, identity, recipe.epochs[stage - 1], resume)
+    if finished:
+        if rank == 0:
+            log(f"{out}: already trained with this recipe and these inputs (best val mIoU "
+                f"{_pct(finished['best'])}); nothing to do")
+        return {"run_dir": str(out), "stage": stage, "epochs": finished["epoch"], "epochs_run": finished["epoch"],
+                "best": finished["metrics"].get("best_miou"), "last": finished["metrics"].get("miou"),
+                "unchanged": True}
     val = ValImages(dataset, dataset.split("val")) if config.val is not None else None
     train_l = TrainImages(dataset, labeled, "labeled", recipe)
     train_u = TrainImages(dataset, unlabeled, "cached" if stage == 1 else "unlabeled", recipe,
@@ -132,15 +123,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
     teacher = copy.deepcopy(model).eval() if stage == 2 and recipe.ema > 0 else None
 
     lr = effective_lr(recipe, recipe.batch_size)
-    backbone = list(model.backbone.parameters())
-    ids = {id(p) for p in backbone}
-    head = [p for p in model.parameters() if id(p) not in ids]
-    groups = [{"params": backbone, "lr": lr, "base_lr": lr},
-              {"params": head, "lr": lr * recipe.head_lr_mult, "base_lr": lr * recipe.head_lr_mult}]
-    if recipe.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=recipe.weight_decay)
+    optimizer = _optimizer(model, recipe, lr)
     amp = dev.type == "cuda" and recipe.amp != "none"
     amp_dtype = torch.bfloat16 if recipe.amp == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
@@ -232,6 +215,37 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
         distributed.barrier()
         summary.update(last=record.get("miou"), best=None if val is None else best, epochs_run=epoch)
     return summary
+
+
+def _finished_run(last: Path, identity: dict, epochs: int, resume: bool) -> dict | None:
+    """The checkpoint of a finished run with this identity (to reuse), None when there is work to do;
+    a run that exists but may not be continued or reused is an error."""
+    if not last.exists():
+        return None
+    done = load_checkpoint(last)
+    same = done.get("identity") == identity
+    if not resume and same and done["epoch"] == epochs:
+        return done
+    if not resume:
+        state = "with other settings or inputs" if not same else f"unfinished (epoch {done['epoch']})"
+        raise UserError(f"{last.parent}: a run is already there, {state}; pass --resume to continue it, --name for "
+                        "a new run, or delete the folder")
+    if not same:
+        raise UserError(f"{last}: the run was started with another recipe or other inputs; resume it with the same "
+                        "flags, or start a new run with --name")
+    return None
+
+
+def _optimizer(model: torch.nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
+    """Backbone at lr, everything else (the head) at lr x head_lr_mult; ``base_lr`` kept for the schedule."""
+    backbone = list(model.backbone.parameters())
+    ids = {id(p) for p in backbone}
+    head = [p for p in model.parameters() if id(p) not in ids]
+    head_lr = lr * recipe.head_lr_mult
+    groups = [{"params": backbone, "lr": lr, "base_lr": lr}, {"params": head, "lr": head_lr, "base_lr": head_lr}]
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=recipe.weight_decay)
 
 
 def _stage1_losses(net, batch_l: dict, batch_u: dict):
