@@ -31,6 +31,7 @@ demo: toy
 	$(CLI) toy evaluate $(CFG)
 	$(CLI) toy evaluate --root data/toy/source --val data/toy/splits/source_val.txt --split val
 	$(MAKE) --no-print-directory train
+	$(CLI) summary $(CFG)
 
 # Stage 0 for the labeled and unlabeled splits of the config (toy world unless CONFIG=file).
 seem-logits: $(if $(CONFIG),setup,toy)

@@ -265,6 +265,15 @@ def eval_checkpoint(
     console.print(f"pixel accuracy {100 * result['pixel_accuracy']:.1f}%")
 
 
+@app.command("summary")
+@with_config
+def summary(config: cfg.Config = None):
+    """What the pipeline produced so far: pseudo-label quality before / after filtering, val mIoU of each run."""
+    from pipeline.summary import print_summary
+
+    print_summary(config.work_dir, console)
+
+
 @data_app.command("check")
 @with_config
 def data_check(

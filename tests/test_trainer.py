@@ -23,6 +23,7 @@ from pipeline.calibrate import Settings, run_calibrate
 from pipeline.datasets import Dataset
 from pipeline.errors import UserError
 from pipeline.masks import IGNORE
+from pipeline.summary import collect
 from trainer.augment import random_crop
 from trainer.checkpoint import load_checkpoint
 from trainer.data import TrainImages, epoch_plan
@@ -220,6 +221,10 @@ def test_stage_one_then_two_on_the_toy_world_and_clear_errors(toy_world, calibra
     assert 0 <= one["best"] <= 1 and 0 <= two["best"] <= 1
     lines = [json.loads(x) for x in (Path(one["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2] and all("miou" in x and len(x["iou"]) == 8 for x in lines)
+    found = collect(config.work_dir)
+    assert found["calibration"]["alpha"] == 0.1
+    assert found["runs"]["run"]["stage1"]["epochs"] == 2 and found["runs"]["run"]["stage2"]["epochs"] == 1
+    assert found["runs"]["run"]["stage1"]["best"] == pytest.approx(one["best"])
     state = load_checkpoint(Path(two["run_dir"]) / "best.pt")
     assert state["stage"] == 2 and state["model_name"] == "deeplabv3plus-tiny"
     again = train_stage(config, "t", TINY, 1, name="run", log=lambda *_: None)  # finished, same inputs: reused

@@ -1,0 +1,73 @@
+"""`conformalsam summary`: what the pipeline produced, read back from disk (calibration.json, metrics.jsonl)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _lines(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def collect(work: Path) -> dict:
+    """{"calibration": record or None, "runs": {name: {stage: {"best", "best_epoch", "last", "epochs"}}}}."""
+    try:
+        calibration = json.loads((work / "calibration.json").read_text())
+    except (OSError, ValueError):
+        calibration = None
+    runs: dict = {}
+    for metrics in sorted((work / "runs").glob("*/stage*/metrics.jsonl")):
+        lines = [x for x in _lines(metrics) if x.get("miou") is not None]
+        if not lines:
+            continue
+        best = max(lines, key=lambda x: x["miou"])
+        runs.setdefault(metrics.parent.parent.name, {})[metrics.parent.name] = {
+            "best": best["miou"], "best_epoch": best["epoch"], "last": lines[-1]["miou"], "epochs": lines[-1]["epoch"]}
+    return {"calibration": calibration, "runs": runs}
+
+
+def print_summary(work: Path, console: Console) -> dict:
+    found = collect(work)
+    calibration = found["calibration"]
+    if calibration:
+        unlabeled = calibration["diagnostics"].get("unlabeled") or {}
+        quality = unlabeled.get("quality")
+        console.print(f"[bold]pseudo-labels[/bold]: {calibration['mode']} mode, alpha {calibration['alpha']}, rule "
+                      f"{calibration['rule']}, calibrated on {calibration['n_images']} labeled images; "
+                      f"{unlabeled.get('images', 0)} unlabeled masks keep {_pct(unlabeled.get('kept_fraction'))}% of "
+                      "pixels", highlight=False)
+        if quality:
+            table = Table(title="pseudo-label quality on the unlabeled images (against their ground truth)")
+            for column in ("masks", "pixels scored", "mIoU %", "pixel acc. %"):
+                table.add_column(column, justify="left" if column == "masks" else "right")
+            table.add_row("raw foundation argmax", "all", _pct(quality["raw"]["miou"]),
+                          _pct(quality["raw"]["pixel_accuracy"]))
+            table.add_row("conformal-filtered", f"kept ({_pct(unlabeled['kept_fraction'])}%)",
+                          _pct(quality["filtered_kept"]["miou"]), _pct(quality["filtered_kept"]["pixel_accuracy"]))
+            console.print(table)
+    else:
+        console.print(f"{work / 'calibration.json'}: no calibration yet")
+    if found["runs"]:
+        table = Table(title="trained models, val mIoU")
+        for column in ("run", "stage", "epochs", "best mIoU % (epoch)", "last mIoU %"):
+            table.add_column(column, justify="left" if column in ("run", "stage") else "right")
+        names = {"stage1": "I: labeled + filtered masks", "stage2": "II: self-training"}
+        for run, stages in found["runs"].items():
+            for stage, r in sorted(stages.items()):
+                table.add_row(run, names.get(stage, stage), str(r["epochs"]), f"{_pct(r['best'])} ({r['best_epoch']})",
+                              _pct(r["last"]))
+        console.print(table)
+    else:
+        console.print(f"{work / 'runs'}: no trained model with val scores yet")
+    return found
