@@ -265,6 +265,50 @@ def eval_checkpoint(
     console.print(f"pixel accuracy {100 * result['pixel_accuracy']:.1f}%")
 
 
+@app.command("inspect")
+@with_config
+def inspect_command(
+    ids: Annotated[Optional[str], typer.Option(help="Image ids, comma-separated (default: --count random ones).")] = None,
+    count: Annotated[int, typer.Option(help="How many random images.")] = 6,
+    seed: Annotated[int, typer.Option(help="Seed of the random choice.")] = 0,
+    split: Annotated[str, typer.Option(help="unlabeled | labeled | val (images must be scored).")] = "unlabeled",
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Add this trained model's prediction.")] = None,
+    config: cfg.Config = None,
+):
+    """Pictures in <work>/inspect/: a contact sheet per image, and coverage / kept fraction against alpha.
+
+    Sheet: image | raw foundation argmax | filtered mask (ignore in grey) | ground truth | checkpoint.
+    """
+    from pipeline.inspect import run_inspect
+
+    chosen = [i.strip() for i in ids.split(",") if i.strip()] if ids else None
+    result = run_inspect(config, chosen, count, seed, split, checkpoint)
+    record = result["record"]
+    unlabeled = record["diagnostics"].get("unlabeled") or {}
+    quality = unlabeled.get("quality") or {}
+    table = Table(title=f"per class, unlabeled set ({record['mode']} mode, alpha {record['alpha']})")
+    for column in ("class", "kept % (of raw argmax)", "precision % of kept labels"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name in record["classes"]:
+        kept = (unlabeled.get("per_class") or {}).get(name, {}).get("kept_fraction")
+        precision = (quality.get("per_class_precision") or {}).get(name)
+        table.add_row(name, "-" if kept is None else f"{100 * kept:.1f}",
+                      "-" if precision is None else f"{100 * precision:.1f}")
+    console.print(table)
+    if result["sweep"]:
+        shown = [r for r in result["sweep"] if round(r["alpha"] * 100) in (1, 5, 10, 20, 30, 50)]
+        table = Table(title="alpha sweep (pooled threshold, from the saved histograms)")
+        for column in ("alpha", "qhat", "coverage %", "kept % paper", "kept % singleton"):
+            table.add_column(column, justify="right")
+        for r in shown:
+            table.add_row(f"{r['alpha']:.2f}", f"{r['qhat']:.4f}", "-" if r["coverage"] is None else
+                          f"{100 * r['coverage']:.1f}", *(f"{100 * r[k]:.1f}" if k in r else "-"
+                                                            for k in ("kept_paper", "kept_singleton")))
+        console.print(table)
+    console.print(f"wrote {len(result['sheets'])} contact sheets and {result['sweep_png'].name} to "
+                  f"{config.work_dir / 'inspect'}")
+
+
 @app.command("summary")
 @with_config
 def summary(config: cfg.Config = None):

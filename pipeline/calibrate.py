@@ -27,10 +27,10 @@ import torch
 from joblib import Parallel, delayed
 
 from pipeline import __version__
-from pipeline.atomic import write_text_atomic
-from pipeline.conformal import (MODES, RULES, ScoreHistogram, Thresholds, Upsampler, background_index, check_alpha,
-                                crc_threshold, fit, min_calibration, nonconformity, prediction_sets, pseudo_label,
-                                set_sizes, to_bins)
+from pipeline.atomic import atomic_write, write_text_atomic
+from pipeline.conformal import (GRID, MODES, RULES, ScoreHistogram, Thresholds, Upsampler, background_index,
+                                check_alpha, crc_threshold, fit, min_calibration, nonconformity, prediction_sets,
+                                pseudo_label, set_sizes, to_bins)
 from pipeline.config import Config
 from pipeline.datasets import Dataset, Sample
 from pipeline.errors import UserError
@@ -39,6 +39,7 @@ from pipeline.metrics import confusion
 from pipeline.store import LogitsStore
 
 CALIBRATION = "calibration.json"
+HISTOGRAMS = "calibration-histograms.npz"  # the score histograms behind calibration.json (alpha sweeps)
 MASKS = "masks"
 KEY_FILE = ".key"
 
@@ -85,7 +86,7 @@ def run_calibrate(config: Config, settings: Settings, write_masks: bool = True, 
     masks_key = mask_key(key, store, unlabeled) if write_masks else None
     work = config.work_dir
     previous = _read_record(work / CALIBRATION)
-    if previous and previous.get("key") == key and (not write_masks or (
+    if previous and previous.get("key") == key and (work / HISTOGRAMS).is_file() and (not write_masks or (
             (previous.get("masks") or {}).get("key") == masks_key and _masks_current(work, masks_key, len(unlabeled)))):
         return {**previous, "unchanged": True}
 
@@ -93,11 +94,13 @@ def run_calibrate(config: Config, settings: Settings, write_masks: bool = True, 
     thresholds = fit(hist.total(), settings.alpha, settings.mode)
     record = _record(key, settings, store, checksum, dataset, hist, thresholds)
     record["diagnostics"] = {"cross_calibration": cross_calibrate(hist, settings, dataset.classes)}
+    stats = None
     if write_masks:
         stats = write_all_masks(store, dataset, unlabeled, thresholds, settings.rule, work, masks_key, jobs,
                                 progress)
-        record["diagnostics"]["unlabeled"] = stats
+        record["diagnostics"]["unlabeled"] = stats.report(dataset.classes)
         record["masks"] = {"dir": MASKS, "count": len(unlabeled), "key": masks_key}
+    save_histograms(work / HISTOGRAMS, hist, stats, key)
     write_text_atomic(work / CALIBRATION, json.dumps(record, indent=1) + "\n")
     return {**record, "unchanged": False}
 
@@ -215,7 +218,7 @@ def cross_calibrate(hist: ScoreHistogram, settings: Settings, classes) -> dict:
 # ---------------------------------------------------------------- masks (unlabeled images)
 
 def write_all_masks(store: LogitsStore, dataset: Dataset, samples: list[Sample], thresholds: Thresholds,
-                    rule: str, work: Path, key: str, jobs: int, progress=None) -> dict:
+                    rule: str, work: Path, key: str, jobs: int, progress=None) -> "MaskStats":
     """Write every unlabeled image's filtered mask, then move the finished folder to ``<work>/masks``."""
     staging = work / f".masks-{key[:16]}"
     _clean_staging(work, staging)
@@ -227,12 +230,12 @@ def write_all_masks(store: LogitsStore, dataset: Dataset, samples: list[Sample],
     def work_on(share: list[Sample]) -> MaskStats:
         stats = MaskStats(num_classes, with_truth)
         for sample in share:
-            label, raw, sizes = filtered_mask(store, sample.id, thresholds.q, rule, background)
+            label, raw, sizes, top2 = filtered_mask(store, sample.id, thresholds.q, rule, background)
             out = staging / f"{sample.id}.png"
             if not out.exists():  # written by an interrupted run of this same calibration
                 write_palette_png(out, label.numpy())
             truth = dataset.read_mask(sample.mask, tuple(label.shape)) if with_truth else None
-            stats.add(raw, label, sizes, truth)
+            stats.add(raw, label, sizes, top2, truth)
             update(1)
         return stats
 
@@ -242,12 +245,13 @@ def write_all_masks(store: LogitsStore, dataset: Dataset, samples: list[Sample],
     stats = reduce(lambda a, b: a.merge(b), parts)
     (staging / KEY_FILE).write_text(key + "\n")
     _install(work, staging)
-    return stats.report(dataset.classes)
+    return stats
 
 
 def filtered_mask(store: LogitsStore, image_id: str, q: torch.Tensor, rule: str, background: int | None,
-                  band_elements: int = 1 << 23) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(filtered label, raw argmax, set size), each (H, W), of one stored image at full resolution.
+                  band_elements: int = 1 << 23) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(filtered label, raw argmax, set size, two highest probabilities (2, H, W)) of one stored image at
+    full resolution, each (H, W) but the last.
 
     Rows are processed in bands of at most ``band_elements`` class scores, so memory stays bounded for
     many classes and large images (ADE20K: 150 classes).
@@ -260,14 +264,18 @@ def filtered_mask(store: LogitsStore, image_id: str, q: torch.Tensor, rule: str,
     label = torch.empty(height, width, dtype=torch.uint8)
     raw = torch.empty(height, width, dtype=torch.int64)
     sizes = torch.empty(height, width, dtype=torch.int16)
+    top2 = torch.empty(2, height, width)
     for start in range(0, height, step):
         stop = min(height, start + step)
         full = up.rows(cols, start, stop)
         sets = prediction_sets(full, q)
         label[start:stop] = pseudo_label(full, sets, rule, background)
-        raw[start:stop] = full.max(0).indices
+        best = full.max(0)
+        raw[start:stop] = best.indices
         sizes[start:stop] = set_sizes(sets)
-    return label, raw, sizes
+        top2[0, start:stop] = best.values
+        top2[1, start:stop] = full.scatter(0, best.indices[None], -1.0).amax(0).clamp_min(0)
+    return label, raw, sizes, top2
 
 
 def _clean_staging(work: Path, staging: Path) -> None:
@@ -302,6 +310,16 @@ def _masks_current(work: Path, key: str, count: int) -> bool:
         return False
 
 
+def save_histograms(path: Path, hist: ScoreHistogram, stats: "MaskStats | None", key: str) -> None:
+    """Labeled per-fold, per-class score counts (and CRC mass); with masks, the unlabeled best / second scores."""
+    arrays = {"key": np.array(key), "counts": hist.counts.numpy(), "mass": hist.mass.numpy(),
+              "images": hist.images.numpy()}
+    if stats is not None:
+        arrays.update(unlabeled_best=stats.best, unlabeled_second=stats.second)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
 class MaskStats:
     """What the filtered masks did: raw -> filtered transitions, set sizes, and quality against ground truth."""
 
@@ -312,10 +330,17 @@ class MaskStats:
         self.set_sizes = np.zeros(k + 1, np.int64)
         self.raw = np.zeros((k, k), np.int64) if with_truth else None  # truth x raw argmax
         self.filtered = np.zeros((k, k + 1), np.int64) if with_truth else None  # truth x filtered (k = ignore)
+        # scores 1 - p of each pixel's most and second most probable class: with one threshold q, a pixel's
+        # set is non-empty iff best <= q and a singleton iff best <= q < second, so these two histograms
+        # give the kept fraction at any alpha without another pass (`conformalsam inspect`)
+        self.best, self.second = np.zeros(GRID, np.int64), np.zeros(GRID, np.int64)
         self.images = 0
 
-    def add(self, raw: torch.Tensor, label: torch.Tensor, sizes: torch.Tensor, truth: np.ndarray | None) -> None:
+    def add(self, raw: torch.Tensor, label: torch.Tensor, sizes: torch.Tensor, top2: torch.Tensor,
+            truth: np.ndarray | None) -> None:
         k = self.k
+        self.best += np.bincount(to_bins(nonconformity(top2[0])).reshape(-1).numpy(), minlength=GRID)
+        self.second += np.bincount(to_bins(nonconformity(top2[1])).reshape(-1).numpy(), minlength=GRID)
         filtered = torch.where(label == IGNORE, k, label.long())
         self.transitions += confusion_rect(raw, filtered, k, k + 1)
         self.set_sizes += np.bincount(sizes.reshape(-1).numpy(), minlength=k + 1)
@@ -325,7 +350,7 @@ class MaskStats:
         self.images += 1
 
     def merge(self, other: "MaskStats") -> "MaskStats":
-        for name in ("transitions", "set_sizes", "raw", "filtered"):
+        for name in ("transitions", "set_sizes", "raw", "filtered", "best", "second"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name) + getattr(other, name))
         self.images += other.images
@@ -380,6 +405,8 @@ def quality(raw: np.ndarray, filtered: np.ndarray, classes) -> dict:
         "filtered_overall": {"miou": _nanmean(overall_iou), "pixel_accuracy": _ratio(tp.sum(), filtered.sum())},
         "per_class_iou": {name: {"raw": _num(raw_iou[c]), "filtered_kept": _num(kept_iou[c]),
                                  "filtered_overall": _num(overall_iou[c])} for c, name in enumerate(classes)},
+        # of the kept pixels labeled c, the fraction that truly are c
+        "per_class_precision": {name: _num(p) for name, p in zip(classes, _safe_div(tp, kept.sum(0)))},
     }
 
 

@@ -9,7 +9,7 @@ from cli import app
 from pipeline import config as cfg
 from pipeline.errors import UserError
 
-COMMANDS = [[], ["calibrate"], ["train"], ["eval"], ["data"], ["data", "check"], ["config"], ["config", "show"], ["config", "init"], ["toy"],
+COMMANDS = [[], ["calibrate"], ["train"], ["eval"], ["inspect"], ["summary"], ["data"], ["data", "check"], ["config"], ["config", "show"], ["config", "init"], ["toy"],
             ["toy", "generate"], ["toy", "train-annotator"], ["toy", "evaluate"]]
 
 

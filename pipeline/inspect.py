@@ -1,0 +1,203 @@
+"""`conformalsam inspect`: pictures of what calibration did, written to ``<work>/inspect/``.
+
+- one contact sheet per chosen image: image | raw foundation argmax | filtered mask (ignore in grey) |
+  ground truth (when the split has it) | a trained checkpoint's prediction (when given);
+- ``alpha-sweep.png``: cross-calibrated coverage and the kept fraction of unlabeled pixels against alpha,
+  computed from the histograms calibrate saved (no new pass over the data, no retraining).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.atomic import atomic_write
+from pipeline.conformal import check_alpha, conformal_rank, kth_smallest, to_bins
+from pipeline.errors import UserError
+from pipeline.masks import IGNORE, PALETTE
+
+NEUTRAL = (128, 128, 128)  # ignore (255) in pictures: grey, unlike any class colour of the VOC palette
+TILE = 256  # tiles are scaled (nearest for labels) so that small images stay legible
+
+
+def colourise(mask: np.ndarray) -> np.ndarray:
+    rgb = PALETTE[mask]
+    rgb[mask == IGNORE] = NEUTRAL
+    return rgb
+
+
+def contact_sheet(tiles: list[tuple[str, np.ndarray]]) -> Image.Image:
+    """Tiles (caption, RGB array) side by side, scaled to a common height, captions above."""
+    font = ImageFont.load_default()
+    height = max(TILE, max(t.shape[0] for _, t in tiles))
+    pictures = []
+    for _, tile in tiles:
+        scale = height / tile.shape[0]
+        size = (max(1, round(tile.shape[1] * scale)), height)
+        pictures.append(Image.fromarray(np.ascontiguousarray(tile)).resize(size, Image.NEAREST))
+    gap, top = 6, 18
+    sheet = Image.new("RGB", (sum(p.width for p in pictures) + gap * (len(pictures) + 1), height + top + gap),
+                      (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    x = gap
+    for (caption, _), picture in zip(tiles, pictures):
+        draw.text((x, 3), caption, fill=(0, 0, 0), font=font)
+        sheet.paste(picture, (x, top))
+        x += picture.width + gap
+    return sheet
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def alpha_sweep(histograms: dict, alphas) -> list[dict]:
+    """Per alpha, in the pooled (paper) mode: qhat on all labeled pixels, its coverage by cross-calibration
+    over the saved folds, and the fraction of unlabeled pixels kept by the paper and singleton rules."""
+    counts = torch.from_numpy(histograms["counts"]).sum(1)  # (folds, GRID): classes pooled
+    total = counts.sum(0)
+    best, second = histograms.get("unlabeled_best"), histograms.get("unlabeled_second")
+    pixels = None if best is None else best.sum()
+    rows = []
+    for alpha in alphas:
+        check_alpha(alpha)
+        n = int(total.sum())
+        k = conformal_rank(n, alpha)
+        if k > n:
+            continue  # infinite threshold: nothing to draw
+        q = kth_smallest(total, k)
+        b = int(to_bins(torch.tensor([q]))[0])
+        covered = held = 0
+        for fold in range(counts.shape[0]):
+            rest = total - counts[fold]
+            n_rest = int(rest.sum())
+            k_rest = conformal_rank(n_rest, alpha)
+            if k_rest > n_rest or not counts[fold].sum():
+                continue
+            b_fold = int(to_bins(torch.tensor([kth_smallest(rest, k_rest)]))[0])
+            covered += int(counts[fold][: b_fold + 1].sum())
+            held += int(counts[fold].sum())
+        row = {"alpha": alpha, "qhat": q, "coverage": covered / held if held else None}
+        if pixels:
+            row["kept_paper"] = float(best[: b + 1].sum() / pixels)
+            row["kept_singleton"] = float((best[: b + 1].sum() - second[: b + 1].sum()) / pixels)
+        rows.append(row)
+    return rows
+
+
+def plot_sweep(rows: list[dict], path: Path) -> None:
+    """A line chart (pillow only): coverage and kept fractions (y, 0..1) against alpha (x)."""
+    width, height, left, right, top, bottom = 640, 420, 56, 170, 20, 44
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    x_max = max(r["alpha"] for r in rows)
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def xy(alpha, value):
+        return left + alpha / x_max * plot_w, top + (1 - value) * plot_h
+
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline=(0, 0, 0))
+    for i in range(6):
+        v = i / 5
+        y = top + (1 - v) * plot_h
+        draw.line([left - 4, y, left, y], fill=(0, 0, 0))
+        draw.line([left + 1, y, left + plot_w - 1, y], fill=(230, 230, 230))
+        draw.text((8, y - 6), f"{v:.1f}", fill=(0, 0, 0), font=font)
+        a = x_max * i / 5
+        x = left + plot_w * i / 5
+        draw.line([x, top + plot_h, x, top + plot_h + 4], fill=(0, 0, 0))
+        draw.text((x - 12, top + plot_h + 8), f"{a:.2f}", fill=(0, 0, 0), font=font)
+    draw.text((left + plot_w / 2 - 16, height - 18), "alpha", fill=(0, 0, 0), font=font)
+    series = [("1 - alpha (target)", (150, 150, 150), lambda r: 1 - r["alpha"]),
+              ("coverage (cross-cal.)", (31, 119, 180), lambda r: r["coverage"]),
+              ("kept, paper rule", (214, 39, 40), lambda r: r.get("kept_paper")),
+              ("kept, singleton rule", (44, 160, 44), lambda r: r.get("kept_singleton"))]
+    for i, (label, colour, value) in enumerate(series):
+        points = [xy(r["alpha"], value(r)) for r in rows if value(r) is not None]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        y = top + 10 + 18 * i
+        draw.line([width - right + 10, y, width - right + 30, y], fill=colour, width=3)
+        draw.text((width - right + 36, y - 6), label, fill=(0, 0, 0), font=font)
+    save_png(image, path)
+
+
+def load_histograms(path: Path) -> dict:
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise UserError(f"{path}: no saved histograms; run `conformalsam calibrate` first") from None
+
+
+
+def run_inspect(config, ids: list[str] | None = None, count: int = 6, seed: int = 0, split: str = "unlabeled",
+                checkpoint: Path | None = None, alphas=None) -> dict:
+    """Contact sheets for chosen (or ``count`` random) images of a split, the per-class table and the sweep."""
+    import json
+
+    from pipeline.calibrate import CALIBRATION, HISTOGRAMS, filtered_mask
+    from pipeline.conformal import background_index
+    from pipeline.datasets import Dataset, read_image
+    from pipeline.store import LogitsStore
+
+    work = config.work_dir
+    try:
+        record = json.loads((work / CALIBRATION).read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{work / CALIBRATION}: no calibration; run `conformalsam calibrate` first") from None
+    dataset, store = Dataset(config), LogitsStore(work / "logits.zarr")
+    samples = {s.id: s for s in dataset.split(split) if s.id in store}
+    if ids:
+        unknown = [i for i in ids if i not in samples]
+        if unknown:
+            raise UserError(f"--ids: {unknown[0]} is not a scored image of the {split} split")
+        chosen = [samples[i] for i in ids]
+    else:
+        order = np.random.default_rng(seed).permutation(len(samples))[:count]
+        chosen = [list(samples.values())[i] for i in sorted(order)]
+    q = torch.tensor([record["qhat"][c] for c in record["classes"]] if isinstance(record["qhat"], dict)
+                     else [record["qhat"]] * len(record["classes"]), dtype=torch.float32)
+    model = _load_model(checkpoint, dataset) if checkpoint else None
+    out = work / "inspect"
+    written = []
+    for sample in chosen:
+        label, raw, _, _ = filtered_mask(store, sample.id, q, record["rule"], background_index(dataset.classes))
+        image = read_image(sample.image)
+        tiles = [("image", image), ("raw argmax", colourise(raw.numpy().astype(np.uint8))),
+                 (f"filtered (alpha {record['alpha']})", colourise(label.numpy()))]
+        if sample.mask is not None and sample.mask.is_file():
+            tiles.append(("ground truth", colourise(dataset.read_mask(sample.mask, image.shape[:2]))))
+        if model is not None:
+            tiles.append(("checkpoint", colourise(_predict(model, image))))
+        save_png(contact_sheet(tiles), out / f"{sample.id}.png")
+        written.append(out / f"{sample.id}.png")
+    rows = alpha_sweep(load_histograms(work / HISTOGRAMS), alphas or [a / 100 for a in range(1, 51)])
+    if rows:
+        plot_sweep(rows, out / "alpha-sweep.png")
+    return {"sheets": written, "sweep": rows, "record": record, "sweep_png": out / "alpha-sweep.png"}
+
+
+def _load_model(path: Path, dataset):
+    from trainer.checkpoint import load_checkpoint
+    from trainer.models import build_model
+
+    state = load_checkpoint(path)
+    if state.get("classes") != list(dataset.classes):
+        raise UserError(f"{path}: trained for other classes than the data set's")
+    model = build_model(state["model_name"], dataset.num_classes)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+@torch.no_grad()
+def _predict(model, image: np.ndarray) -> np.ndarray:
+    from trainer.augment import to_tensor
+
+    return model(to_tensor(image)[None]).argmax(1)[0].numpy().astype(np.uint8)
