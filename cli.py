@@ -163,6 +163,7 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Learning rate at a total batch of 8 (scaled linearly).",
                                                 rich_help_panel=TRAIN)] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="sgd | adamw", rich_help_panel=TRAIN)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay.", rich_help_panel=TRAIN)] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Stage 2 confidence threshold.",
                                                        rich_help_panel=TRAIN)] = None,
     ema: Annotated[Optional[float], typer.Option(help="Stage 2 EMA teacher decay (0: the model itself).",
@@ -184,7 +185,7 @@ def train(
     `torchrun --nproc_per_node N` each process takes its share of every batch (DDP).
     """
     from trainer.recipes import get_recipe
-    from trainer.stages import train_stage
+    from trainer.stages import run_dir, train_stage
 
     stages = {"1": [1], "2": [2], "all": [1, 2]}.get(stage)
     if stages is None:
@@ -192,7 +193,7 @@ def train(
     if epochs is not None and len(stages) > 1:
         raise UserError("--epochs applies to one stage; with --stage all set each stage's epochs in the recipe")
     overrides = dict(model=model, backbone_weights=backbone_weights, crop=crop, batch_size=batch_size, lr=lr,
-                     optimizer=optimizer, threshold=threshold, ema=ema, lambda_start=lambda_start,
+                     optimizer=optimizer, weight_decay=weight_decay, threshold=threshold, ema=ema, lambda_start=lambda_start,
                      lambda_end=lambda_end, lambda_schedule=lambda_schedule, eval_mode=eval_mode, amp=amp, seed=seed,
                      workers=workers)
     recipe_name, base = get_recipe(recipe, config.format, **overrides)
@@ -200,7 +201,9 @@ def train(
         chosen = base
         if epochs is not None:
             chosen = replace(base, epochs=tuple(epochs if i == number - 1 else e for i, e in enumerate(base.epochs)))
-        summary = train_stage(config, recipe_name, chosen, number, name, resume and number == stages[0],
+        # --resume continues whichever stage has a checkpoint (with --stage all: a finished stage I is kept)
+        resuming = resume and (run_dir(config, name or recipe_name, number) / "last.pt").exists()
+        summary = train_stage(config, recipe_name, chosen, number, name, resuming,
                               allow_missing_masks, device, deterministic, init, progress, console.print,
                               on_epoch=_print_epoch)
         best = "-" if summary["best"] is None else f"{100 * summary['best']:.1f}"

@@ -26,7 +26,7 @@ from pipeline.masks import IGNORE
 from pipeline.summary import collect
 from trainer.augment import random_crop
 from trainer.checkpoint import load_checkpoint
-from trainer.data import TrainImages, epoch_plan
+from trainer.data import TrainImages, ValImages, epoch_plan
 from trainer.evaluate import evaluate, predict
 from trainer.models import build_model, load_backbone
 from trainer.recipes import Recipe, effective_lr, get_recipe
@@ -189,6 +189,7 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(toy_world, calibrated
     b = TrainImages(dataset, dataset.split("unlabeled"), "unlabeled", TINY)
     for key, value in a[3].items():
         assert torch.equal(value, b[3][key]), key
+    assert not torch.equal(a[(3, 0)]["image"], a[(3, 5)]["image"])  # another draw of the same image differs
     b.epoch = 1
     assert not torch.equal(a[3]["image"], b[3]["image"])
     loader = torch.utils.data.DataLoader(a, batch_size=2, num_workers=2)
@@ -206,7 +207,10 @@ def test_schedules_and_lr_rule():
     assert effective_lr(Recipe(lr=1e-3), 2) == pytest.approx(2.5e-4)
     plan = epoch_plan(10, 3, 4, seed=0, epoch=0)
     assert len(plan) == 2 and all(len(lab) == len(unl) == 4 for lab, unl in plan)
-    assert sorted(i for _, unl in plan for i in unl) == sorted(set(i for _, unl in plan for i in unl))
+    unlabeled = [i for _, unl in plan for i, _ in unl]
+    assert len(set(unlabeled)) == len(unlabeled) == 8  # one pass, no repeats
+    labeled = [item for lab, _ in plan for item in lab]
+    assert len(set(labeled)) == 8 and len({i for i, _ in labeled}) == 3  # repeats, each its own draw
     assert epoch_plan(10, 3, 4, 0, 0) == plan != epoch_plan(10, 3, 4, 0, 1)
     with pytest.raises(UserError, match="--optimizer"):
         get_recipe("toy", "folder", optimizer="lion")
@@ -232,6 +236,19 @@ def test_stage_one_then_two_on_the_toy_world_and_clear_errors(toy_world, calibra
     assert train_stage(config, "t", TINY, 2, name="run", log=lambda *_: None)["unchanged"]
     with pytest.raises(UserError, match="other settings.*--resume"):
         train_stage(config, "t", replace(TINY, lr=1e-3), 1, name="run")
+
+    # an EMA teacher is what gets scored, so it is what best.pt holds
+    stage1 = Path(one["run_dir"]) / "last.pt"
+    ema = train_stage(config, "t", replace(TINY, ema=0.9), 2, name="ema", init=stage1, log=lambda *_: None)
+    saved = load_checkpoint(Path(ema["run_dir"]) / "best.pt")
+    model = build_model(saved["model_name"], 8)
+    model.load_state_dict(saved["model"])
+    dataset = Dataset(config)
+    rescored = evaluate(model, ValImages(dataset, dataset.split("val")), 8, torch.device("cpu"), crop=32)
+    assert rescored["miou"] == pytest.approx(ema["best"])
+    assert load_checkpoint(Path(ema["run_dir"]) / "last.pt")["student"] is not None
+    with pytest.raises(UserError, match="at least 2 per process"):
+        train_stage(config, "t", replace(TINY, batch_size=1), 2, name="small", init=stage1)
 
     masks = config.work_dir / "masks"
     victim = sorted(masks.glob("*.png"))[0]

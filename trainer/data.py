@@ -35,9 +35,11 @@ class TrainImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        """``item``: an index, or (index, draw) from `epoch_plan` (draw tells repeats of an image apart)."""
+        index, draw = item if isinstance(item, tuple) else (item, 0)
         sample = self.samples[index]
-        rng = np.random.default_rng([self.recipe.seed, self.epoch, ROLES[self.role], index])
+        rng = np.random.default_rng([self.recipe.seed, self.epoch, ROLES[self.role], draw, index])
         image = read_image(sample.image)
         if self.role == "labeled":
             masks = [self.dataset.read_mask(sample.mask, image.shape[:2])]
@@ -84,14 +86,22 @@ def read_cached_mask(path: Path, size: tuple[int, int], num_classes: int) -> np.
 
 
 def epoch_plan(n_unlabeled: int, n_labeled: int, batch: int, seed: int, epoch: int) -> list[tuple[list, list]]:
-    """The (labeled indices, unlabeled indices) of every step of an epoch, for all processes together.
+    """The (labeled items, unlabeled items) of every step of an epoch, for all processes together; an item is
+    (index, draw), draw = its position in the epoch, so the many repeats of a labeled image get their own
+    augmentation.
 
     An epoch is one pass over the unlabeled set (full batches); the labeled set is cycled in fresh
     permutations to keep up, as UniMatch does.
     """
+    if n_unlabeled == 0 or n_labeled == 0:
+        raise UserError("training needs labeled and unlabeled images; a split list is empty")
     rng = np.random.default_rng([seed, epoch, 99])
     steps = max(1, n_unlabeled // batch)
-    unlabeled = np.resize(rng.permutation(n_unlabeled), steps * batch).reshape(steps, batch)
+    unlabeled = np.resize(rng.permutation(n_unlabeled), steps * batch)
     rounds = -(-steps * batch // n_labeled)
     labeled = np.concatenate([rng.permutation(n_labeled) for _ in range(rounds)])[: steps * batch]
-    return [(l.tolist(), u.tolist()) for l, u in zip(labeled.reshape(steps, batch), unlabeled)]
+
+    def items(indices, step):
+        return [(int(i), step * batch + slot) for slot, i in enumerate(indices[step * batch:(step + 1) * batch])]
+
+    return [(items(labeled, step), items(unlabeled, step)) for step in range(steps)]

@@ -42,8 +42,9 @@ def predict(model: torch.nn.Module, image: torch.Tensor, mode: str = "whole", cr
 def evaluate(model: torch.nn.Module, val_set, num_classes: int, device: torch.device, mode: str = "whole",
              crop: int = 513, autocast=None, rank: int = 0, world: int = 1, progress=None) -> dict:
     """Confusion over the val set (each process takes every world-th image; summed across processes)."""
-    was_training = model.training
+    was_training, benchmark = model.training, torch.backends.cudnn.benchmark
     model.eval()
+    torch.backends.cudnn.benchmark = False  # val images vary in size: re-tuning per shape costs more than it saves
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for index in range(rank, len(val_set), world):
         image, mask = val_set[index]
@@ -57,6 +58,7 @@ def evaluate(model: torch.nn.Module, val_set, num_classes: int, device: torch.de
         dist.all_reduce(conf)
         conf = conf.cpu()
     model.train(was_training)
+    torch.backends.cudnn.benchmark = benchmark
     return scores(conf.numpy())
 
 

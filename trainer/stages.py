@@ -43,6 +43,9 @@ def run_dir(config: Config, name: str, stage: int) -> Path:
 
 
 def resolve_device(name: str, world: int) -> torch.device:
+    """--device; under torchrun "auto" and "cuda" mean this rank's GPU (LOCAL_RANK)."""
+    if name == "cpu":
+        return torch.device("cpu")
     if world > 1 or name in (None, "auto"):
         return distributed.local_device()
     device = torch.device(name)
@@ -85,7 +88,8 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
     else:
         inputs = _fingerprint(source)
     # what the run's result depends on: a finished run with the same identity is reused, not redone
-    identity = {"recipe": _plain(asdict(recipe)), "classes": list(dataset.classes), "inputs": inputs,
+    result_fields = {k: v for k, v in asdict(recipe).items() if k not in ("workers", "eval_mode")}
+    identity = {"recipe": _plain(result_fields), "classes": list(dataset.classes), "inputs": inputs,
                 "unlabeled": len(unlabeled)}
     finished = _finished_run(last, identity, recipe.epochs[stage - 1], resume)
     if finished:
@@ -102,12 +106,12 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
 
     torch.manual_seed(recipe.seed)
     model = build_model(recipe.model, dataset.num_classes)
+    start = load_checkpoint(source) if stage == 2 else None
     if resume:
         checkpoint = load_checkpoint(last)
         _check_compatible(checkpoint, recipe, dataset, last)
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(checkpoint["student"] or checkpoint["model"])
     elif stage == 2:
-        start = load_checkpoint(source)
         _check_compatible(start, recipe, dataset, source)
         model.load_state_dict(start["model"])
     elif recipe.backbone_weights:
@@ -121,6 +125,9 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 else model
     teacher = copy.deepcopy(model).eval() if stage == 2 and recipe.ema > 0 else None
+    if stage == 2 and recipe.batch_size // world < 2:
+        raise UserError(f"--batch-size {recipe.batch_size}: stage II mixes (CutMix) the unlabeled images of each "
+                        f"process, so it needs at least 2 per process ({2 * world} in all)")
 
     lr = effective_lr(recipe, recipe.batch_size)
     optimizer = _optimizer(model, recipe, lr)
@@ -131,17 +138,20 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
     epochs = recipe.epochs[stage - 1]
     steps_per_epoch = max(1, len(unlabeled) // recipe.batch_size)
     # One schedule over both stages (as one 60 + 20 epoch run): stage II continues the poly decay and the
-    # lambda(t) decay where stage I left them instead of restarting at the full learning rate.
-    offset = recipe.epochs[0] * steps_per_epoch if stage == 2 else 0
-    schedule_steps = sum(recipe.epochs) * steps_per_epoch
+    # lambda(t) decay from the step stage I's checkpoint ended at, instead of restarting at the full rate.
+    offset = start["step"] if stage == 2 else 0
+    schedule_steps = offset + epochs * steps_per_epoch if stage == 2 else sum(recipe.epochs) * steps_per_epoch
     epoch, step, best = 0, 0, float("-inf")
     if resume:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         if teacher is not None:
-            teacher.load_state_dict(checkpoint["teacher"])
+            teacher.load_state_dict(checkpoint["model"])
         epoch, step, best = checkpoint["epoch"], checkpoint["step"], checkpoint["best"]
-        torch.set_rng_state(checkpoint["torch_rng"])
+        rng = checkpoint["rng"][str(rank)]
+        torch.set_rng_state(rng["cpu"])
+        if dev.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], dev)
         if rank == 0:
             _truncate_metrics(out / "metrics.jsonl", epoch)
             log(f"resuming {out} after epoch {epoch} (step {step}, best mIoU {_pct(best)})")
@@ -199,17 +209,20 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
         improved = val is None or record["miou"] > best
         best = record["miou"] if val is not None and improved else best
         record["best_miou"] = None if val is None else best
+        # every rank's random state, so that a resumed run draws the same dropout masks on every device
+        rng = distributed.gather_dicts({str(rank): {"cpu": torch.get_rng_state(), **(
+            {"cuda": torch.cuda.get_rng_state(dev)} if dev.type == "cuda" else {})}})
         if rank == 0:
-            state = {"model": model.state_dict(), "model_name": recipe.model, "classes": list(dataset.classes),
-                     "identity": identity,
-                     "recipe": _plain(asdict(recipe)), "stage": stage, "epoch": epoch, "step": step, "best": best,
+            # "model" holds the weights that were scored (the EMA teacher when there is one)
+            state = {"model": (teacher or model).state_dict(), "model_name": recipe.model,
+                     "classes": list(dataset.classes), "identity": identity, "recipe": _plain(asdict(recipe)),
+                     "stage": stage, "epoch": epoch, "step": step, "best": best,
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "teacher": teacher.state_dict() if teacher is not None else None,
-                     "torch_rng": torch.get_rng_state(), "metrics": record}
+                     "student": model.state_dict() if teacher is not None else None, "rng": rng, "metrics": record}
             _append_metrics(out / "metrics.jsonl", record)
+            if improved:  # before last.pt: a crash in between must not lose the best weights
+                save_checkpoint(best_path, {**state, "optimizer": None, "scaler": None, "student": None})
             save_checkpoint(last, state)
-            if improved:
-                save_checkpoint(best_path, {**state, "optimizer": None, "scaler": None})
             if on_epoch:
                 on_epoch(record)
         distributed.barrier()
@@ -224,7 +237,7 @@ def _finished_run(last: Path, identity: dict, epochs: int, resume: bool) -> dict
         return None
     done = load_checkpoint(last)
     same = done.get("identity") == identity
-    if not resume and same and done["epoch"] == epochs:
+    if same and done["epoch"] == epochs:
         return done
     if not resume:
         state = "with other settings or inputs" if not same else f"unfinished (epoch {done['epoch']})"
