@@ -193,9 +193,9 @@ def train(
     if epochs is not None and len(stages) > 1:
         raise UserError("--epochs applies to one stage; with --stage all set each stage's epochs in the recipe")
     overrides = dict(model=model, backbone_weights=backbone_weights, crop=crop, batch_size=batch_size, lr=lr,
-                     optimizer=optimizer, weight_decay=weight_decay, threshold=threshold, ema=ema, lambda_start=lambda_start,
-                     lambda_end=lambda_end, lambda_schedule=lambda_schedule, eval_mode=eval_mode, amp=amp, seed=seed,
-                     workers=workers)
+                     optimizer=optimizer, weight_decay=weight_decay, threshold=threshold, ema=ema,
+                     lambda_start=lambda_start, lambda_end=lambda_end, lambda_schedule=lambda_schedule,
+                     eval_mode=eval_mode, amp=amp, seed=seed, workers=workers)
     recipe_name, base = get_recipe(recipe, config.format, **overrides)
     for number in stages:
         chosen = base
