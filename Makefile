@@ -7,7 +7,7 @@ CONFIG ?=
 CFG    := $(if $(CONFIG),--config $(CONFIG),)
 CLI    := $(BIN)/conformalsam
 
-.PHONY: setup test demo toy toy-annotator seem-logits calibrate bench-logits bench-calibrate bench-train train clean
+.PHONY: setup test demo toy toy-annotator seem-logits calibrate bench-logits bench-calibrate bench-train bench-quality train clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,10 @@ bench-calibrate: setup
 # Training step throughput and peak memory: the toy model on CPU; R101 / SegFormer-B5 too on a GPU.
 bench-train: setup
 	$(BIN)/python benchmarks/bench_train.py
+
+# The method's ablation on the toy world (3 seeds, 2 split sizes): work/bench/quality.md. ~40 min on 2 cores.
+bench-quality: toy
+	$(BIN)/python benchmarks/bench_quality.py
 
 # Retrain the shipped toy annotator (data/toy_annotator.pt) on the source domain: ~3 min on 2 cores.
 toy-annotator: toy

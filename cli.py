@@ -106,7 +106,8 @@ def calibrate(
     mode: Annotated[str, typer.Option(help="paper: one pooled threshold | mondrian: one per class | "
                                       "crc: conformal risk control over images (finite-sample guarantee).")] = "paper",
     rule: Annotated[str, typer.Option(help="Set -> label. paper: most probable non-background class of the set | "
-                                      "singleton: only one-class sets kept.")] = "paper",
+                                      "singleton: only one-class sets kept | argmax: no filtering (the raw "
+                                      "foundation masks, for ablations).")] = "paper",
     masks: Annotated[bool, typer.Option("--masks/--no-masks", help="Write the unlabeled images' filtered masks "
                                         "(--no-masks: fit and report only).")] = True,
     folds: Annotated[int, typer.Option(help="Folds of the cross-calibration coverage check.")] = 5,

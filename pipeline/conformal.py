@@ -25,7 +25,7 @@ from pipeline.masks import IGNORE
 
 GRID = 0x3C00 + 1  # fp16 bit patterns 0 .. 0x3C00 = the values 0 .. 1.0
 MODES = ("paper", "mondrian", "crc")
-RULES = ("paper", "singleton")
+RULES = ("paper", "singleton", "argmax")  # argmax: no filtering (the raw-masks baseline of ablations)
 
 
 def grid_values() -> torch.Tensor:
@@ -244,11 +244,15 @@ def pseudo_label(p: torch.Tensor, sets: torch.Tensor, rule: str, background: int
 
     ``paper``: empty set -> 255; otherwise the most probable class of the set that is not background,
     and background only when it is alone in the set. ``singleton``: only one-class sets are kept.
+    ``argmax``: the sets are ignored, every pixel keeps the most probable class (unfiltered masks).
     """
     sizes = set_sizes(sets)
     if rule == "singleton":
         label = sets.to(torch.uint8).max(0).indices  # the first (here: only) member
         keep = sizes == 1
+    elif rule == "argmax":
+        label = p.max(0).indices
+        keep = torch.ones_like(sizes, dtype=torch.bool)
     elif rule == "paper":
         ranked = torch.where(sets, p, torch.tensor(-1.0))  # probabilities are >= 0 > -1
         if background is not None:  # below every other member, above every non-member

@@ -223,6 +223,7 @@ def test_paper_rule_on_hand_built_sets():
                                    [False, False, True, False, False], [False, False, False, True, True]]
     assert pseudo_label(p, sets, "paper", background=0)[0].tolist() == [255, 0, 2, 3, 3]
     assert pseudo_label(p, sets, "singleton", background=0)[0].tolist() == [255, 0, 255, 255, 3]
+    assert pseudo_label(p, sets, "argmax", background=0)[0].tolist() == [0, 0, 0, 3, 3]  # sets ignored
     # without a background class (ADE20K) a multi-class set gives its most probable member
     assert pseudo_label(p, sets, "paper", background=None)[0].tolist() == [255, 0, 0, 3, 3]
 
@@ -237,7 +238,7 @@ def test_per_class_thresholds_build_the_sets():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(2, 6), st.integers(1, 40), st.floats(0, 1), st.sampled_from(["paper", "singleton"]),
+@given(st.integers(2, 6), st.integers(1, 40), st.floats(0, 1), st.sampled_from(["paper", "singleton", "argmax"]),
        st.integers(0, 2**31 - 1))
 def test_labels_are_class_ids_or_ignore_and_come_from_the_set(k, pixels, q, rule, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -247,5 +248,8 @@ def test_labels_are_class_ids_or_ignore_and_come_from_the_set(k, pixels, q, rule
     assert label.dtype == torch.uint8
     kept = label != 255
     assert ((label < k) | ~kept).all()
+    if rule == "argmax":
+        assert kept.all() and (label.long() == p.argmax(0)).all()
+        return
     assert sets.gather(0, label.long().clamp_max(k - 1)[None])[0][kept].all()  # the label is in its set
     assert (kept == (sets.sum(0) > 0 if rule == "paper" else sets.sum(0) == 1)).all()

@@ -1,0 +1,128 @@
+"""`make bench-quality`: the method's ablation on the toy world, averaged over seeds.
+
+Per labeled-split size, every row trains the same model for the same number of steps (the `toy`
+recipe with a shortened schedule so the whole table fits in about 40 minutes on 2 CPU cores):
+
+    labeled only            stage I with lambda = 0 (the unlabeled images only pass through BatchNorm)
+    + raw foundation masks  stage I on the unfiltered annotator argmax (`calibrate --rule argmax`)
+    + CP masks, stage I     stage I on conformal-filtered masks (`--mode paper`, then `--mode crc`)
+    + stage II              the full method: stage II from that stage I
+
+Reported: best val mIoU over epochs (the anchors' protocol), mean and spread (min-max) over seeds,
+and the pseudo-label quality of each mask variant. Rows that do not depend on the CP mode are trained
+once. Finished runs are reused, so an interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipeline import PROJECT_ROOT, config as cfg  # noqa: E402
+from pipeline.atomic import write_text_atomic  # noqa: E402
+from pipeline.calibrate import Settings, run_calibrate  # noqa: E402
+from pipeline.logits import run_logits  # noqa: E402
+from trainer.recipes import get_recipe  # noqa: E402
+from trainer.stages import train_stage  # noqa: E402
+
+WORLD = PROJECT_ROOT / "data" / "toy"
+VARIANTS = {"raw": Settings(alpha=0.1, rule="argmax"), "paper": Settings(alpha=0.1, mode="paper"),
+            "crc": Settings(alpha=0.1, mode="crc")}
+
+
+def split_config(root: Path, n: int, variant: str):
+    """The toy config for an n-labeled split, working in its own folder that shares one score store."""
+    work = root / f"n{n}" / variant
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "logits.zarr").exists():
+        (work / "logits.zarr").symlink_to(root / "logits.zarr")
+    splits = WORLD / "splits" / str(n)
+    return replace(cfg.load("toy"), labeled=splits / "labeled.txt", unlabeled=splits / "unlabeled.txt",
+                   work_dir=work)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--splits", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, nargs=2, default=[4, 2], help="stage I and stage II epochs")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "work" / "bench")
+    args = parser.parse_args()
+    root = args.out / "quality"
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    quiet = lambda *a, **k: None  # noqa: E731
+
+    # one score store for every train image of the toy world (each split's labeled + unlabeled)
+    (root / "logits.zarr").parent.mkdir(parents=True, exist_ok=True)
+    for n in args.splits:
+        store_config = replace(split_config(root, n, "paper"), work_dir=root)
+        for split in ("labeled", "unlabeled"):
+            run_logits(store_config, split, warn=quiet)
+    masks = {}
+    for n in args.splits:
+        for variant, settings in VARIANTS.items():
+            record = run_calibrate(split_config(root, n, variant), settings, warn=quiet)
+            unlabeled = record["diagnostics"]["unlabeled"]
+            masks[n, variant] = {"kept": unlabeled["kept_fraction"],
+                                 "miou_kept": unlabeled["quality"]["filtered_kept"]["miou"],
+                                 "miou_raw": unlabeled["quality"]["raw"]["miou"],
+                                 "acc_kept": unlabeled["quality"]["filtered_kept"]["pixel_accuracy"]}
+    print(f"scores and calibrations ready after {time.perf_counter() - started:.0f}s", flush=True)
+
+    results: dict = {}
+    for n in args.splits:
+        for seed in range(args.seeds):
+            name, base = get_recipe("toy", "folder", seed=seed, epochs=tuple(args.epochs))
+
+            def run(key, variant, stage, recipe=base, run_name=f"seed{seed}"):
+                summary = train_stage(split_config(root, n, variant), name, recipe, stage, name=run_name, log=quiet)
+                results.setdefault((n, key), []).append(summary["best"])
+                print(f"n={n} seed={seed} {key:14s} best val mIoU {100 * summary['best']:.1f} "
+                      f"({time.perf_counter() - started:.0f}s)", flush=True)
+
+            supervised = replace(base, lambda_start=0.0, lambda_end=0.0, lambda_schedule="constant")
+            run("labeled", "paper", 1, supervised, f"labeled-only-seed{seed}")
+            run("raw", "raw", 1)
+            for mode in ("paper", "crc"):
+                run(f"{mode}-I", mode, 1)
+                run(f"{mode}-II", mode, 2)
+
+    table = render(results, masks, args)
+    took = time.perf_counter() - started
+    text = table + f"\n{args.seeds} seeds, epochs {args.epochs[0]} + {args.epochs[1]}, took {took / 60:.1f} min\n"
+    write_text_atomic(args.out / "quality.md", text)
+    print(text)
+
+
+def render(results: dict, masks: dict, args) -> str:
+    def cell(values):
+        v = 100 * np.array(values)
+        return f"{v.mean():.1f} ({v.min():.1f}-{v.max():.1f})"
+
+    lines = ["Toy world, val mIoU % (best epoch), mean over seeds (min-max). CP: alpha 0.1.", "",
+             "| labeled | mode | labeled only | + raw masks | + CP masks (stage I) | + stage II (full method) |",
+             "|---|---|---|---|---|---|"]
+    for n in args.splits:
+        for mode in ("paper", "crc"):
+            lines.append(f"| {n} | {mode} | {cell(results[n, 'labeled'])} | {cell(results[n, 'raw'])} | "
+                         f"{cell(results[n, f'{mode}-I'])} | {cell(results[n, f'{mode}-II'])} |")
+    lines += ["", "Pseudo-labels of the unlabeled images against their ground truth (mIoU %, pixel acc. %):", "",
+              "| labeled | masks | kept pixels % | mIoU % on kept | pixel acc. % on kept |", "|---|---|---|---|---|"]
+    for n in args.splits:
+        for variant in VARIANTS:
+            m = masks[n, variant]
+            label = {"raw": "raw argmax", "paper": "CP paper", "crc": "CP crc"}[variant]
+            lines.append(f"| {n} | {label} | {100 * m['kept']:.1f} | {100 * m['miou_kept']:.1f} | "
+                         f"{100 * m['acc_kept']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
