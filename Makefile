@@ -6,6 +6,9 @@ STAMP  := $(VENV)/.installed
 CONFIG ?=
 CFG    := $(if $(CONFIG),--config $(CONFIG),)
 CLI    := $(BIN)/conformalsam
+# where the toy preset works, and the run name `make train` gives the toy recipe
+WORK   ?= work
+RUN    ?= toy
 
 .PHONY: setup test demo toy toy-annotator seem-logits calibrate bench-logits bench-calibrate bench-train bench-quality train clean
 
@@ -31,6 +34,8 @@ demo: toy
 	$(CLI) toy evaluate $(CFG)
 	$(CLI) toy evaluate --root data/toy/source --val data/toy/splits/source_val.txt --split val
 	$(MAKE) --no-print-directory train
+	$(CLI) eval --checkpoint $(WORK)/runs/$(RUN)/stage2/best.pt $(CFG)
+	$(CLI) inspect --count 6 --checkpoint $(WORK)/runs/$(RUN)/stage2/best.pt $(CFG)
 	$(CLI) summary $(CFG)
 
 # Stage 0 for the labeled and unlabeled splits of the config (toy world unless CONFIG=file).
