@@ -175,6 +175,9 @@ def train(
     lambda_schedule: Annotated[Optional[str], typer.Option(help="exp | linear | constant",
                                                            rich_help_panel=TRAIN)] = None,
     eval_mode: Annotated[Optional[str], typer.Option(help="whole | sliding", rich_help_panel=TRAIN)] = None,
+    eval_from: Annotated[Optional[float], typer.Option(help="Validate only after this fraction of the epochs "
+                                                       "(and at the end); saves time on CPU.",
+                                                       rich_help_panel=TRAIN)] = None,
     amp: Annotated[Optional[str], typer.Option(help="GPU precision: bf16 | fp16 | none", rich_help_panel=TRAIN)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of everything random.", rich_help_panel=TRAIN)] = None,
     workers: Annotated[Optional[int], typer.Option(help="Loader processes.", rich_help_panel=TRAIN)] = None,
@@ -196,7 +199,7 @@ def train(
     overrides = dict(model=model, backbone_weights=backbone_weights, crop=crop, batch_size=batch_size, lr=lr,
                      optimizer=optimizer, weight_decay=weight_decay, threshold=threshold, ema=ema,
                      lambda_start=lambda_start, lambda_end=lambda_end, lambda_schedule=lambda_schedule,
-                     eval_mode=eval_mode, amp=amp, seed=seed, workers=workers)
+                     eval_mode=eval_mode, eval_from=eval_from, amp=amp, seed=seed, workers=workers)
     recipe_name, base = get_recipe(recipe, config.format, **overrides)
     for number in stages:
         chosen = base

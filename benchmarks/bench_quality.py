@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--splits", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, nargs=2, default=[4, 2], help="stage I and stage II epochs")
+    parser.add_argument("--crop", type=int, default=96, help="training crop")
+    parser.add_argument("--eval-from", type=float, default=0.0, help="validate only after this fraction of epochs")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "work" / "bench")
     args = parser.parse_args()
     root = args.out / "quality"
@@ -79,7 +81,8 @@ def main() -> None:
     results: dict = {}
     for n in args.splits:
         for seed in range(args.seeds):
-            name, base = get_recipe("toy", "folder", seed=seed, epochs=tuple(args.epochs))
+            name, base = get_recipe("toy", "folder", seed=seed, epochs=tuple(args.epochs), crop=args.crop,
+                                    eval_from=args.eval_from)
 
             def run(key, variant, stage, recipe=base, run_name=f"seed{seed}"):
                 summary = train_stage(split_config(root, n, variant), name, recipe, stage, name=run_name, log=quiet)
@@ -96,7 +99,8 @@ def main() -> None:
 
     table = render(results, masks, args)
     took = time.perf_counter() - started
-    text = table + f"\n{args.seeds} seeds, epochs {args.epochs[0]} + {args.epochs[1]}, took {took / 60:.1f} min\n"
+    text = table + (f"\n{args.seeds} seeds, epochs {args.epochs[0]} + {args.epochs[1]}, crop {args.crop}, "
+                    f"validation from {args.eval_from:.0%} of the epochs, took {took / 60:.1f} min\n")
     write_text_atomic(args.out / "quality.md", text)
     print(text)
 

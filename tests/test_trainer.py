@@ -247,6 +247,9 @@ def test_stage_one_then_two_on_the_toy_world_and_clear_errors(toy_world, calibra
     rescored = evaluate(model, ValImages(dataset, dataset.split("val")), 8, torch.device("cpu"), crop=32)
     assert rescored["miou"] == pytest.approx(ema["best"])
     assert load_checkpoint(Path(ema["run_dir"]) / "last.pt")["student"] is not None
+    late = train_stage(config, "t", replace(TINY, eval_from=0.5), 1, name="late", log=lambda *_: None)
+    lines = [json.loads(x) for x in (Path(late["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert ["miou" in x for x in lines] == [False, True] and late["best"] == lines[-1]["miou"]
     with pytest.raises(UserError, match="at least 2 per process"):
         train_stage(config, "t", replace(TINY, batch_size=1), 2, name="small", init=stage1)
 

@@ -35,6 +35,7 @@ class Recipe:
     lambda_end: float = 0.1
     lambda_schedule: str = "exp"  # exp | linear | constant
     eval_mode: str = "whole"  # whole | sliding
+    eval_from: float = 0.0  # validate only after this fraction of the stage's epochs (and always at the end)
     backbone_weights: Path | None = None
     amp: str = "bf16"  # on GPU: bf16 | fp16 | none (CPU always runs fp32)
     seed: int = 0
@@ -48,6 +49,8 @@ class Recipe:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: choose one of {', '.join(allowed)}")
         if self.crop < 32 or self.batch_size < 1 or min(self.epochs) < 0:
             raise UserError("--crop must be >= 32, --batch-size >= 1 and epochs >= 0")
+        if not 0 <= self.eval_from < 1:
+            raise UserError(f"--eval-from {self.eval_from}: a fraction of the epochs in [0, 1)")
         if not 0 <= self.ema < 1 or not 0 <= self.threshold <= 1:
             raise UserError("--ema must be in [0, 1) and --threshold in [0, 1]")
         if not (0 <= self.lambda_start <= 1 and 0 <= self.lambda_end <= 1):

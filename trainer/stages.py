@@ -200,15 +200,16 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
         record = {"stage": stage, "epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
                   "lambda": weight, **dict(zip(("loss", "loss_sup", "loss_unsup"), (totals / len(mine)).tolist())),
                   "seconds": seconds, "images_per_s": 2 * recipe.batch_size * len(mine) / seconds}
-        if val is not None:
+        scored = val is not None and (epoch > recipe.eval_from * epochs or epoch == epochs)
+        if scored:
             eval_model = teacher if teacher is not None else model
             with (progress or _quiet)("val") as update:
                 update(0, len(range(rank, len(val), world)))
                 record.update(evaluate(eval_model, val, dataset.num_classes, dev, recipe.eval_mode, recipe.crop,
                                        autocast, rank, world, update))
-        improved = val is None or record["miou"] > best
-        best = record["miou"] if val is not None and improved else best
-        record["best_miou"] = None if val is None else best
+        improved = val is None or (scored and record["miou"] > best)
+        best = record["miou"] if scored and improved else best
+        record["best_miou"] = None if val is None or best == float("-inf") else best
         # every rank's random state, so that a resumed run draws the same dropout masks on every device
         rng = distributed.gather_dicts({str(rank): {"cpu": torch.get_rng_state(), **(
             {"cuda": torch.cuda.get_rng_state(dev)} if dev.type == "cuda" else {})}})
