@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--eval-from", type=float, default=0.0, help="validate only after this fraction of epochs")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "work" / "bench")
     args = parser.parse_args()
-    root = args.out / "quality"
+    root = (args.out / "quality").resolve()  # the symlinks to the shared store must be absolute
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     quiet = lambda *a, **k: None  # noqa: E731
