@@ -35,7 +35,7 @@ from pipeline.config import Config
 from pipeline.datasets import Dataset, Sample
 from pipeline.errors import UserError
 from pipeline.masks import IGNORE, write_palette_png
-from pipeline.metrics import confusion
+from pipeline.metrics import confusion, iou_per_class
 from pipeline.store import LogitsStore
 
 CALIBRATION = "calibration.json"
@@ -342,11 +342,11 @@ class MaskStats:
         self.best += np.bincount(to_bins(nonconformity(top2[0])).reshape(-1).numpy(), minlength=GRID)
         self.second += np.bincount(to_bins(nonconformity(top2[1])).reshape(-1).numpy(), minlength=GRID)
         filtered = torch.where(label == IGNORE, k, label.long())
-        self.transitions += confusion_rect(raw, filtered, k, k + 1)
+        self.transitions += confusion(filtered, raw, k, k + 1)  # rows: the raw argmax class
         self.set_sizes += np.bincount(sizes.reshape(-1).numpy(), minlength=k + 1)
         if truth is not None:
             self.raw += confusion(raw, truth, k)
-            self.filtered += confusion_rect(torch.from_numpy(truth).long(), filtered, k, k + 1, skip_ignore=True)
+            self.filtered += confusion(filtered, truth, k, k + 1)
         self.images += 1
 
     def merge(self, other: "MaskStats") -> "MaskStats":
@@ -376,16 +376,6 @@ class MaskStats:
         return report
 
 
-def confusion_rect(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int,
-                   skip_ignore: bool = False) -> np.ndarray:
-    """(n_rows, n_cols) counts of (row value, col value) pairs; rows == 255 skipped when asked."""
-    rows, cols = rows.reshape(-1).long(), cols.reshape(-1).long()
-    if skip_ignore:
-        valid = rows != IGNORE
-        rows, cols = rows[valid], cols[valid]
-    return torch.bincount(rows * n_cols + cols, minlength=n_rows * n_cols).view(n_rows, n_cols).numpy()
-
-
 def quality(raw: np.ndarray, filtered: np.ndarray, classes) -> dict:
     """Pseudo-label quality against ground truth: raw argmax; filtered on kept pixels; filtered with ignore = miss."""
     k = raw.shape[0]
@@ -394,11 +384,7 @@ def quality(raw: np.ndarray, filtered: np.ndarray, classes) -> dict:
     # Overall: an ignored pixel counts as a miss of its true class (a false negative), never a false positive.
     overall_union = filtered.sum(1) + kept.sum(0) - tp
 
-    def iou(conf):
-        inter = np.diag(conf).astype(np.float64)
-        return _safe_div(inter, conf.sum(0) + conf.sum(1) - inter)
-
-    raw_iou, kept_iou, overall_iou = iou(raw), iou(kept), _safe_div(tp, overall_union)
+    raw_iou, kept_iou, overall_iou = iou_per_class(raw), iou_per_class(kept), _safe_div(tp, overall_union)
     return {
         "raw": {"miou": _nanmean(raw_iou), "pixel_accuracy": _ratio(np.trace(raw), raw.sum())},
         "filtered_kept": {"miou": _nanmean(kept_iou), "pixel_accuracy": _ratio(tp.sum(), kept.sum())},

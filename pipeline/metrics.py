@@ -8,13 +8,17 @@ import torch
 from pipeline.masks import IGNORE
 
 
-def confusion(pred, target, num_classes: int) -> np.ndarray:
-    """(K, K) int64 counts, rows = true class, cols = predicted; target pixels == 255 skipped."""
+def confusion(pred, target, num_classes: int, pred_classes: int | None = None) -> np.ndarray:
+    """(K, P) int64 counts, rows = true class, cols = predicted; target pixels == 255 skipped.
+
+    P = ``pred_classes`` (default K): K + 1 counts a prediction of "ignore" (coded K) in the last column.
+    """
+    cols = pred_classes or num_classes
     pred = torch.as_tensor(pred).reshape(-1).long()
     target = torch.as_tensor(target).reshape(-1).long()
     valid = target != IGNORE
-    index = target[valid] * num_classes + pred[valid]
-    return torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes).numpy()
+    index = target[valid] * cols + pred[valid]
+    return torch.bincount(index, minlength=num_classes * cols).reshape(num_classes, cols).numpy()
 
 
 def iou_per_class(conf: np.ndarray) -> np.ndarray:

@@ -18,6 +18,13 @@ def test_confusion_matches_hand_count():
     assert pixel_accuracy(conf) == 3 / 5
 
 
+def test_rectangular_confusion_counts_ignore_predictions_in_the_last_column():
+    target = np.array([0, 0, 1, 2, 255])
+    pred = np.array([0, 3, 1, 3, 0])  # 3 = "ignored" with K = 3
+    conf = confusion(pred, target, 3, pred_classes=4)
+    np.testing.assert_array_equal(conf, [[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 0, 1]])
+
+
 def test_absent_class_is_nan_and_skipped():
     conf = confusion(np.array([0, 1]), np.array([0, 1]), 3)
     assert np.isnan(iou_per_class(conf)[2]) and mean_iou(conf) == 1.0
