@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.atomic import atomic_write
-from pipeline.conformal import check_alpha, conformal_rank, kth_smallest, to_bins
+from pipeline.conformal import ScoreHistogram, check_alpha, fit, to_bins
 from pipeline.errors import UserError
 from pipeline.masks import IGNORE, PALETTE
 
@@ -58,31 +58,26 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 def alpha_sweep(histograms: dict, alphas) -> list[dict]:
     """Per alpha, in the pooled (paper) mode: qhat on all labeled pixels, its coverage by cross-calibration
-    over the saved folds, and the fraction of unlabeled pixels kept by the paper and singleton rules."""
-    counts = torch.from_numpy(histograms["counts"]).sum(1)  # (folds, GRID): classes pooled
-    total = counts.sum(0)
+    over the saved folds (calibrate's own `fit` and `cross_calibrate`), and the fraction of unlabeled
+    pixels kept by the paper and singleton rules."""
+    from pipeline.calibrate import Settings, cross_calibrate
+
+    folds, num_classes, _ = histograms["counts"].shape
+    hist = ScoreHistogram(num_classes, folds)
+    hist.counts, hist.mass = torch.from_numpy(histograms["counts"]), torch.from_numpy(histograms["mass"])
+    hist.images = torch.from_numpy(histograms["images"])
     best, second = histograms.get("unlabeled_best"), histograms.get("unlabeled_second")
     pixels = None if best is None else best.sum()
     rows = []
     for alpha in alphas:
         check_alpha(alpha)
-        n = int(total.sum())
-        k = conformal_rank(n, alpha)
-        if k > n:
+        try:
+            q = float(fit(hist.total(), alpha, "paper").q[0])
+        except UserError:
             continue  # infinite threshold: nothing to draw
-        q = kth_smallest(total, k)
         b = int(to_bins(torch.tensor([q]))[0])
-        covered = held = 0
-        for fold in range(counts.shape[0]):
-            rest = total - counts[fold]
-            n_rest = int(rest.sum())
-            k_rest = conformal_rank(n_rest, alpha)
-            if k_rest > n_rest or not counts[fold].sum():
-                continue
-            b_fold = int(to_bins(torch.tensor([kth_smallest(rest, k_rest)]))[0])
-            covered += int(counts[fold][: b_fold + 1].sum())
-            held += int(counts[fold].sum())
-        row = {"alpha": alpha, "qhat": q, "coverage": covered / held if held else None}
+        coverage = cross_calibrate(hist, Settings(alpha=alpha), range(num_classes))["pixel_coverage"]
+        row = {"alpha": alpha, "qhat": q, "coverage": coverage}
         if pixels:
             row["kept_paper"] = float(best[: b + 1].sum() / pixels)
             row["kept_singleton"] = float((best[: b + 1].sum() - second[: b + 1].sum()) / pixels)
