@@ -13,7 +13,7 @@ from rich.table import Table
 
 from pipeline import PROJECT_ROOT, config as cfg
 from pipeline.errors import UserError
-from pipeline.ui import console, progress
+from pipeline.ui import console, percent, progress
 
 app = typer.Typer(
     help="ConformalSAM: calibrate a foundation segmentation model's pseudo-labels with conformal prediction, "
@@ -210,8 +210,7 @@ def train(
         summary = train_stage(config, recipe_name, chosen, number, name, resuming,
                               allow_missing_masks, device, deterministic, init, progress, console.print,
                               on_epoch=_print_epoch)
-        best = "-" if summary["best"] is None else f"{100 * summary['best']:.1f}"
-        console.print(f"stage {number} done: best val mIoU {best}% -> {summary['run_dir']}")
+        console.print(f"stage {number} done: best val mIoU {percent(summary['best'])}% -> {summary['run_dir']}")
 
 
 def _print_epoch(record: dict) -> None:
@@ -221,8 +220,7 @@ def _print_epoch(record: dict) -> None:
     miou = record.get("miou")
     table.add_row(f"{record['loss']:.3f}", f"{record['loss_sup']:.3f}", f"{record['loss_unsup']:.3f}",
                   f"{record['lambda']:.3f}", f"{record['lr']:.2e}", f"{record['images_per_s']:.0f}",
-                  "-" if miou is None else f"{100 * miou:.1f}",
-                  "-" if record["best_miou"] is None else f"{100 * record['best_miou']:.1f}")
+                  percent(miou), percent(record["best_miou"]))
     console.print(table)
 
 
@@ -261,15 +259,19 @@ def eval_checkpoint(
         update(0, len(samples))
         result = evaluate(model.to(dev), ValImages(dataset, samples), dataset.num_classes, dev, mode,
                           crop or state["recipe"]["crop"], progress=update)
-    table = Table(title=f"{checkpoint} (stage {state['stage']}, epoch {state['epoch']}) on {len(samples)} {split} "
-                  f"images, {mode}")
+    _print_ious(f"{checkpoint} (stage {state['stage']}, epoch {state['epoch']}) on {len(samples)} {split} images, "
+                f"{mode}", dataset.classes, result["iou"], result["miou"], result["pixel_accuracy"])
+
+
+def _print_ious(title: str, classes, ious, miou: float, accuracy: float) -> None:
+    table = Table(title=title)
     table.add_column("class")
     table.add_column("IoU %", justify="right")
-    for name, iou in zip(dataset.classes, result["iou"]):
-        table.add_row(name, "-" if iou is None else f"{100 * iou:.1f}")
-    table.add_row("[bold]mean", f"[bold]{100 * result['miou']:.1f}")
+    for name, iou in zip(classes, ious):
+        table.add_row(name, percent(iou))
+    table.add_row("[bold]mean", f"[bold]{percent(miou)}")
     console.print(table)
-    console.print(f"pixel accuracy {100 * result['pixel_accuracy']:.1f}%")
+    console.print(f"pixel accuracy {percent(accuracy)}%")
 
 
 @app.command("inspect")
@@ -299,8 +301,7 @@ def inspect_command(
     for name in record["classes"]:
         kept = (unlabeled.get("per_class") or {}).get(name, {}).get("kept_fraction")
         precision = (quality.get("per_class_precision") or {}).get(name)
-        table.add_row(name, "-" if kept is None else f"{100 * kept:.1f}",
-                      "-" if precision is None else f"{100 * precision:.1f}")
+        table.add_row(name, percent(kept), percent(precision))
     console.print(table)
     if result["sweep"]:
         shown = [r for r in result["sweep"] if round(r["alpha"] * 100) in (1, 5, 10, 20, 30, 50)]
@@ -308,9 +309,8 @@ def inspect_command(
         for column in ("alpha", "qhat", "coverage %", "kept % paper", "kept % singleton"):
             table.add_column(column, justify="right")
         for r in shown:
-            table.add_row(f"{r['alpha']:.2f}", f"{r['qhat']:.4f}", "-" if r["coverage"] is None else
-                          f"{100 * r['coverage']:.1f}", *(f"{100 * r[k]:.1f}" if k in r else "-"
-                                                            for k in ("kept_paper", "kept_singleton")))
+            table.add_row(f"{r['alpha']:.2f}", f"{r['qhat']:.4f}", percent(r["coverage"]),
+                          percent(r.get("kept_paper")), percent(r.get("kept_singleton")))
         console.print(table)
     console.print(f"wrote {len(result['sheets'])} contact sheets and {result['sweep_png'].name} to "
                   f"{config.work_dir / 'inspect'}")
@@ -440,14 +440,8 @@ def toy_evaluate(
     if any(s.mask is None for s in samples):
         raise UserError(f"{dataset.split_path(split)}: the {split} split has no masks to score against")
     conf = confusion_on(model, (dataset.load(s) for s in samples), dataset.num_classes)
-    table = Table(title=f"toy annotator, raw argmax on {len(samples)} {split} images")
-    table.add_column("class")
-    table.add_column("IoU %", justify="right")
-    for name, iou in zip(classes, iou_per_class(conf)):
-        table.add_row(name, f"{100 * iou:.1f}")
-    table.add_row("[bold]mean", f"[bold]{100 * mean_iou(conf):.1f}")
-    console.print(table)
-    console.print(f"pixel accuracy {100 * pixel_accuracy(conf):.1f}%")
+    _print_ious(f"toy annotator, raw argmax on {len(samples)} {split} images", classes, iou_per_class(conf),
+                mean_iou(conf), pixel_accuracy(conf))
 
 
 def main() -> None:

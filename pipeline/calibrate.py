@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from functools import lru_cache, reduce
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from pipeline.errors import UserError
 from pipeline.masks import IGNORE, write_palette_png
 from pipeline.metrics import confusion, iou_per_class
 from pipeline.store import LogitsStore
+from pipeline.ui import no_progress
 
 CALIBRATION = "calibration.json"
 HISTOGRAMS = "calibration-histograms.npz"  # the score histograms behind calibration.json (alpha sweeps)
@@ -130,7 +130,7 @@ def accumulate(store: LogitsStore, dataset: Dataset, samples: list[Sample], sett
     folds = min(settings.folds, len(samples))
     order = np.random.default_rng(settings.seed).permutation(len(samples))
     fold_of = {samples[i].id: int(rank % folds) for rank, i in enumerate(order)}
-    with (progress or _quiet)("labeled") as update:
+    with (progress or no_progress)("labeled") as update:
         update(0, len(samples))
         parts = _parallel(lambda share: _accumulate_share(store, dataset, share, folds, fold_of, update),
                           samples, jobs)
@@ -158,11 +158,6 @@ def image_scores(store: LogitsStore, dataset: Dataset, sample: Sample) -> tuple[
 def upsampler(src: tuple[int, int], dst: tuple[int, int]) -> Upsampler:
     """Shared per size pair: data sets have few image sizes, and the neighbour offsets are worth keeping."""
     return Upsampler(src, dst)
-
-
-@contextmanager
-def _quiet(description: str):
-    yield lambda advance, total=None: None
 
 
 def _parallel(work, samples: list, jobs: int) -> list:
@@ -239,7 +234,7 @@ def write_all_masks(store: LogitsStore, dataset: Dataset, samples: list[Sample],
             update(1)
         return stats
 
-    with (progress or _quiet)("masks") as update:
+    with (progress or no_progress)("masks") as update:
         update(0, len(samples))
         parts = _parallel(work_on, samples, jobs) if samples else [MaskStats(num_classes, with_truth)]
     stats = reduce(lambda a, b: a.merge(b), parts)

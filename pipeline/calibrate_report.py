@@ -5,9 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-
-def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
+from pipeline.ui import percent
 
 
 def print_report(record: dict, console: Console) -> None:
@@ -28,8 +26,8 @@ def print_report(record: dict, console: Console) -> None:
         console.print(f"[yellow]too few calibration pixels for a class threshold; pooled threshold used for: "
                       f"{', '.join(record['fallbacks'])}[/yellow]")
     console.print(f"cross-calibration ({cross['folds']} folds of labeled images): pixel coverage "
-                  f"{_pct(cross['pixel_coverage'])}%, mean image coverage {_pct(cross['image_coverage'])}% "
-                  f"(target {_pct(cross['target'])}%)", highlight=False)
+                  f"{percent(cross['pixel_coverage'])}%, mean image coverage {percent(cross['image_coverage'])}% "
+                  f"(target {percent(cross['target'])}%)", highlight=False)
 
     table = Table(title="per class")
     table.add_column("class")
@@ -42,12 +40,12 @@ def print_report(record: dict, console: Console) -> None:
             table.add_column("IoU % raw", justify="right")
             table.add_column("IoU % kept", justify="right")
     for name in classes:
-        row = [name, str(record["n_pixels"][name]), _pct(cross["per_class"][name])]
+        row = [name, str(record["n_pixels"][name]), percent(cross["per_class"][name])]
         if unlabeled:
-            row.append(_pct(unlabeled["per_class"][name]["kept_fraction"]))
+            row.append(percent(unlabeled["per_class"][name]["kept_fraction"]))
             if unlabeled.get("quality"):
                 iou = unlabeled["quality"]["per_class_iou"][name]
-                row += [_pct(iou["raw"]), _pct(iou["filtered_kept"])]
+                row += [percent(iou["raw"]), percent(iou["filtered_kept"])]
         table.add_row(*row)
     console.print(table)
     if not unlabeled:
@@ -55,7 +53,7 @@ def print_report(record: dict, console: Console) -> None:
     sizes = unlabeled["set_size_histogram"]
     total = max(1, sum(sizes))
     shown = ", ".join(f"{k}: {100 * n / total:.1f}%" for k, n in enumerate(sizes) if n)
-    console.print(f"unlabeled: {unlabeled['images']} images, kept {_pct(unlabeled['kept_fraction'])}% of pixels; "
+    console.print(f"unlabeled: {unlabeled['images']} images, kept {percent(unlabeled['kept_fraction'])}% of pixels; "
                   f"set sizes {shown}", highlight=False)
     quality = unlabeled.get("quality")
     if quality:
@@ -65,5 +63,5 @@ def print_report(record: dict, console: Console) -> None:
         table.add_column("pixel acc. %", justify="right")
         for key, label in (("raw", "raw argmax"), ("filtered_kept", "filtered, kept pixels"),
                            ("filtered_overall", "filtered, ignore = miss")):
-            table.add_row(label, _pct(quality[key]["miou"]), _pct(quality[key]["pixel_accuracy"]))
+            table.add_row(label, percent(quality[key]["miou"]), percent(quality[key]["pixel_accuracy"]))
         console.print(table)

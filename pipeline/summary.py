@@ -8,9 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-
-def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
+from pipeline.ui import percent
 
 
 def _lines(path: Path) -> list[dict]:
@@ -45,16 +43,16 @@ def print_summary(work: Path, console: Console) -> dict:
         quality = unlabeled.get("quality")
         console.print(f"[bold]pseudo-labels[/bold]: {calibration['mode']} mode, alpha {calibration['alpha']}, rule "
                       f"{calibration['rule']}, calibrated on {calibration['n_images']} labeled images; "
-                      f"{unlabeled.get('images', 0)} unlabeled masks keep {_pct(unlabeled.get('kept_fraction'))}% of "
+                      f"{unlabeled.get('images', 0)} unlabeled masks keep {percent(unlabeled.get('kept_fraction'))}% of "
                       "pixels", highlight=False)
         if quality:
             table = Table(title="pseudo-label quality on the unlabeled images (against their ground truth)")
             for column in ("masks", "pixels scored", "mIoU %", "pixel acc. %"):
                 table.add_column(column, justify="left" if column == "masks" else "right")
-            table.add_row("raw foundation argmax", "all", _pct(quality["raw"]["miou"]),
-                          _pct(quality["raw"]["pixel_accuracy"]))
-            table.add_row("conformal-filtered", f"kept ({_pct(unlabeled['kept_fraction'])}%)",
-                          _pct(quality["filtered_kept"]["miou"]), _pct(quality["filtered_kept"]["pixel_accuracy"]))
+            table.add_row("raw foundation argmax", "all", percent(quality["raw"]["miou"]),
+                          percent(quality["raw"]["pixel_accuracy"]))
+            table.add_row("conformal-filtered", f"kept ({percent(unlabeled['kept_fraction'])}%)",
+                          percent(quality["filtered_kept"]["miou"]), percent(quality["filtered_kept"]["pixel_accuracy"]))
             console.print(table)
     else:
         console.print(f"{work / 'calibration.json'}: no calibration yet")
@@ -65,8 +63,8 @@ def print_summary(work: Path, console: Console) -> dict:
         names = {"stage1": "I: labeled + filtered masks", "stage2": "II: self-training"}
         for run, stages in found["runs"].items():
             for stage, r in sorted(stages.items()):
-                table.add_row(run, names.get(stage, stage), str(r["epochs"]), f"{_pct(r['best'])} ({r['best_epoch']})",
-                              _pct(r["last"]))
+                table.add_row(run, names.get(stage, stage), str(r["epochs"]), f"{percent(r['best'])} ({r['best_epoch']})",
+                              percent(r["last"]))
         console.print(table)
     else:
         console.print(f"{work / 'runs'}: no trained model with val scores yet")

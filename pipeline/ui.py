@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -31,3 +32,14 @@ def progress(description: str, unit: str = "img"):
             bar.update(task, rate=f"{speed:.1f} {unit}/s" if speed else "")
 
         yield update
+
+
+@contextmanager
+def no_progress(description: str, unit: str = "img"):
+    """Same interface as `progress`, shows nothing (library calls and tests)."""
+    yield lambda advance, total=None: None
+
+
+def percent(value) -> str:
+    """A fraction as a percentage with one decimal; "-" when there is none (None, NaN, -inf)."""
+    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"

@@ -16,7 +16,6 @@ import copy
 import json
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from pipeline.config import Config
 from pipeline.datasets import Dataset
 from pipeline.errors import UserError
 from pipeline.masks import IGNORE
+from pipeline.ui import no_progress, percent
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import TrainImages, ValImages, epoch_plan
 from trainer.evaluate import evaluate
@@ -95,7 +95,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
     if finished:
         if rank == 0:
             log(f"{out}: already trained with this recipe and these inputs (best val mIoU "
-                f"{_pct(finished['best'])}); nothing to do")
+                f"{percent(finished['best'])}); nothing to do")
         return {"run_dir": str(out), "stage": stage, "epochs": finished["epoch"], "epochs_run": finished["epoch"],
                 "best": finished["metrics"].get("best_miou"), "last": finished["metrics"].get("miou"),
                 "unchanged": True}
@@ -154,7 +154,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
             torch.cuda.set_rng_state(rng["cuda"], dev)
         if rank == 0:
             _truncate_metrics(out / "metrics.jsonl", epoch)
-            log(f"resuming {out} after epoch {epoch} (step {step}, best mIoU {_pct(best)})")
+            log(f"resuming {out} after epoch {epoch} (step {step}, best mIoU {percent(best)})")
     if rank == 0:
         log(f"stage {stage}: {recipe.model}, {len(labeled)} labeled + {len(unlabeled)} unlabeled images, "
             f"{epochs} epochs x {steps_per_epoch} steps, batch {recipe.batch_size} ({world} process(es)), "
@@ -172,7 +172,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
         loaders = [_loader(ds, [m[i] for m in mine], recipe, epoch) for i, ds in enumerate((train_l, train_u))]
         net.train()
         totals = torch.zeros(3)
-        with (progress or _quiet)(f"stage {stage} epoch {epoch + 1}/{epochs}") as update:
+        with (progress or no_progress)(f"stage {stage} epoch {epoch + 1}/{epochs}") as update:
             update(0, len(mine))
             for batch_l, batch_u in zip(*loaders):
                 progress_t = (offset + step) / max(schedule_steps, 1)
@@ -203,7 +203,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
         scored = val is not None and (epoch > recipe.eval_from * epochs or epoch == epochs)
         if scored:
             eval_model = teacher if teacher is not None else model
-            with (progress or _quiet)("val") as update:
+            with (progress or no_progress)("val") as update:
                 update(0, len(range(rank, len(val), world)))
                 record.update(evaluate(eval_model, val, dataset.num_classes, dev, recipe.eval_mode, recipe.crop,
                                        autocast, rank, world, update))
@@ -374,10 +374,6 @@ def _fingerprint(path: Path) -> str:
     return f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _pct(value) -> str:
-    return "-" if value is None or value == float("-inf") else f"{100 * value:.1f}"
-
-
 def _truncate_metrics(path: Path, epoch: int) -> None:
     """Drop lines of epochs after the checkpoint (a crash between the two writes): a resumed run redoes them."""
     if path.exists():
@@ -393,6 +389,3 @@ def _plain(value):
     return str(value) if isinstance(value, Path) else value
 
 
-@contextmanager
-def _quiet(description: str):
-    yield lambda advance, total=None: None
