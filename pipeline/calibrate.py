@@ -28,8 +28,8 @@ from joblib import Parallel, delayed
 from pipeline import __version__
 from pipeline.atomic import atomic_write, write_text_atomic
 from pipeline.conformal import (GRID, MODES, RULES, ScoreHistogram, Thresholds, Upsampler, background_index,
-                                check_alpha, crc_threshold, fit, min_calibration, nonconformity, prediction_sets,
-                                pseudo_label, set_sizes, to_bins)
+                                check_alpha, fit, nonconformity, prediction_sets, pseudo_label,
+                                require_crc_images, set_sizes, to_bins)
 from pipeline.config import Config
 from pipeline.datasets import Dataset, Sample
 from pipeline.errors import UserError
@@ -78,8 +78,8 @@ def run_calibrate(config: Config, settings: Settings, write_masks: bool = True, 
         raise UserError(f"{store.path}: scores are for classes {list(store.classes)[:5]}... but the data set has "
                         f"{list(dataset.classes)[:5]}...; rerun `conformalsam logits --force`")
     labeled = _scored(store, dataset, "labeled", warn)
-    if settings.mode == "crc" and len(labeled) < min_calibration(settings.alpha):  # fail before the long pass
-        crc_threshold(torch.zeros(1), len(labeled), settings.alpha)
+    if settings.mode == "crc":  # fail before the long pass
+        require_crc_images(len(labeled), settings.alpha)
     checksum = store_checksum(store, [s.id for s in labeled])
     key = fit_key(settings, dataset, checksum, labeled)
     unlabeled = _scored(store, dataset, "unlabeled", warn) if write_masks else []

@@ -56,6 +56,13 @@ def min_calibration(alpha: float) -> int:
     return math.ceil((1 - a) / a)
 
 
+def require_finite(n: int, alpha: float, what: str, advice: str) -> None:
+    """Stop with the reason when n calibration units are too few for a finite threshold (alpha < 1/(n+1))."""
+    if n < min_calibration(alpha):
+        raise UserError(f"--alpha {alpha}: {what}; a finite threshold needs at least {min_calibration(alpha)} "
+                        f"(alpha >= 1/(n+1)){advice}. Raise --alpha or label more images")
+
+
 def check_alpha(alpha: float) -> None:
     if not 0 < alpha < 1:
         raise UserError(f"--alpha {alpha}: must be between 0 and 1 (e.g. 0.1 keeps 90% coverage)")
@@ -179,11 +186,8 @@ def kth_smallest(counts: torch.Tensor, k: int) -> float:
 def pooled_quantile(counts: torch.Tensor, alpha: float, what: str) -> tuple[float, int, int]:
     """(qhat, k, n) of split conformal prediction over all the scores a (GRID,) histogram counts."""
     n = int(counts.sum())
+    require_finite(n, alpha, f"{what} has {n} calibration scores", ", otherwise every class enters every set")
     k = conformal_rank(n, alpha)
-    if k > n:
-        raise UserError(f"--alpha {alpha}: {what} has {n} calibration scores; a finite threshold needs at least "
-                        f"{min_calibration(alpha)} (alpha >= 1/(n+1)), otherwise every class enters every set. "
-                        "Raise --alpha or label more images")
     return kth_smallest(counts, k), k, n
 
 
@@ -223,15 +227,16 @@ def crc_threshold(mass: torch.Tensor, n: int, alpha: float) -> tuple[float, int]
     miss(b) + 1 <= alpha (n+1). miss is summed from the top, so a loss of zero is exactly zero: only a risk
     within float64 rounding (~1e-13) of the bound could tip either way.
     """
+    require_crc_images(n, alpha)
     budget = float(Fraction(str(alpha)) * (n + 1))
-    if n < min_calibration(alpha):
-        raise UserError(f"--alpha {alpha}: crc mode has {n} labeled images with valid pixels; a finite threshold "
-                        f"needs at least {min_calibration(alpha)} (alpha >= 1/(n+1)). Raise --alpha or label "
-                        "more images")
     tail = mass.flip(0).cumsum(0).flip(0)  # tail[b] = mass at b and above
     miss = torch.cat([tail[1:], torch.zeros(1, dtype=tail.dtype)])
     index = int(torch.nonzero(miss + 1 <= budget)[0].item())  # the last bin always qualifies (miss = 0)
     return float(grid_values()[index]), n
+
+
+def require_crc_images(n: int, alpha: float) -> None:
+    require_finite(n, alpha, f"crc mode has {n} labeled images with valid pixels", "")
 
 
 def prediction_sets(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
