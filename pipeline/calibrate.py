@@ -85,7 +85,7 @@ def run_calibrate(config: Config, settings: Settings, write_masks: bool = True, 
     unlabeled = _scored(store, dataset, "unlabeled", warn) if write_masks else []
     masks_key = mask_key(key, store, unlabeled) if write_masks else None
     work = config.work_dir
-    previous = _read_record(work / CALIBRATION)
+    previous = read_calibration(work)
     if previous and previous.get("key") == key and (work / HISTOGRAMS).is_file() and (not write_masks or (
             (previous.get("masks") or {}).get("key") == masks_key and _masks_current(work, masks_key, len(unlabeled)))):
         return {**previous, "unchanged": True}
@@ -474,8 +474,12 @@ def mask_key(key: str, store: LogitsStore, unlabeled: list[Sample]) -> str:
     return digest.hexdigest()
 
 
-def _read_record(path: Path) -> dict | None:
+def read_calibration(work: Path, required: bool = False) -> dict | None:
+    """The record of ``<work>/calibration.json``; None when there is none, or a clear error if ``required``."""
+    path = Path(work) / CALIBRATION
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
+        if required:
+            raise UserError(f"{path}: no calibration; run `conformalsam calibrate` first") from None
         return None

@@ -15,9 +15,12 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.atomic import atomic_write
-from pipeline.conformal import ScoreHistogram, check_alpha, fit, to_bins
+from pipeline.calibrate import HISTOGRAMS, Settings, cross_calibrate, filtered_mask, read_calibration
+from pipeline.conformal import ScoreHistogram, background_index, check_alpha, fit, to_bins
+from pipeline.datasets import Dataset, read_image
 from pipeline.errors import UserError
 from pipeline.masks import IGNORE, PALETTE
+from pipeline.store import LogitsStore
 
 NEUTRAL = (128, 128, 128)  # ignore (255) in pictures: grey, unlike any class colour of the VOC palette
 TILE = 256  # tiles are scaled (nearest for labels) so that small images stay legible
@@ -60,8 +63,6 @@ def alpha_sweep(histograms: dict, alphas) -> list[dict]:
     """Per alpha, in the pooled (paper) mode: qhat on all labeled pixels, its coverage by cross-calibration
     over the saved folds (calibrate's own `fit` and `cross_calibrate`), and the fraction of unlabeled
     pixels kept by the paper and singleton rules."""
-    from pipeline.calibrate import Settings, cross_calibrate
-
     folds, num_classes, _ = histograms["counts"].shape
     hist = ScoreHistogram(num_classes, folds)
     hist.counts, hist.mass = torch.from_numpy(histograms["counts"]), torch.from_numpy(histograms["mass"])
@@ -131,22 +132,11 @@ def load_histograms(path: Path) -> dict:
         raise UserError(f"{path}: no saved histograms; run `conformalsam calibrate` first") from None
 
 
-
 def run_inspect(config, ids: list[str] | None = None, count: int = 6, seed: int = 0, split: str = "unlabeled",
                 checkpoint: Path | None = None, alphas=None) -> dict:
     """Contact sheets for chosen (or ``count`` random) images of a split, the per-class table and the sweep."""
-    import json
-
-    from pipeline.calibrate import CALIBRATION, HISTOGRAMS, filtered_mask
-    from pipeline.conformal import background_index
-    from pipeline.datasets import Dataset, read_image
-    from pipeline.store import LogitsStore
-
     work = config.work_dir
-    try:
-        record = json.loads((work / CALIBRATION).read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{work / CALIBRATION}: no calibration; run `conformalsam calibrate` first") from None
+    record = read_calibration(work, required=True)
     dataset, store = Dataset(config), LogitsStore(work / "logits.zarr")
     samples = {s.id: s for s in dataset.split(split) if s.id in store}
     if ids:

@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.calibrate import read_calibration
 from pipeline.ui import percent
 
 
@@ -20,10 +21,7 @@ def _lines(path: Path) -> list[dict]:
 
 def collect(work: Path) -> dict:
     """{"calibration": record or None, "runs": {name: {stage: {"best", "best_epoch", "last", "epochs"}}}}."""
-    try:
-        calibration = json.loads((work / "calibration.json").read_text())
-    except (OSError, ValueError):
-        calibration = None
+    calibration = read_calibration(work)
     runs: dict = {}
     for metrics in sorted((work / "runs").glob("*/stage*/metrics.jsonl")):
         lines = [x for x in _lines(metrics) if x.get("miou") is not None]

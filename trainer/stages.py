@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import distributed
 from pipeline.atomic import write_text_atomic
+from pipeline.calibrate import CALIBRATION, read_calibration
 from pipeline.config import Config
 from pipeline.datasets import Dataset
 from pipeline.errors import UserError
@@ -307,11 +308,8 @@ def _ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float
 
 def _with_cached_masks(config: Config, samples: list, allow_missing: bool, log) -> list:
     """The unlabeled samples that have a cached mask of the current calibration, and that calibration's key."""
-    masks, calibration = config.work_dir / "masks", config.work_dir / "calibration.json"
-    try:
-        record = json.loads(calibration.read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{calibration}: no calibration; run `conformalsam calibrate` before stage 1") from None
+    masks, calibration = config.work_dir / "masks", config.work_dir / CALIBRATION
+    record = read_calibration(config.work_dir, required=True)
     key = (record.get("masks") or {}).get("key")
     try:
         on_disk = (masks / ".key").read_text().strip()
