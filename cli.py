@@ -236,21 +236,15 @@ def eval_checkpoint(
 ):
     """mIoU and per-class IoU of a checkpoint on the val split (whole image or sliding window)."""
     from pipeline.datasets import Dataset
-    from trainer.checkpoint import load_checkpoint
+    from trainer.checkpoint import load_trained
     from trainer.data import ValImages
     from trainer.evaluate import evaluate
-    from trainer.models import build_model
     from trainer.stages import resolve_device
 
     if mode not in ("whole", "sliding"):
         raise UserError(f"--mode {mode}: choose whole or sliding")
-    state = load_checkpoint(checkpoint)
     dataset = Dataset(config)
-    if state.get("classes") != list(dataset.classes):
-        raise UserError(f"{checkpoint}: trained for classes {state.get('classes', [])[:4]}..., the data set has "
-                        f"{list(dataset.classes)[:4]}...")
-    model = build_model(state["model_name"], dataset.num_classes)
-    model.load_state_dict(state["model"])
+    model, state = load_trained(checkpoint, dataset.classes)
     dev = resolve_device(device, 1)
     samples = dataset.split(split)
     if any(s.mask is None for s in samples):

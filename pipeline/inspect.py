@@ -21,6 +21,8 @@ from pipeline.datasets import Dataset, read_image
 from pipeline.errors import UserError
 from pipeline.masks import IGNORE, PALETTE
 from pipeline.store import LogitsStore
+from trainer.augment import to_tensor
+from trainer.checkpoint import load_trained
 
 NEUTRAL = (128, 128, 128)  # ignore (255) in pictures: grey, unlike any class colour of the VOC palette
 TILE = 256  # tiles are scaled (nearest for labels) so that small images stay legible
@@ -149,7 +151,7 @@ def run_inspect(config, ids: list[str] | None = None, count: int = 6, seed: int 
         chosen = [list(samples.values())[i] for i in sorted(order)]
     q = torch.tensor([record["qhat"][c] for c in record["classes"]] if isinstance(record["qhat"], dict)
                      else [record["qhat"]] * len(record["classes"]), dtype=torch.float32)
-    model = _load_model(checkpoint, dataset) if checkpoint else None
+    model = load_trained(checkpoint, dataset.classes)[0] if checkpoint else None
     out = work / "inspect"
     written = []
     for sample in chosen:
@@ -169,20 +171,6 @@ def run_inspect(config, ids: list[str] | None = None, count: int = 6, seed: int 
     return {"sheets": written, "sweep": rows, "record": record, "sweep_png": out / "alpha-sweep.png"}
 
 
-def _load_model(path: Path, dataset):
-    from trainer.checkpoint import load_checkpoint
-    from trainer.models import build_model
-
-    state = load_checkpoint(path)
-    if state.get("classes") != list(dataset.classes):
-        raise UserError(f"{path}: trained for other classes than the data set's")
-    model = build_model(state["model_name"], dataset.num_classes)
-    model.load_state_dict(state["model"])
-    return model.eval()
-
-
 @torch.no_grad()
 def _predict(model, image: np.ndarray) -> np.ndarray:
-    from trainer.augment import to_tensor
-
     return model(to_tensor(image)[None]).argmax(1)[0].numpy().astype(np.uint8)

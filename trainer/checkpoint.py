@@ -24,3 +24,16 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"{path}: checkpoint not found") from None
     except Exception as exc:
         raise UserError(f"{path}: cannot read checkpoint ({exc})") from None
+
+
+def load_trained(path: Path, classes) -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, checkpoint) of a `conformalsam train` checkpoint made for these classes."""
+    from trainer.models import build_model
+
+    state = load_checkpoint(path)
+    if state.get("classes") != list(classes):
+        raise UserError(f"{path}: trained for classes {state.get('classes', [])[:4]}..., the data set has "
+                        f"{list(classes)[:4]}...")
+    model = build_model(state["model_name"], len(classes))
+    model.load_state_dict(state["model"])
+    return model.eval(), state
