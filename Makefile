@@ -66,7 +66,7 @@ bench-calibrate: setup
 bench-train: setup
 	$(BIN)/python benchmarks/bench_train.py
 
-# The method's ablation on the toy world (3 seeds, 2 split sizes): work/bench/quality.md. ~37 min on 2 cores.
+# The method's ablation on the toy world (3 seeds, 2 split sizes): work/bench/quality.md. ~35 min on 2 cores.
 bench-quality: toy
 	$(BIN)/python benchmarks/bench_quality.py
 

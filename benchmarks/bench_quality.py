@@ -2,7 +2,7 @@
 
 Per labeled-split size, every row trains the same model for the same number of steps (the `toy`
 recipe at crop 64 on a 12 + 4 epoch schedule, validated over the last 30% of each stage's epochs, so the
-whole table fits in about 37 minutes on 2 CPU cores, two runs at a time with one thread each):
+whole table fits in about 35 minutes on 2 CPU cores, two runs at a time with one thread each):
 
     labeled only            stage I with lambda = 0 (the unlabeled images only pass through BatchNorm)
     + raw foundation masks  stage I on the unfiltered annotator argmax (`calibrate --rule argmax`)
@@ -37,9 +37,10 @@ from trainer.recipes import get_recipe  # noqa: E402
 from trainer.stages import train_stage  # noqa: E402
 
 WORLD = PROJECT_ROOT / "data" / "toy"
-VARIANTS = {"raw": Settings(alpha=0.1, rule="argmax"), "paper": Settings(alpha=0.1, mode="paper"),
+# alpha 0.05 for the paper mode: the paper's best on VOC. crc stays at 0.1: at 0.05 it needs >= 19 labeled images.
+VARIANTS = {"raw": Settings(alpha=0.1, rule="argmax"), "paper": Settings(alpha=0.05, mode="paper"),
             "crc": Settings(alpha=0.1, mode="crc", rule="singleton")}
-ROW_NAMES = {"raw": "raw argmax", "paper": "CP paper", "crc": "CP crc, singleton rule"}
+ROW_NAMES = {"raw": "raw argmax", "paper": "CP paper, alpha 0.05", "crc": "CP crc, singleton rule, alpha 0.1"}
 
 
 def split_config(root: Path, n: int, variant: str):
@@ -93,7 +94,7 @@ def main() -> None:
             _, base = get_recipe("toy", "folder", seed=seed, epochs=tuple(args.epochs), crop=args.crop,
                                  eval_from=args.eval_from, workers=0 if args.jobs > 1 else None)
             supervised = replace(base, lambda_start=0.0, lambda_end=0.0, lambda_schedule="constant")
-            first += [(root, n, seed, "labeled", "paper", 1, supervised, f"labeled-only-seed{seed}"),
+            first += [(root, n, seed, "labeled", "raw", 1, supervised, f"labeled-only-seed{seed}"),
                       (root, n, seed, "raw", "raw", 1, base, f"seed{seed}")]
             for mode in ("paper", "crc"):
                 first.append((root, n, seed, f"{mode}-I", mode, 1, base, f"seed{seed}"))
@@ -128,7 +129,7 @@ def render(results: dict, masks: dict, args) -> str:
         v = 100 * np.array(values)
         return f"{v.mean():.1f} ({v.min():.1f}-{v.max():.1f})"
 
-    lines = ["Toy world, val mIoU % (best epoch), mean over seeds (min-max). CP: alpha 0.1.", "",
+    lines = ["Toy world, val mIoU % (best epoch), mean over seeds (min-max).", "",
              "| labeled | mode | labeled only | + raw masks | + CP masks (stage I) | + stage II (full method) |",
              "|---|---|---|---|---|---|"]
     for n in args.splits:
