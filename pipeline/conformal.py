@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+import numpy as np
 import torch
 
 from pipeline.errors import UserError
@@ -131,6 +132,14 @@ class ScoreHistogram:
         self.counts = torch.zeros(folds, num_classes, GRID, dtype=torch.int64)
         self.mass = torch.zeros(folds, num_classes, GRID, dtype=torch.float64)
         self.images = torch.zeros(folds, dtype=torch.int64)
+
+    @classmethod
+    def from_arrays(cls, counts: np.ndarray, mass: np.ndarray, images: np.ndarray) -> "ScoreHistogram":
+        """The histogram that `calibrate` saved (its ``counts``, ``mass`` and ``images`` arrays)."""
+        hist = cls.__new__(cls)
+        hist.folds, hist.num_classes = counts.shape[:2]
+        hist.counts, hist.mass, hist.images = (torch.from_numpy(a) for a in (counts, mass, images))
+        return hist
 
     def add(self, labels: torch.Tensor, bins: torch.Tensor, fold: int = 0) -> None:
         """One image: true class (255 = ignore, skipped) and score bin of each pixel, any equal shapes."""

@@ -65,10 +65,7 @@ def alpha_sweep(histograms: dict, alphas) -> list[dict]:
     """Per alpha, in the pooled (paper) mode: qhat on all labeled pixels, its coverage by cross-calibration
     over the saved folds (calibrate's own `fit` and `cross_calibrate`), and the fraction of unlabeled
     pixels kept by the paper and singleton rules."""
-    folds, num_classes, _ = histograms["counts"].shape
-    hist = ScoreHistogram(num_classes, folds)
-    hist.counts, hist.mass = torch.from_numpy(histograms["counts"]), torch.from_numpy(histograms["mass"])
-    hist.images = torch.from_numpy(histograms["images"])
+    hist = ScoreHistogram.from_arrays(histograms["counts"], histograms["mass"], histograms["images"])
     best, second = histograms.get("unlabeled_best"), histograms.get("unlabeled_second")
     pixels = None if best is None else best.sum()
     rows = []
@@ -79,7 +76,7 @@ def alpha_sweep(histograms: dict, alphas) -> list[dict]:
         except UserError:
             continue  # infinite threshold: nothing to draw
         b = int(to_bins(torch.tensor([q]))[0])
-        coverage = cross_calibrate(hist, Settings(alpha=alpha), range(num_classes))["pixel_coverage"]
+        coverage = cross_calibrate(hist, Settings(alpha=alpha), range(hist.num_classes))["pixel_coverage"]
         row = {"alpha": alpha, "qhat": q, "coverage": coverage}
         if pixels:
             row["kept_paper"] = float(best[: b + 1].sum() / pixels)
