@@ -40,7 +40,19 @@ WORLD = PROJECT_ROOT / "data" / "toy"
 # alpha 0.05 for the paper mode: the paper's best on VOC. crc stays at 0.1: at 0.05 it needs >= 19 labeled images.
 VARIANTS = {"raw": Settings(alpha=0.1, rule="argmax"), "paper": Settings(alpha=0.05, mode="paper"),
             "crc": Settings(alpha=0.1, mode="crc", rule="singleton")}
-ROW_NAMES = {"raw": "raw argmax", "paper": "CP paper, alpha 0.05", "crc": "CP crc, singleton rule, alpha 0.1"}
+
+
+def row_name(variant: str) -> str:
+    """What a mask variant is, read off its settings, e.g. "CP crc, singleton rule, alpha 0.1"."""
+    settings = VARIANTS[variant]
+    if settings.rule == "argmax":
+        return "raw argmax"
+    rule = "" if settings.rule == "paper" else f", {settings.rule} rule"
+    return f"CP {settings.mode}{rule}, alpha {settings.alpha:g}"
+
+
+def quiet(*args, **kwargs) -> None:
+    """A logger that says nothing: the benchmark prints one line per finished run instead."""
 
 
 def split_config(root: Path, n: int, variant: str):
@@ -67,7 +79,6 @@ def main() -> None:
     root = (args.out / "quality").resolve()  # the symlinks to the shared store must be absolute
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    quiet = lambda *a, **k: None  # noqa: E731
 
     # one score store for every train image of the toy world (each split's labeled + unlabeled)
     (root / "logits.zarr").parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +131,7 @@ def main() -> None:
 def train_row(job) -> tuple[int, int, str, float]:
     """One training run of the table (in a pool process); returns (n, seed, row key, best val mIoU)."""
     root, n, seed, key, variant, stage, recipe, run_name = job
-    summary = train_stage(split_config(root, n, variant), "toy", recipe, stage, name=run_name, log=lambda *a: None)
+    summary = train_stage(split_config(root, n, variant), "toy", recipe, stage, name=run_name, log=quiet)
     return n, seed, key, summary["best"]
 
 
@@ -134,15 +145,14 @@ def render(results: dict, masks: dict, args) -> str:
              "|---|---|---|---|---|---|"]
     for n in args.splits:
         for mode in ("paper", "crc"):
-            lines.append(f"| {n} | {ROW_NAMES[mode]} | {cell(results[n, 'labeled'])} | {cell(results[n, 'raw'])} | "
+            lines.append(f"| {n} | {row_name(mode)} | {cell(results[n, 'labeled'])} | {cell(results[n, 'raw'])} | "
                          f"{cell(results[n, f'{mode}-I'])} | {cell(results[n, f'{mode}-II'])} |")
     lines += ["", "Pseudo-labels of the unlabeled images against their ground truth (mIoU %, pixel acc. %):", "",
               "| labeled | masks | kept pixels % | mIoU % on kept | pixel acc. % on kept |", "|---|---|---|---|---|"]
     for n in args.splits:
         for variant in VARIANTS:
             m = masks[n, variant]
-            label = ROW_NAMES[variant]
-            lines.append(f"| {n} | {label} | {100 * m['kept']:.1f} | {100 * m['miou_kept']:.1f} | "
+            lines.append(f"| {n} | {row_name(variant)} | {100 * m['kept']:.1f} | {100 * m['miou_kept']:.1f} | "
                          f"{100 * m['acc_kept']:.1f} |")
     return "\n".join(lines) + "\n"
 
