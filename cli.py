@@ -88,7 +88,8 @@ def logits(
     start = time.perf_counter()
     with progress("logits") as update:
         result = run_logits(config, split, batch_size, device, force, workers, scale, update,
-                            warn=lambda msg: console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))
+                            warn=lambda msg: console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False),
+                            info=lambda msg: console.print(msg, style="dim", highlight=False, markup=False))
     if result["rank"] == 0:
         took = time.perf_counter() - start
         console.print(f"{result['store']}: {result['written']} images scored in {took:.1f}s "

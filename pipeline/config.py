@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
 from pipeline import PROJECT_ROOT
@@ -32,6 +32,11 @@ class Config:
     weights: Path | None
     work_dir: Path
     source: str  # where it came from, for messages
+    code: Path | None = None  # a third-party checkout the backend imports from (SEEM)
+    tokenizer: Path | None = None  # SEEM's CLIP tokenizer folder (offline)
+    outputs: tuple[str, ...] | None = None  # a closed-set model's output channels, in order
+    background: str = "no-object"  # SEEM: what scores the data set's "background" class
+    class_map: tuple[tuple[str, tuple[str, ...]], ...] = ()  # [foundation.map]: class -> outputs / prompts
 
 
 # (table, key) of each TOML field -> Config attribute
@@ -44,9 +49,16 @@ FIELDS = {
     ("data", "classes"): "classes",
     ("foundation", "backend"): "backend",
     ("foundation", "weights"): "weights",
+    ("foundation", "code"): "code",
+    ("foundation", "tokenizer"): "tokenizer",
+    ("foundation", "outputs"): "outputs",
+    ("foundation", "background"): "background",
+    ("foundation", "map"): "class_map",
     ("work", "dir"): "work_dir",
 }
-PATHS = {"root", "labeled", "unlabeled", "val", "weights", "work_dir"}
+PATHS = {"root", "labeled", "unlabeled", "val", "weights", "work_dir", "code", "tokenizer"}
+NAME_LISTS = {"classes": "data.classes", "outputs": "foundation.outputs"}
+BACKGROUND = ("no-object", "prompt")
 
 
 def _voc(n: int) -> str:
@@ -119,16 +131,34 @@ def parse(text: str, base: Path, source: str) -> Config:
             table, key = next(tk for tk, attr in FIELDS.items() if attr == name)
             raise UserError(f"{source}: missing required key '{table}.{key}'")
     for name, value in values.items():
-        if name == "classes":
+        if name in NAME_LISTS:
             if not (isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)):
-                raise UserError(f"{source}: 'data.classes' must be a non-empty list of class-name strings")
+                raise UserError(f"{source}: '{NAME_LISTS[name]}' must be a non-empty list of name strings")
+            values[name] = tuple(value)
+        elif name == "class_map":
+            values[name] = _class_map(value, source)
         elif not isinstance(value, str):
             raise UserError(f"{source}: '{name}' must be a string, got {type(value).__name__}")
     resolved = {k: (base / v if k in PATHS else v) for k, v in values.items()}
     resolved.setdefault("work_dir", base / "work")
-    resolved["classes"] = tuple(values["classes"]) if "classes" in values else None
-    config = Config(**{f.name: resolved.get(f.name) for f in fields(Config) if f.name != "source"}, source=source)
+    defaults = {f.name: None if f.default is MISSING else f.default for f in fields(Config) if f.name != "source"}
+    config = Config(**{name: resolved.get(name, default) for name, default in defaults.items()}, source=source)
     return validate(config)
+
+
+def _class_map(table, source: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """[foundation.map]: each data set class -> one name or a list of names (prompts or model outputs)."""
+    if not isinstance(table, dict):
+        raise UserError(f"{source}: 'foundation.map' must be a table like [foundation.map] with "
+                        'class = ["prompt", ...] lines')
+    pairs = []
+    for name, value in table.items():
+        value = [value] if isinstance(value, str) else value
+        if not (isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value)):
+            raise UserError(f"{source}: foundation.map.{name} must be a name or a list of names (an empty list "
+                            "gives the class no model output)")
+        pairs.append((name, tuple(v.strip() for v in value)))
+    return tuple(pairs)
 
 
 def validate(config: Config) -> Config:
@@ -136,6 +166,9 @@ def validate(config: Config) -> Config:
         raise UserError(f"{config.source}: data.format '{config.format}' is not one of {', '.join(FORMATS)}")
     if config.backend not in BACKENDS:
         raise UserError(f"{config.source}: foundation.backend '{config.backend}' is not one of {', '.join(BACKENDS)}")
+    if config.background not in BACKGROUND:
+        raise UserError(f"{config.source}: foundation.background '{config.background}' is not one of "
+                        f"{', '.join(BACKGROUND)}")
     return config
 
 
@@ -180,7 +213,7 @@ def to_toml(config: Config) -> str:
     lines, table = [], None
     for (tbl, key), attr in FIELDS.items():
         value = getattr(config, attr)
-        if value is None:
+        if value is None or attr == "class_map":
             continue
         if tbl != table:
             lines.append(("\n" if lines else "") + f"[{tbl}]")
@@ -189,4 +222,7 @@ def to_toml(config: Config) -> str:
             lines.append(f"{key} = {json.dumps(list(value))}")
         else:
             lines.append(f"{key} = {json.dumps(str(value))}")  # a JSON string is a valid TOML string
+    if config.class_map:  # a sub-table comes after its parent's keys
+        lines.append("\n[foundation.map]")
+        lines += [f"{json.dumps(name)} = {json.dumps(list(names))}" for name, names in config.class_map]
     return "\n".join(lines) + "\n"

@@ -20,6 +20,7 @@ from joblib import Parallel, delayed
 
 from pipeline import distributed
 from pipeline.backends import Backend, Preprocess, build_backend
+from pipeline.classmap import ClassMap, unmapped
 from pipeline.config import Config
 from pipeline.datasets import SPLITS, Dataset, Sample, image_size, read_image
 from pipeline.errors import DataProblem, UserError
@@ -96,7 +97,7 @@ def resolve_device(name: str | None) -> torch.device:
 
 def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: str | None = None,
                force: bool = False, workers: int | None = None, scale: float | None = None,
-               progress=None, warn=print) -> dict:
+               progress=None, warn=print, info=print) -> dict:
     """Fill ``<work>/logits.zarr`` for a split; returns counts (written, skipped, failed)."""
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
@@ -106,11 +107,16 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     samples = select_samples(dataset, split)
     rank, world = distributed.setup()
     dev = resolve_device(device) if world == 1 or device not in (None, "auto") else distributed.local_device()
-    backend = build_backend(config.backend, config.weights, dataset.classes, dev)
+    backend, mapping = build_backend(config, dataset.classes, dev)
+    if rank == 0:
+        for note in backend.notes:
+            info(note)
+        for name in unmapped(dataset.classes, mapping):
+            warn(f"class '{name}' has no model output (foundation.map / foundation.outputs): its scores are zero")
     path = config.work_dir / "logits.zarr"
     identity = {"classes": list(dataset.classes), "backend": backend.name, "model_id": backend.model_id,
-                "weights_sha256": backend.weights_sha256, "score_kind": backend.score_kind,
-                "scale": "native" if scale is None else scale}
+                "weights_sha256": backend.weights_sha256, "score_kind": mapping.score_kind(backend.score_kind),
+                "scale": "native" if scale is None else scale, "class_map": mapping.describe(dataset.classes)}
     if rank == 0:
         open_for_writing(path, identity, force)
     distributed.barrier()
@@ -124,7 +130,7 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     todo = [b for b in mine if not all(it.sample.id in done for it in b)]
     skipped = sum(len(b) for b in mine) - sum(len(b) for b in todo)
     undecodable: dict[str, str] = {}  # found by this rank's loader
-    written = _score(backend, todo, done, path, dev, scale, workers, progress, undecodable, skipped,
+    written = _score(backend, mapping, todo, done, path, dev, scale, workers, progress, undecodable, skipped,
                      sum(map(len, mine)))
     for reason in sorted({**(unreadable if rank == 0 else {}), **undecodable}.values()):
         warn(f"skipped unreadable image: {reason}")
@@ -136,7 +142,8 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
             "store": path, "rank": rank, "world": world}
 
 
-def _score(backend: Backend, todo, done, path, device, scale, workers, progress, failed, skipped, total) -> int:
+def _score(backend: Backend, mapping: ClassMap, todo, done, path, device, scale, workers, progress, failed, skipped,
+           total) -> int:
     if workers is None:
         workers = min(8, max(1, (os.cpu_count() or 2) - 1))
     loader = torch.utils.data.DataLoader(
@@ -150,7 +157,7 @@ def _score(backend: Backend, todo, done, path, device, scale, workers, progress,
         for items, batch, bad in loader:
             failed.update(bad)
             if batch is not None:
-                scores = _predict(backend, batch.to(device, non_blocking=True), items, scale)
+                scores = _predict(backend, mapping, batch.to(device, non_blocking=True), items, scale)
                 for item, image_scores in zip(items, scores):
                     if item.sample.id not in done:
                         pending.append(writers.submit(write_scores, path, item.sample.id, image_scores, item.size))
@@ -173,10 +180,10 @@ def _settle(pending: list, limit: int) -> list:
     return pending
 
 
-def _predict(backend: Backend, batch: torch.Tensor, items: list[Item], scale: float | None):
+def _predict(backend: Backend, mapping: ClassMap, batch: torch.Tensor, items: list[Item], scale: float | None):
     with torch.autocast("cuda", dtype=torch.float16, enabled=backend.autocast and batch.is_cuda):
         scores = backend.predict(batch)
-    scores = scores.float()
+    scores = mapping.apply(scores.float(), backend.score_kind)
     finite = torch.isfinite(scores).flatten(1).all(1)
     if not finite.all():
         bad = items[int((~finite).nonzero()[0])].sample.image

@@ -3,7 +3,8 @@
 Layout (zarr v3, local folder)::
 
     logits.zarr/                 group; attrs: classes, backend, model_id, weights_sha256, score_kind,
-                                 scale, created, tool_version, failed (images that could not be read)
+                                 scale, class_map (class -> model outputs summed; null: one each),
+                                 created, tool_version, failed (images that could not be read)
     logits.zarr/scores/<id>      float16 (K, h, w), one chunk, blosc-zstd + byte shuffle;
                                  attrs: image_size [H, W]
 
@@ -34,7 +35,7 @@ SCORES = "scores"
 TMP_PREFIX = ".tmp-"
 CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2)
 # Attributes that must match for a store to be reused; the rest describe the run.
-IDENTITY = ("classes", "backend", "model_id", "weights_sha256", "score_kind", "scale")
+IDENTITY = ("classes", "backend", "model_id", "weights_sha256", "score_kind", "scale", "class_map")
 
 
 def to_probabilities(scores: torch.Tensor, kind: str) -> torch.Tensor:

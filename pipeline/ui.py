@@ -13,7 +13,8 @@ console = Console(stderr=True)  # progress and messages on stderr; stdout stays 
 
 @contextmanager
 def progress(description: str, unit: str = "img"):
-    """Yields ``update(advance, total)``; shows count, rate and ETA (hidden when not a terminal)."""
+    """Yields ``update(advance, total)``; shows count, rate and ETA (hidden when not a terminal). The bar
+    appears at the first update, so an error found while setting up stays the only line printed."""
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -23,15 +24,21 @@ def progress(description: str, unit: str = "img"):
         TextColumn("eta"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(description, total=None, rate="")
+    bar = Progress(*columns, console=console, transient=False)
+    task = bar.add_task(description, total=None, rate="")
 
-        def update(advance: int, total: int | None = None) -> None:
-            bar.update(task, advance=advance, total=total)
-            speed = bar.tasks[task].speed
-            bar.update(task, rate=f"{speed:.1f} {unit}/s" if speed else "")
+    def update(advance: int, total: int | None = None) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(task, advance=advance, total=total)
+        speed = bar.tasks[task].speed
+        bar.update(task, rate=f"{speed:.1f} {unit}/s" if speed else "")
 
+    try:
         yield update
+    finally:
+        if bar.live.is_started:
+            bar.stop()
 
 
 @contextmanager

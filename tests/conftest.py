@@ -30,6 +30,12 @@ def make_config(root: Path, fmt: str, labeled: Path, unlabeled: Path, val: Path 
                   backend="toy", weights=None, work_dir=root / "work", source="test")
 
 
+def backend_config(backend: str, weights: Path | None, **changes) -> Config:
+    """A config naming a backend (for building it directly; the data paths are never read)."""
+    return replace(make_config(Path("/nonexistent"), "folder", Path("l.txt"), Path("u.txt")), backend=backend,
+                   weights=weights, **changes)
+
+
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory) -> Path:
     """A small toy world (70 target train, 6 val, 32x32 px), generated once per test session."""

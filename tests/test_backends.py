@@ -1,62 +1,22 @@
-"""Backends: the SEEM adapter against a fake that mirrors SEEM; preprocessing."""
+"""Backends: preprocessing, the registry, and the class map that turns model outputs into data set classes."""
 
 from __future__ import annotations
 
-import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-import fake_seem
+from conftest import backend_config, toy_config
 from pipeline.backends import Preprocess, build_backend
+from pipeline.classmap import NO_OBJECT, build_class_map
+from pipeline.datasets import Dataset, read_image
 from pipeline.errors import UserError
+from pipeline.logits import run_logits
+from pipeline.store import LogitsStore, to_probabilities
 
-CLASSES = ("background", "aeroplane", "diningtable", "person")
-
-
-@pytest.fixture(params=[True, False], ids=["seem-package", "v1.0-layout"])
-def seem(request, tmp_path, monkeypatch):
-    fake_seem.install(tmp_path, package=request.param)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield tmp_path
-    for name in [m for m in sys.modules if m.split(".")[0] in ("seem", "modeling", "utils")]:
-        del sys.modules[name]
-
-
-def test_seem_adapter_vocabulary_heads_and_scores(seem, tmp_path):
-    weights = tmp_path / "seem_focalt_v1.pt"
-    weights.write_bytes(b"checkpoint")
-    backend = build_backend("seem", weights, CLASSES, torch.device("cpu"))
-    core = backend.model.model
-    assert core.vocabulary == ["background", "airplane", "dining table", "person", "background"]
-    assert core.built_with["PANOPTIC_ON"] is False and core.built_with["INSTANCE_ON"] is False
-    assert core.sem_seg_head.num_classes == 4 and backend.model.loaded == str(weights)
-    assert backend.score_kind == "scores" and backend.model_id == "seem:seem_focalt_v1.pt"
-    image = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
-    x = backend.preprocess(image)
-    assert x.dtype == torch.uint8 and tuple(x.shape) == (3, 512, 683)  # shorter side 512
-    scores = backend.predict(torch.stack([x, x, x]))
-    assert core.calls == [3]  # one batched evaluate call
-    assert scores.shape == (3, 4, 128, 171) and (scores >= 0).all()
-    assert not torch.allclose(scores.sum(1), torch.ones(1))  # unnormalised, as SEEM's sem_seg
-
-
-def test_seem_missing_or_unconfigured_is_clear(tmp_path, monkeypatch):
-    weights = tmp_path / "custom.pt"
-    weights.write_bytes(b"x")
-    with pytest.raises(UserError, match="SEEM is not installed"):
-        build_backend("seem", weights, CLASSES, torch.device("cpu"))
-    fake_seem.install(tmp_path, package=True)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    try:
-        with pytest.raises(UserError, match="no SEEM model config found"):
-            build_backend("seem", weights, CLASSES, torch.device("cpu"))
-        (tmp_path / "custom.yaml").write_text("MODEL: {}\n")  # a config beside the checkpoint is used
-        assert build_backend("seem", weights, CLASSES, torch.device("cpu")).num_classes == 4
-    finally:
-        for name in [m for m in sys.modules if m.split(".")[0] == "seem"]:
-            del sys.modules[name]
+CLASSES = ("background", "aeroplane", "diningtable", "pottedplant")
 
 
 def test_preprocess_resizes_and_normalises():
@@ -70,6 +30,76 @@ def test_preprocess_resizes_and_normalises():
 
 def test_unknown_backend_and_missing_weights(tmp_path):
     with pytest.raises(UserError, match="unknown backend"):
-        build_backend("dino", tmp_path, CLASSES, torch.device("cpu"))
+        build_backend(backend_config("dino", tmp_path), CLASSES, torch.device("cpu"))
     with pytest.raises(UserError, match="needs weights"):
-        build_backend("toy", None, CLASSES, torch.device("cpu"))
+        build_backend(backend_config("toy", None), CLASSES, torch.device("cpu"))
+
+
+def test_prompted_map_uses_readable_prompts_and_overrides():
+    config = backend_config("clipseg", None, class_map=(("pottedplant", ("potted plant", "houseplant")),))
+    mapping = build_class_map(CLASSES, config, prompted=True, no_object=False)
+    assert mapping.outputs == ("background", "airplane", "dining table", "potted plant", "houseplant")
+    assert mapping.groups == ((0,), (1,), (2,), (3, 4)) and not mapping.identity
+    seem = build_class_map(CLASSES, config, prompted=True, no_object=True)
+    assert seem.outputs[-1] == NO_OBJECT and seem.groups[0] == (4,)  # background takes SEEM's no-object
+    prompt = build_class_map(CLASSES, replace(config, background="prompt"), prompted=True, no_object=True)
+    assert prompt.outputs[0] == "background" and prompt.groups[0] == (0,)
+    with pytest.raises(UserError, match="not classes of the data set"):
+        build_class_map(CLASSES, replace(config, class_map=(("plant", ("x",)),)), prompted=True, no_object=False)
+    with pytest.raises(UserError, match="is SEEM's"):
+        build_class_map(CLASSES, replace(config, class_map=(("background", (NO_OBJECT,)),)), True, False)
+    with pytest.raises(UserError, match="takes text prompts"):
+        build_class_map(CLASSES, replace(config, outputs=("a",)), prompted=True, no_object=False)
+
+
+def test_closed_set_map_sums_channels_and_zeroes_classes_without_output():
+    config = backend_config("torchscript", None, outputs=("sky", "road", "car", "truck", "void"),
+                            class_map=(("road", ("road",)), ("vehicle", ("car", "truck"))))
+    classes = ("road", "vehicle", "sky", "tree")
+    mapping = build_class_map(classes, config, prompted=False, no_object=False)
+    assert mapping.groups == ((1,), (2, 3), (0,), ())  # sky by its own name; tree has no output
+    logits = torch.randn(2, 5, 3, 4)
+    probs = mapping.apply(logits, "logits")
+    soft = logits.softmax(1)
+    torch.testing.assert_close(probs[:, 1], soft[:, 2] + soft[:, 3])
+    torch.testing.assert_close(probs[:, 0], soft[:, 1])
+    assert torch.equal(probs[:, 3], torch.zeros_like(probs[:, 3]))
+    assert mapping.score_kind("logits") == "probabilities" and mapping.score_kind("scores") == "scores"
+    # void's mass is dropped, not redistributed: probabilities sum to less than one where the model says void
+    torch.testing.assert_close(probs.sum(1), 1 - soft[:, 4])
+    identity = build_class_map(classes, backend_config("torchscript", None), prompted=False, no_object=False)
+    assert identity.identity and identity.apply(logits, "logits") is logits
+    with pytest.raises(UserError, match=r"names \['bus'\], not outputs of the model"):
+        build_class_map(classes, replace(config, class_map=(("vehicle", ("bus",)),)), False, False)
+
+
+class TwoHeads(torch.nn.Module):
+    """A closed-set model with more channels than the data set has classes."""
+
+    def forward(self, x):
+        pooled = torch.nn.functional.avg_pool2d(x, 4)
+        return torch.cat([pooled, pooled[:, :1] * -1, pooled[:, 1:2] * 2], 1)  # 5 channels
+
+
+def test_torchscript_channels_summed_per_class_end_to_end(toy_world, tmp_path):
+    path = tmp_path / "five.pt"
+    torch.jit.script(TwoHeads()).save(str(path))
+    base = toy_config(toy_world)
+    classes = Dataset(base).classes
+    outputs = ("r", "g", "b", "neg", "double")
+    config = replace(base, backend="torchscript", weights=path, work_dir=tmp_path / "work", outputs=outputs,
+                     class_map=((classes[0], ("r", "neg")), (classes[1], ("double",))))
+    result = run_logits(config, "labeled", workers=0, info=lambda m: None, warn=lambda m: None)
+    store = LogitsStore(result["store"])
+    assert store.score_kind == "probabilities" and store.attrs["class_map"][classes[0]] == ["r", "neg"]
+    sample = Dataset(base).split("labeled")[0]
+    x = torch.from_numpy(read_image(sample.image)).permute(2, 0, 1)[None].float() / 255
+    image_id = sample.id
+    soft = TwoHeads()(x).softmax(1)[0]
+    stored = torch.from_numpy(store.read(image_id))
+    torch.testing.assert_close(stored[0], soft[0] + soft[3], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(stored[1], soft[4], atol=2e-3, rtol=2e-3)
+    assert float(stored[2:].abs().max()) == 0  # the other classes have no output
+    assert torch.equal(to_probabilities(stored, store.score_kind), stored)
+    with pytest.raises(UserError, match="store was made with other settings"):  # another map, another store
+        run_logits(replace(config, class_map=()), "labeled", workers=0, info=lambda m: None, warn=lambda m: None)

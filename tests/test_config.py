@@ -108,3 +108,29 @@ def test_show_output_parses_back_to_the_same_config(tmp_path):
     (tmp_path / "c.toml").write_text(cfg.to_toml(config))
     again = cfg.load(tmp_path / "c.toml")
     assert {**again.__dict__, "source": ""} == {**config.__dict__, "source": ""}
+
+
+def test_foundation_settings_parse_validate_and_round_trip(tmp_path):
+    text = EXAMPLE.replace('[work]', '''code = "third_party/seem"
+tokenizer = "weights/clip-tokenizer"
+outputs = ["road", "car", "truck"]
+background = "prompt"
+
+[foundation.map]
+road = "road"
+vehicle = ["car", "truck"]
+"potted plant" = []
+
+[work]''')
+    config = cfg.load(_write(tmp_path, text))
+    assert config.code == tmp_path / "third_party/seem" and config.tokenizer == tmp_path / "weights/clip-tokenizer"
+    assert config.outputs == ("road", "car", "truck") and config.background == "prompt"
+    assert config.class_map == (("road", ("road",)), ("vehicle", ("car", "truck")), ("potted plant", ()))
+    (tmp_path / "again.toml").write_text(cfg.to_toml(config))
+    again = cfg.load(tmp_path / "again.toml")
+    assert {**again.__dict__, "source": ""} == {**config.__dict__, "source": ""}
+    for bad, match in [('background = "prompt"', "background = \"none\""), ('vehicle = ["car", "truck"]', "vehicle = 3"),
+                       ('outputs = ["road", "car", "truck"]', "outputs = []")]:
+        path = _write(tmp_path / "bad", text.replace(bad, match))
+        with pytest.raises(UserError, match=r"foundation\.(background|map\.vehicle|outputs)"):
+            cfg.load(path)

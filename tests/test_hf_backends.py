@@ -8,6 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import backend_config  # noqa: E402
 from pipeline.backends import build_backend  # noqa: E402
 from pipeline.backends.hf import ClipSegBackend  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
@@ -35,7 +36,7 @@ def tiny_clipseg(tmp_path, monkeypatch):
 
 def test_clipseg_scores_equal_per_prompt_forward(tiny_clipseg):
     folder, model = tiny_clipseg
-    backend = build_backend("clipseg", folder, CLASSES, torch.device("cpu"))
+    backend = build_backend(backend_config("clipseg", folder), CLASSES, torch.device("cpu"))[0]
     assert backend.score_kind == "logits" and len(backend.weights_sha256) == 64
     images = np.random.default_rng(0).integers(0, 256, (2, 40, 50, 3), dtype=np.uint8)
     batch = torch.stack([backend.preprocess(im) for im in images])
@@ -51,7 +52,7 @@ def test_clipseg_scores_equal_per_prompt_forward(tiny_clipseg):
 
 def test_clipseg_bad_folder(tmp_path):
     with pytest.raises(UserError, match="cannot load a CLIPSegForImageSegmentation"):
-        build_backend("clipseg", tmp_path, CLASSES, torch.device("cpu"))
+        build_backend(backend_config("clipseg", tmp_path), CLASSES, torch.device("cpu"))
 
 
 def test_sam3_scores_equal_per_prompt_forward(tmp_path, monkeypatch):
@@ -76,7 +77,7 @@ def test_sam3_scores_equal_per_prompt_forward(tmp_path, monkeypatch):
     from pipeline.backends.hf import Sam3Backend
 
     monkeypatch.setattr(Sam3Backend, "_tokenize", lambda self, w, prompts: (IDS, torch.ones_like(IDS)))
-    backend = build_backend("sam3", tmp_path / "sam3", CLASSES, torch.device("cpu"))
+    backend = build_backend(backend_config("sam3", tmp_path / "sam3"), CLASSES, torch.device("cpu"))[0]
     images = np.random.default_rng(1).integers(0, 256, (2, 40, 50, 3), dtype=np.uint8)
     batch = torch.stack([backend.preprocess(im) for im in images])
     assert batch.shape == (2, 3, 56, 56)

@@ -4,7 +4,9 @@ A backend turns class names + images into per-image class scores:
 
 * ``preprocess``: a picklable `Preprocess` run in loader workers (resize, normalise) so the model
   never waits for JPEG decoding;
-* ``predict(batch)``: (B, 3, H, W) on the device -> (B, K, h, w) scores at the model's native resolution;
+* ``predict(batch)``: (B, 3, H, W) on the device -> (B, outputs, h, w) scores at the model's native
+  resolution, one map per output: a text prompt (``prompted`` backends) or a model channel; the
+  class map (pipeline.classmap) turns outputs into the data set's classes;
 * ``score_kind``: ``logits`` (softmax over classes gives probabilities), ``probabilities``, or
   ``scores`` (non-negative, unnormalised: SEEM's sem_seg);
 * ``model_id`` and ``weights_sha256``: what the store records so it is never reused with another model.
@@ -21,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.classmap import NO_OBJECT, ClassMap, build_class_map
+from pipeline.config import Config
 from pipeline.errors import UserError
 
 
@@ -64,13 +68,20 @@ class Backend:
     weights_sha256: str | None = None
     preprocess: Preprocess = Preprocess()
     autocast: bool = False  # fp16 autocast on CUDA
+    prompted: bool = False  # outputs are text prompts (any string); else fixed channels of a closed-set model
+    no_object: bool = False  # a trailing no-object output follows the prompts (SEEM)
+    notes: tuple[str, ...] = ()  # what loading found, for the user (e.g. checkpoint tensors loaded)
+
+    def __init__(self, weights: Path, outputs: tuple[str, ...], device: torch.device, config: Config):
+        """``outputs``: the prompts to score (prompted backends) or the channel names expected from the model."""
+        raise NotImplementedError
 
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) on the device -> (B, len(outputs), h, w) scores."""
         raise NotImplementedError
 
 
-def build_backend(name: str, weights: Path | None, classes: tuple[str, ...], device: torch.device) -> Backend:
-    """The named backend, loaded from local weights (a file or folder; a hub id for the hf backends)."""
+def backend_class(name: str) -> type[Backend]:
     if name == "toy":
         from pipeline.backends.toy import ToyBackend as cls
     elif name == "torchscript":
@@ -83,19 +94,19 @@ def build_backend(name: str, weights: Path | None, classes: tuple[str, ...], dev
         from pipeline.backends.hf import Sam3Backend as cls
     else:
         raise UserError(f"--backend {name}: unknown backend (seem | sam3 | clipseg | torchscript | toy)")
-    if weights is None:
-        raise UserError(f"backend '{name}' needs weights: set foundation.weights in the config or pass --weights")
-    return cls(Path(weights), classes, device)
+    return cls
 
 
-# VOC-style names that are not words: what to say to a text encoder instead
-PROMPTS = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor",
-           "aeroplane": "airplane"}
-
-
-def prompts(classes: tuple[str, ...]) -> list[str]:
-    """Class names as text prompts for the text-promptable backends."""
-    return [PROMPTS.get(c, c.replace("_", " ")) for c in classes]
+def build_backend(config: Config, classes: tuple[str, ...], device: torch.device) -> tuple[Backend, ClassMap]:
+    """The configured backend, loaded from local weights (a file or folder; a hub id for the hf backends),
+    and the map from its outputs to the data set's classes."""
+    cls = backend_class(config.backend)
+    mapping = build_class_map(classes, config, cls.prompted, cls.no_object)
+    if config.weights is None:
+        raise UserError(f"backend '{config.backend}' needs weights: set foundation.weights in the config or "
+                        "pass --weights")
+    outputs = tuple(o for o in mapping.outputs if o != NO_OBJECT)
+    return cls(Path(config.weights), outputs, device, config), mapping
 
 
 def require_file(path: Path, what: str) -> Path:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.backends import Backend, Preprocess, prompts
+from pipeline.backends import Backend, Preprocess
+from pipeline.config import Config
 from pipeline.errors import UserError
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -47,15 +48,16 @@ def _weights_id(weights: Path) -> str | None:
 class _TextPromptBackend(Backend):
     score_kind = "logits"  # one logit map per prompt; softmax over classes gives probabilities
     autocast = True
+    prompted = True
     model_class = ""
 
-    def __init__(self, weights: Path, classes: tuple[str, ...], device: torch.device):
+    def __init__(self, weights: Path, outputs: tuple[str, ...], device: torch.device, config: Config):
         self.transformers = _transformers()
         self.model = _load(getattr(self.transformers, self.model_class), weights, device)
         self.device, self.weights = device, weights
         self.model_id = f"{self.name}:{Path(weights).name}"
         self.weights_sha256 = _weights_id(weights)
-        ids, mask = self._tokenize(weights, prompts(classes))
+        ids, mask = self._tokenize(weights, list(outputs))
         with torch.no_grad():
             self.text = self._encode_text(ids.to(device), mask.to(device))
 
@@ -75,8 +77,8 @@ class ClipSegBackend(_TextPromptBackend):
     name = "clipseg"
     model_class = "CLIPSegForImageSegmentation"
 
-    def __init__(self, weights: Path, classes: tuple[str, ...], device: torch.device):
-        super().__init__(weights, classes, device)
+    def __init__(self, weights: Path, outputs: tuple[str, ...], device: torch.device, config: Config):
+        super().__init__(weights, outputs, device, config)
         size = self.model.config.vision_config.image_size
         self.preprocess = Preprocess(fixed=(size, size), mean=IMAGENET[0], std=IMAGENET[1])
 
@@ -99,8 +101,8 @@ class Sam3Backend(_TextPromptBackend):
     name = "sam3"
     model_class = "Sam3Model"
 
-    def __init__(self, weights: Path, classes: tuple[str, ...], device: torch.device):
-        super().__init__(weights, classes, device)
+    def __init__(self, weights: Path, outputs: tuple[str, ...], device: torch.device, config: Config):
+        super().__init__(weights, outputs, device, config)
         size = self.model.config.vision_config.backbone_config.image_size
         size = size if isinstance(size, int) else size[0]
         self.preprocess = Preprocess(fixed=(size, size), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

@@ -1,55 +1,159 @@
 """SEEM (X-Decoder family) as a backend: text prompts in, SEEM's semantic scores out.
 
-Works with both layouts of the SEEM repository: the `package` branch (``seem.modeling`` ...) and the
-v1.0 layout (``modeling``, ``utils`` on ``sys.path``). What this adapter gets right:
+SEEM is imported from the user's checkout (``foundation.code``: branch ``v1.0``, layout ``modeling.*``,
+or branch ``package``, layout ``seem.modeling.*``) or from an installed ``seem`` package. What this
+adapter does instead of SEEM's own entry points, and why:
 
-* the vocabulary is the class names (as readable prompts) + a trailing "background": SEEM treats the
-  LAST entry as "no object" and drops it, so without it the last real class would vanish;
-* the panoptic and instance heads are switched off before the model is built (they force
-  full-resolution masks for every query: slow and memory hungry);
-* ``evaluate`` is called on whole batches, under fp16 autocast on CUDA, and asked for masks at 1/4 of
-  the input size (SEEM's native mask resolution), never upsampled to full size;
-* its ``sem_seg`` is sum_q softmax(class_q)[k] * sigmoid(mask_q): non-negative and unnormalised, so
-  the store records score kind ``scores`` (normalised over classes when read as probabilities).
+* it builds SEEM's options itself: SEEM's ``init_distributed`` imports MPI, runs ``hostname -I`` and picks
+  the GPU from OpenMPI variables (on the ``package`` branch it always fails). The model goes to the device
+  given, one GPU per torchrun rank;
+* it switches the panoptic and instance heads off (they force full-resolution masks for every query)
+  and the SAM-ViT backbone's pretraining file (a path on the authors' cluster; the checkpoint holds it);
+* it loads the checkpoint itself and counts the tensors that fit: a wrong config/checkpoint pair is an
+  error, never silent random weights (SEEM loads with ``strict=False`` and only logs);
+* it checks the CLIP tokenizer first (offline, transformers 5 returns a 2-token stub) and builds the
+  text vocabulary on the model's device (SEEM's own call moves the tokens with ``.cuda()``);
+* it computes SEEM's ``sem_seg`` exactly, at the stored resolution: ``evaluate`` upsamples every query's
+  mask to the padded input, sums ``softmax(class)[k] * sigmoid(mask)`` over queries for every class at
+  full resolution, then crops and resizes (bicubic, antialiased). Crop and resize are linear, so they
+  are applied to each query's sigmoid mask and the class sum is taken after, at 1/4 of the input: the
+  same numbers without a (K, H, W) tensor per image. SEEM's trailing no-object entry is kept as the last
+  output, for the data set's background class (``foundation.background``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
+import io
 import math
+import sys
+import traceback
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
-from pipeline.backends import Backend, Preprocess, prompts, require_file
+from pipeline.backends import Backend, Preprocess, require_file
+from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.store import file_sha256
 
-STRIDE = 4
+STRIDE = 4  # SEEM's masks are at 1/4 of the padded input
 SHORT_SIDE = 512  # SEEM's demo resolution
+NO_OBJECT_TEXT = "background"  # SEEM's trailing vocabulary entry, as in its own evaluation code
+CLIP_VOCAB = 49408
+MIN_LOADED = 0.98  # share of the model's tensors a checkpoint must fill
+QUERY_CHUNK = 32  # queries upsampled at once (bounds memory at full resolution)
 # checkpoint stem -> its model config in the SEEM repository
 CONFIGS = {"seem_focall_v1": "focall_unicl_lang_v1.yaml", "seem_focalt_v1": "focalt_unicl_lang_v1.yaml",
            "seem_focall_v0": "focall_unicl_lang_v0.yaml", "seem_focalt_v0": "focalt_unicl_lang_v0.yaml",
            "seem_samvitb_v1": "samvitb_unicl_lang_v1.yaml", "seem_samvitl_v1": "samvitl_unicl_lang_v1.yaml"}
-INSTALL = ("install SEEM from its git repository (see README: 'SEEM'), e.g. pip install "
-           "'git+https://github.com/UX-Decoder/Segment-Everything-Everywhere-All-At-Once.git@package'")
+# import name -> pip name, for the packages SEEM imports whose names differ
+PIP_NAMES = {"cv2": "opencv-python-headless", "yaml": "pyyaml", "PIL": "pillow", "skimage": "scikit-image",
+             "sklearn": "scikit-learn", "pycocotools": "pycocotools", "mpi4py": "mpi4py mpich"}
+README = "README 'SEEM'"
 
 
-def import_seem() -> SimpleNamespace:
-    """SEEM's entry points from whichever layout is installed."""
-    for prefix in ("seem.", ""):
-        try:
+def import_seem(code: Path | None) -> SimpleNamespace:
+    """SEEM's entry points from the checkout at ``code`` (either layout), else an installed ``seem``."""
+    prefix, root = _locate(code)
+    _alias_removed_pillow_names()
+    try:
+        with _quiet():
+            modeling = importlib.import_module(prefix + "modeling")
             return SimpleNamespace(
-                BaseModel=importlib.import_module(prefix + "modeling.BaseModel").BaseModel,
-                build_model=importlib.import_module(prefix + "modeling").build_model,
+                prefix=prefix, root=root,
+                build_model=modeling.build_model,
                 load_opt=importlib.import_module(prefix + "utils.arguments").load_opt_from_config_files,
-                init_distributed=importlib.import_module(prefix + "utils.distributed").init_distributed,
-                root=Path(importlib.import_module(prefix + "modeling").__file__).resolve().parent.parent,
+                templates=importlib.import_module(prefix + "utils.prompt_engineering").get_prompt_templates,
+                postprocess=importlib.import_module(prefix + "modeling.modules").sem_seg_postprocess,
+                encoders=importlib.import_module(prefix + "modeling.vision.encoder.build"),
+                ImageList=importlib.import_module("detectron2.structures").ImageList,
             )
-        except ImportError:
-            continue
-    raise UserError(f"backend 'seem': SEEM is not installed; {INSTALL}")
+    except Exception as exc:  # SEEM's import chain raises anything from ImportError to RuntimeError
+        raise UserError(f"backend 'seem': importing SEEM failed{_where(exc)}: {_what(exc)}; {_import_hint(exc)}") from None
+
+
+def _locate(code: Path | None) -> tuple[str, Path]:
+    """(module prefix, package root) of the SEEM to import; puts a checkout on sys.path."""
+    if code is None:
+        spec = importlib.util.find_spec("seem")
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError("backend 'seem': SEEM not found; set foundation.code to your SEEM checkout (branch v1.0 "
+                            f"or package), see {README}")
+        return "seem.", Path(spec.submodule_search_locations[0])
+    code = Path(code)
+    if (code / "modeling" / "__init__.py").is_file():
+        prefix, root = "", code  # v1.0: modeling/, utils/ at the top
+    elif (code / "seem" / "modeling" / "__init__.py").is_file():
+        prefix, root = "seem.", code / "seem"  # package branch
+    else:
+        raise UserError(f"foundation.code {code}: not a SEEM checkout (no modeling/ or seem/modeling/ in it); "
+                        "give the folder of a SEEM clone at branch v1.0 or package")
+    # first on the path: SEEM's top-level 'utils' must win over other packages of that name. Our own
+    # 'pipeline' and 'trainer' are imported already, so v1.0's folders of those names cannot shadow them.
+    if str(code) not in sys.path:
+        sys.path.insert(0, str(code))
+    return prefix, root
+
+
+def _alias_removed_pillow_names() -> None:
+    """detectron2-xyz uses Image.LINEAR as a default argument; Pillow 10 removed it and two others."""
+    from PIL import Image
+
+    for old, new in (("LINEAR", "BILINEAR"), ("CUBIC", "BICUBIC"), ("ANTIALIAS", "LANCZOS")):
+        if not hasattr(Image, old):
+            setattr(Image, old, getattr(Image, new))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """SEEM prints and warns while importing and building (timm deprecations, optional encoders)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    frame = frames[-1]
+    parts = Path(frame.filename).parts
+    short = "/".join(parts[-3:]) if len(parts) > 3 else frame.filename
+    return f" in {short}:{frame.lineno}"
+
+
+def _what(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0].strip() if lines else ''}".rstrip(": ")
+
+
+def _import_hint(exc: BaseException) -> str:
+    text, where = str(exc), _where(exc)
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        name = exc.name.split(".")[0]
+        if name == "mpi4py":
+            return ("SEEM's v1.0 layout imports mpi4py when loaded (utils/distributed.py), though this tool never "
+                    "starts MPI: pip install mpi4py mpich")
+        if name == "detectron2":
+            return f"SEEM needs its detectron2 fork: make seem-setup D2_SRC=<checkout or git URL> ({README})"
+        if name == "MultiScaleDeformableAttention":
+            return "SEEM's deformable encoder needs its compiled CUDA op"
+        return f"a package SEEM imports is missing: pip install {PIP_NAMES.get(name, name)} ({README} lists them)"
+    if isinstance(exc, AttributeError) and ("PIL" in text or "Image" in text):
+        from PIL import __version__ as pillow
+
+        return (f"that code uses a Pillow name that Pillow {pillow} no longer has; install a release of it that "
+                "supports Pillow >= 10")
+    if "torchvision" in where or "torchvision" in text:
+        return (f"torchvision does not match torch {torch.__version__}: install the torchvision release built for "
+                "this torch")
+    return f"see {README} for the tested install"
 
 
 def find_config(weights: Path, seem_root: Path) -> Path:
@@ -64,33 +168,164 @@ def find_config(weights: Path, seem_root: Path) -> Path:
                     "put the matching configs/seem/*.yaml beside the checkpoint as <checkpoint-stem>.yaml")
 
 
+def model_options(seem: SimpleNamespace, config_path: Path, tokenizer: Path | None, device: torch.device) -> dict:
+    """SEEM's options for semantic inference, built without its MPI ``init_distributed``."""
+    try:
+        opt = seem.load_opt([str(config_path)])
+        model = opt["MODEL"]
+        model["DECODER"]["TEST"].update({"SEMANTIC_ON": True, "PANOPTIC_ON": False, "INSTANCE_ON": False})
+        model["BACKBONE"]["LOAD_PRETRAINED"] = False
+        text = model["TEXT"]
+    except (KeyError, TypeError, OSError, ValueError) as exc:
+        raise UserError(f"{config_path}: not a SEEM model config ({_what(exc)})") from None
+    if tokenizer is not None:
+        if not Path(tokenizer).is_dir():
+            raise UserError(f"foundation.tokenizer {tokenizer}: no such folder (a CLIP tokenizer folder with "
+                            "vocab.json and merges.txt)")
+        text["PRETRAINED_TOKENIZER"] = str(tokenizer)
+    opt["device"] = device
+    return opt
+
+
+def check_tokenizer(text: dict) -> None:
+    """Refuse a CLIP tokenizer that cannot load or is not CLIP's (offline stubs), before SEEM builds on it."""
+    if text.get("TOKENIZER") not in ("clip", "clip-fast"):
+        return
+    name = text.get("PRETRAINED_TOKENIZER", "openai/clip-vit-base-patch32")
+    fix = (f"set foundation.tokenizer to a local CLIP tokenizer folder (vocab.json, merges.txt; {README})")
+    try:
+        from transformers import CLIPTokenizer
+
+        with _quiet():
+            tokenizer = CLIPTokenizer.from_pretrained(name)
+    except Exception as exc:  # offline: OSError, TypeError or ValueError depending on the transformers release
+        raise UserError(f"SEEM's CLIP tokenizer '{name}' cannot be loaded ({_what(exc)}); {fix}") from None
+    if tokenizer.vocab_size != CLIP_VOCAB:
+        raise UserError(f"SEEM's CLIP tokenizer '{name}' has {tokenizer.vocab_size} tokens, CLIP's has {CLIP_VOCAB:,} "
+                        f"(offline, transformers can return a stub); {fix}")
+
+
+def check_encoder(seem: SimpleNamespace, opt: dict, weights: Path, config_path: Path) -> None:
+    """SEEM registers its deformable encoder (SAM-ViT models) only when the CUDA op is compiled."""
+    name = opt["MODEL"].get("ENCODER", {}).get("NAME")
+    if name is None or seem.encoders.is_model(name):
+        return
+    reason = "not registered"
+    if name == "transformer_encoder_deform":
+        try:
+            with _quiet():
+                importlib.import_module(seem.prefix + "modeling.vision.encoder.ops.functions.ms_deform_attn_func")
+        except Exception as exc:
+            reason = _what(exc).split(". ")[0]
+        ops = seem.root / "modeling" / "vision" / "encoder" / "ops"
+        raise UserError(f"{weights}: this SEEM model ({config_path.name}) needs the deformable encoder "
+                        f"'{name}', which SEEM registers only when its MultiScaleDeformableAttention CUDA op is "
+                        f"compiled ({reason}); compile it (cd {ops} && sh make.sh, needs CUDA and nvcc) or use "
+                        "seem_focall_v1.pt / seem_focalt_v1.pt, which need no compiled op")
+    raise UserError(f"{config_path}: encoder '{name}' is not one SEEM knows ({reason})")
+
+
+def build(seem: SimpleNamespace, opt: dict, config_path: Path):
+    try:
+        with _quiet():
+            return seem.build_model(opt)
+    except Exception as exc:
+        if not torch.cuda.is_available() and any(s in str(exc) for s in ("CUDA", "NVIDIA", "cuda")):
+            raise UserError("SEEM's model builder needs CUDA (seem_model_v1.py calls torch.cuda.current_device()) "
+                            f"and this torch has none ({_what(exc)}): run stage 0 on a GPU machine, where any "
+                            "--device works, cpu included") from None
+        raise UserError(f"{config_path}: building SEEM failed{_where(exc)}: {_what(exc)}") from None
+
+
+def load_checkpoint(model: torch.nn.Module, weights: Path, config_path: Path) -> str:
+    """Load a SEEM checkpoint (a state dict) and refuse one that does not fit the model; returns a note."""
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and torch's own errors
+        raise UserError(f"{weights}: not a SEEM checkpoint (cannot be read as a state dict: {_what(exc)})") from None
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise UserError(f"{weights}: not a SEEM checkpoint (expected a state dict of tensors)")
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    other_shape = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if other_shape or len(fits) < MIN_LOADED * len(own):
+        example = (f"e.g. {other_shape[0]}: {tuple(state[other_shape[0]].shape)} in the checkpoint, "
+                   f"{tuple(own[other_shape[0]].shape)} in the model" if other_shape
+                   else f"e.g. {next(k for k in own if k not in fits)} missing")
+        raise UserError(f"{weights}: does not fit the SEEM model of {config_path.name}: {len(fits):,} of "
+                        f"{len(own):,} model tensors found, {len(other_shape):,} of another shape ({example}); "
+                        f"give this checkpoint's own config (beside it as {weights.stem}.yaml)")
+    model.load_state_dict(fits, strict=False)
+    note = f"SEEM: {len(fits):,} of {len(own):,} model tensors loaded from {weights.name}"
+    missing = [k for k in own if k not in fits]
+    if missing:
+        note += f"; {len(missing)} not in it keep their initial values ({', '.join(missing[:3])}, ...)"
+    return note
+
+
 class SeemBackend(Backend):
     name = "seem"
     score_kind = "scores"
     autocast = True
+    prompted = True
+    no_object = True
     preprocess = Preprocess(short_side=SHORT_SIDE, uint8=True)
 
-    def __init__(self, weights: Path, classes: tuple[str, ...], device: torch.device):
-        seem = import_seem()
+    def __init__(self, weights: Path, outputs: tuple[str, ...], device: torch.device, config: Config):
+        seem = import_seem(config.code)
         weights = require_file(weights, "SEEM checkpoint")
-        opt = seem.init_distributed(seem.load_opt([str(find_config(weights, seem.root))]))
-        opt["device"] = device.type
-        test = opt["MODEL"]["DECODER"]["TEST"]
-        test.update({"SEMANTIC_ON": True, "PANOPTIC_ON": False, "INSTANCE_ON": False})
-        model = seem.BaseModel(opt, seem.build_model(opt)).from_pretrained(str(weights)).eval().to(device)
-        vocabulary = prompts(classes) + ["background"]
-        with torch.no_grad():
-            model.model.sem_seg_head.predictor.lang_encoder.get_text_embeddings(vocabulary, is_eval=True)
-        model.model.sem_seg_head.num_classes = len(classes)
-        self.model, self.num_classes, self.weights = model, len(classes), weights
+        config_path = find_config(weights, seem.root)
+        opt = model_options(seem, config_path, config.tokenizer, device)
+        check_tokenizer(opt["MODEL"]["TEXT"])
+        check_encoder(seem, opt, weights, config_path)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # SEEM creates a tensor on the current device while building
+        model = build(seem, opt, config_path)
+        note = load_checkpoint(model, weights, config_path)
+        self.core = model.eval().to(device)
+        self.seem, self.device, self.outputs = seem, device, outputs
+        self._vocabulary(list(outputs) + [NO_OBJECT_TEXT])
+        self.notes = (note,)
         self.model_id = f"seem:{weights.name}"
         self.weights_sha256 = file_sha256(weights)
 
     @torch.no_grad()
+    def _vocabulary(self, entries: list[str]) -> None:
+        """SEEM's eval-time text embeddings (each entry through its prompt templates, averaged,
+        normalised), computed here on the model's device; the last entry is SEEM's no-object."""
+        lang = self.core.sem_seg_head.predictor.lang_encoder
+        templates = self.seem.templates()
+        embeddings = []
+        for entry in entries:
+            tokens = lang.tokenizer([t.format(entry) for t in templates], padding="max_length", truncation=True,
+                                    max_length=lang.max_token_num, return_tensors="pt")
+            text = (tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+            mean = lang.forward_language(text, norm=True).float().mean(0)
+            embeddings.append(mean / mean.norm())
+        lang.default_text_embeddings = torch.stack(embeddings)
+        self.core.sem_seg_head.num_classes = len(entries) - 1
+
+    @torch.no_grad()
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 -> (B, prompts + 1, ceil(H/4), ceil(W/4)): SEEM's sem_seg per vocabulary entry,
+        the no-object entry last."""
+        core = self.core
+        images = self.seem.ImageList.from_tensors([(x - core.pixel_mean) / core.pixel_std for x in batch],
+                                                  core.size_divisibility)
+        out = core.sem_seg_head(core.backbone(images.tensor), target_queries=None)
         height, width = (math.ceil(s / STRIDE) for s in batch.shape[-2:])
-        outputs = self.model.model.evaluate([{"image": img, "height": height, "width": width} for img in batch])
-        scores = torch.stack([out["sem_seg"] for out in outputs])
-        if scores.shape[1] != self.num_classes:
-            raise UserError(f"{self.weights}: SEEM returned {scores.shape[1]} classes, expected {self.num_classes}")
-        return scores
+        with torch.autocast(batch.device.type, enabled=False):
+            probs = out["pred_logits"].float().softmax(-1)  # (B, Q, entries)
+            scores = []
+            for b, size in enumerate(images.image_sizes):
+                total = 0
+                for q in range(0, probs.shape[1], QUERY_CHUNK):
+                    masks = F.interpolate(out["pred_masks"][b : b + 1, q : q + QUERY_CHUNK].float(),
+                                          size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)[0]
+                    masks = self.seem.postprocess(masks.sigmoid(), size, height, width)  # crop + bicubic, as SEEM
+                    total = total + torch.einsum("qe,qhw->ehw", probs[b, q : q + QUERY_CHUNK], masks)
+                scores.append(total)
+        result = torch.stack(scores)
+        if result.shape[1] != len(self.outputs) + 1:
+            raise UserError(f"SEEM returned {result.shape[1]} vocabulary entries, expected {len(self.outputs) + 1}")
+        return result

@@ -1,4 +1,5 @@
-"""Any TorchScript model mapping float32 RGB (B, 3, H, W) in [0, 1] to (B, K, h, w) logits."""
+"""Any TorchScript model mapping float32 RGB (B, 3, H, W) in [0, 1] to (B, C, h, w) logits, one channel per
+foundation.outputs entry (default: the data set's classes)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import torch
 
 from pipeline.backends import Backend, Preprocess, require_file
+from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.store import file_sha256
 
@@ -17,7 +19,7 @@ class TorchScriptBackend(Backend):
     score_kind = "logits"
     preprocess = Preprocess()
 
-    def __init__(self, weights: Path, classes: tuple[str, ...], device: torch.device):
+    def __init__(self, weights: Path, outputs: tuple[str, ...], device: torch.device, config: Config):
         require_file(weights, "TorchScript file")
         try:
             with warnings.catch_warnings():  # TorchScript is deprecated upstream, still what users export
@@ -26,7 +28,7 @@ class TorchScriptBackend(Backend):
         except Exception as exc:  # torch raises RuntimeError / ValueError variants for foreign files
             raise UserError(f"{weights}: not a TorchScript file ({type(exc).__name__}); save one with "
                             "torch.jit.script(model).save(path)") from None
-        self.weights, self.num_classes = Path(weights), len(classes)
+        self.weights, self.outputs = Path(weights), outputs
         self.model_id = f"torchscript:{Path(weights).name}"
         self.weights_sha256 = file_sha256(weights)
 
@@ -36,7 +38,7 @@ class TorchScriptBackend(Backend):
         if not (isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[0] == batch.shape[0]):
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise UserError(f"{self.weights}: model must return (B, K, h, w) logits, got {got}")
-        if out.shape[1] != self.num_classes:
-            raise UserError(f"{self.weights}: model returns {out.shape[1]} classes, expected {self.num_classes} "
-                            "(the data set's class list)")
+        if out.shape[1] != len(self.outputs):
+            raise UserError(f"{self.weights}: model returns {out.shape[1]} channels, expected {len(self.outputs)} "
+                            "(foundation.outputs, else the data set's class list)")
         return out

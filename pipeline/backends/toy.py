@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from pipeline.backends import Backend, Preprocess, require_file
+from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.store import file_sha256
 from pipeline.toy.annotator import load_annotator
@@ -17,11 +18,11 @@ class ToyBackend(Backend):
     score_kind = "logits"
     preprocess = Preprocess()  # float RGB in [0, 1] at full size; the net normalises inside
 
-    def __init__(self, weights: Path, classes: tuple[str, ...], device: torch.device):
+    def __init__(self, weights: Path, outputs: tuple[str, ...], device: torch.device, config: Config):
         model, trained = load_annotator(require_file(weights, "toy annotator weights"))
-        if trained != tuple(classes):
-            raise UserError(f"{weights}: the toy annotator knows classes {list(trained)}, the data set has "
-                            f"{list(classes)}")
+        if trained != tuple(outputs):
+            raise UserError(f"{weights}: the toy annotator knows classes {list(trained)}, expected outputs "
+                            f"{list(outputs)} (foundation.outputs, else the data set's classes)")
         self.model = model.to(device)
         self.model_id = f"toy-annotator:{Path(weights).name}"
         self.weights_sha256 = file_sha256(weights)

@@ -1,0 +1,276 @@
+"""The SEEM adapter against a fake that behaves like the real code (tests/fake_seem.py): both layouts,
+the exact scores, the vocabulary, the background setting and every planted install fault as one line.
+`make test-seem` runs the same checks against the real SEEM code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import fake_seem
+from conftest import make_config, write_gray_png, write_image
+from pipeline import PROJECT_ROOT
+from pipeline.backends import build_backend
+from pipeline.backends.seem import _alias_removed_pillow_names
+from pipeline.classmap import NO_OBJECT
+from pipeline.datasets import read_image
+from pipeline.errors import UserError
+from pipeline.logits import run_logits
+from pipeline.store import LogitsStore
+
+CLASSES = ("background", "aeroplane", "diningtable", "person")
+ROOTS = ("seem", "modeling", "utils", "detectron2", "mpi4py", "MultiScaleDeformableAttention")
+
+
+def _forget_imports():
+    for name in [m for m in sys.modules if m.split(".")[0] in ROOTS]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    """A fake SEEM checkout, its dependencies on sys.path, CUDA redirected to the CPU (as in the real test),
+    a CLIP-format tokenizer and a checkpoint saved from the model the config builds."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    _forget_imports()
+
+    def make(package=True, mpi4py=True, detectron2=None, config=fake_seem.CONFIG, stem="seem_focalt_v1"):
+        code = tmp_path / ("seem-package" if package else "seem-v1")
+        sys.path.insert(0, str(fake_seem.install(code, package, mpi4py, detectron2)))
+        tokenizer = fake_seem.write_clip_tokenizer(tmp_path / "tokenizer")
+        weights = tmp_path / "weights" / f"{stem}.pt"
+        weights.parent.mkdir(exist_ok=True)
+        if config is not None:
+            (weights.with_suffix(".yaml")).write_text(json.dumps(config))
+        return replace(make_config(tmp_path, "folder", tmp_path / "l.txt", tmp_path / "u.txt", classes=CLASSES),
+                       backend="seem", weights=weights, code=code, tokenizer=tokenizer)
+
+    yield make
+    _forget_imports()
+
+
+def save_checkpoint(config, seed=0, **model_changes):
+    """Build the fake model from the config beside the checkpoint (with changes) and save its weights."""
+    sys.path.insert(0, str(config.code))
+    _alias_removed_pillow_names()  # as the adapter does before importing SEEM
+    opt = json.loads(config.weights.with_suffix(".yaml").read_text())
+    opt["MODEL"]["TEXT"]["PRETRAINED_TOKENIZER"] = str(config.tokenizer)
+    for key, value in model_changes.items():
+        opt["MODEL"]["BACKBONE"][key] = value
+    modeling = __import__("seem.modeling" if (config.code / "seem").is_dir() else "modeling", fromlist=["x"])
+    torch.manual_seed(seed)
+    state = modeling.build_model(opt).state_dict()
+    torch.save(state, config.weights)
+    _forget_imports()
+    return state
+
+
+def by_hand(core, image, entries_kept=None):
+    """SEEM's formula from the head's outputs, at full resolution, cropped and resized as evaluate does."""
+    x = (image[None].float() - core.pixel_mean) / core.pixel_std
+    h, w = image.shape[-2:]
+    pad = (-(-h // 32) * 32, -(-w // 32) * 32)
+    x = torch.nn.functional.pad(x, (0, pad[1] - w, 0, pad[0] - h))
+    out = core.sem_seg_head(core.backbone(x))
+    masks = torch.nn.functional.interpolate(out["pred_masks"], size=pad, mode="bilinear", align_corners=False)
+    full = torch.einsum("qe,qhw->ehw", out["pred_logits"][0].softmax(-1), masks[0].sigmoid())[:, :h, :w]
+    return torch.nn.functional.interpolate(full[None], size=(-(-h // 4), -(-w // 4)), mode="bicubic",
+                                           align_corners=False, antialias=True)[0]
+
+
+@pytest.mark.parametrize("package", [True, False], ids=["package-layout", "v1.0-layout"])
+def test_scores_are_seems_own_and_the_vocabulary_is_built_on_the_device(world, package, monkeypatch):
+    config = world(package=package)
+    saved = save_checkpoint(config)
+    backend, mapping = build_backend(config, CLASSES, torch.device("cpu"))
+    core = backend.core
+    assert core.built_with["PANOPTIC_ON"] is False and core.built_with["INSTANCE_ON"] is False
+    assert torch.equal(core.state_dict()["backbone.stem.weight"], saved["backbone.stem.weight"])
+    assert backend.notes[0].startswith(f"SEEM: {len(saved)} of {len(saved)} model tensors loaded")
+    # prompts are readable, background takes SEEM's trailing no-object entry, nothing else is duplicated
+    assert mapping.outputs == ("airplane", "dining table", "person", NO_OBJECT)
+    assert mapping.groups == ((3,), (0,), (1,), (2,))
+    ours = core.sem_seg_head.predictor.lang_encoder.default_text_embeddings.clone()
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)  # SEEM's own call, redirected
+    core.sem_seg_head.predictor.lang_encoder.get_text_embeddings(["airplane", "dining table", "person",
+                                                                  "background"], is_eval=True)
+    torch.testing.assert_close(ours, core.sem_seg_head.predictor.lang_encoder.default_text_embeddings)
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 75, 101), dtype=np.uint8))
+    scores = backend.predict(torch.stack([image, image.flip(-1)]))
+    assert scores.shape == (2, 4, 19, 26) and (scores > -1e-3).all()
+    evaluate = core.evaluate([{"image": image, "height": 19, "width": 26}])[0]["sem_seg"]
+    torch.testing.assert_close(scores[0, :3], evaluate, atol=1e-5, rtol=1e-5)  # SEEM drops no-object
+    torch.testing.assert_close(scores[0], by_hand(core, image), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores[1], by_hand(core, image.flip(-1)), atol=1e-5, rtol=1e-5)
+
+
+def _folder_data(config, rng, count=3):
+    root = config.root
+    lines = []
+    for i in range(count):
+        write_image(root / "images" / f"i{i}.jpg", rng, size=(70, 90))
+        write_gray_png(root / "masks" / f"i{i}.png", rng.integers(0, 4, (70, 90)))
+        lines.append(f"images/i{i}.jpg masks/i{i}.png")
+    (root / "l.txt").write_text("\n".join(lines) + "\n")
+    (root / "u.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("background", ["no-object", "prompt"])
+def test_logits_stores_the_class_sums_for_both_background_settings(world, background, tmp_path):
+    config = replace(world(), background=background)
+    _folder_data(config, np.random.default_rng(1))
+    save_checkpoint(config)
+    result = run_logits(config, "labeled", workers=0, info=lambda m: None)
+    store = LogitsStore(result["store"])
+    assert store.score_kind == "scores" and store.classes == CLASSES
+    backend, mapping = build_backend(config, CLASSES, torch.device("cpu"))
+    image = backend.preprocess(read_image(config.root / "images" / "i0.jpg"))
+    entries = backend.predict(image[None])[0]
+    stored = torch.from_numpy(store.read("i0"))
+    if background == "no-object":
+        assert store.attrs["class_map"]["background"] == [NO_OBJECT]
+        torch.testing.assert_close(stored[0], entries[-1], atol=2e-3, rtol=2e-3)  # fp16 store
+    else:  # "background" is a prompt like any other, and the same text as SEEM's no-object entry: they split
+        assert mapping.outputs[0] == "background" and store.attrs["class_map"]["background"] == ["background"]
+        torch.testing.assert_close(stored[0], entries[0], atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(entries[0], entries[-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stored[1:], entries[[mapping.groups[k][0] for k in (1, 2, 3)]], atol=2e-3, rtol=2e-3)
+
+
+def test_several_prompts_per_class_are_summed(world):
+    config = replace(world(), class_map=(("person", ("person", "pedestrian")), ("aeroplane", ())))
+    save_checkpoint(config)
+    backend, mapping = build_backend(config, CLASSES, torch.device("cpu"))
+    assert mapping.outputs == ("dining table", "person", "pedestrian", NO_OBJECT)
+    image = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (3, 64, 64), dtype=np.uint8))
+    entries = backend.predict(image[None])
+    mapped = mapping.apply(entries, backend.score_kind)
+    torch.testing.assert_close(mapped[0, 3], entries[0, 1] + entries[0, 2])
+    assert torch.equal(mapped[0, 1], torch.zeros_like(mapped[0, 1]))  # aeroplane: no prompt, zero
+
+
+def _fails(config, match):
+    with pytest.raises(UserError, match=match) as err:
+        build_backend(config, CLASSES, torch.device("cpu"))
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_seem_missing_or_not_a_checkout(world, tmp_path):
+    config = world()
+    _fails(replace(config, code=None), "SEEM not found; set foundation.code")
+    _fails(replace(config, code=tmp_path / "weights"), "not a SEEM checkout")
+
+
+def test_mpi4py_missing_names_the_real_cause(world, monkeypatch):
+    config = world(package=False, mpi4py=False)
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # not installed
+    message = _fails(config, "mpi4py")
+    assert "utils/distributed.py" in message and "pip install mpi4py mpich" in message
+    _forget_imports()
+    package = world(package=True, mpi4py=False)  # the package layout does not import it at all
+    save_checkpoint(package)
+    assert build_backend(package, CLASSES, torch.device("cpu"))[0].core is not None
+
+
+def test_pillow_removed_names_are_aliased_and_other_breaks_reported(world):
+    config = world()  # the fake detectron2 uses Image.LINEAR like detectron2-xyz: aliased, so it imports
+    save_checkpoint(config)
+    build_backend(config, CLASSES, torch.device("cpu"))
+    _forget_imports()
+    broken = {"detectron2/data/__init__.py": "from PIL import Image\nMetadataCatalog = Image.NEAREST_EXACT_2\n"}
+    message = _fails(world(detectron2=broken), "importing SEEM failed in detectron2/data/__init__.py:2")
+    assert "AttributeError" in message and "Pillow" in message
+
+
+def test_tokenizer_offline_and_stub_are_refused(world, tmp_path):
+    config = world()
+    save_checkpoint(config)
+    # offline, transformers 4 raises and transformers 5 returns a 2-token stub: either way one line
+    _fails(replace(config, tokenizer=None),
+           r"CLIP tokenizer 'openai/clip-vit-base-patch32' (cannot be loaded|has \d+ tokens).*foundation.tokenizer")
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1}))
+    (stub / "merges.txt").write_text("#version: 0.2\n")
+    _fails(replace(config, tokenizer=stub), "has 2 tokens, CLIP's has 49,408")
+    _fails(replace(config, tokenizer=tmp_path / "absent"), "foundation.tokenizer .*: no such folder")
+
+
+def test_checkpoint_of_another_size_or_not_a_checkpoint(world):
+    config = world()
+    save_checkpoint(config, EMBED_DIM=12)  # another SEEM size than the config beside it
+    message = _fails(config, r"does not fit the SEEM model of seem_focalt_v1.yaml: \d+ of \d+ model tensors found")
+    assert "backbone.stem.weight: (12, 3, 4, 4) in the checkpoint, (8, 3, 4, 4) in the model" in message
+    config.weights.write_bytes(b"\x00 not a checkpoint")
+    _fails(config, "not a SEEM checkpoint")
+    torch.save({"model": {"x": torch.zeros(1)}}, config.weights)
+    _fails(config, "not a SEEM checkpoint")
+
+
+def test_samvit_refused_without_the_cuda_op_and_built_with_it(world, tmp_path):
+    config = world(config=None, stem="seem_samvitb_v1")  # its config comes from SEEM's configs/seem
+    config.weights.write_bytes(b"refused before it is read")
+    message = _fails(config, "needs the deformable encoder 'transformer_encoder_deform'")
+    assert "MultiScaleDeformableAttention CUDA op" in message and "make.sh" in message
+    _forget_imports()
+    op = tmp_path / "op"  # with the op compiled the encoder registers; the cluster pretraining path is off
+    op.mkdir()
+    (op / "MultiScaleDeformableAttention.py").write_text("")
+    sys.path.insert(0, str(op))
+    config.weights.with_suffix(".yaml").write_text(json.dumps(fake_seem.SAMVIT))
+    with pytest.raises(AssertionError, match="no checkpoint found"):  # what SEEM's own options do
+        save_checkpoint(config)
+    sam = json.loads(config.weights.with_suffix(".yaml").read_text())
+    sam["MODEL"]["BACKBONE"]["LOAD_PRETRAINED"] = False
+    config.weights.with_suffix(".yaml").write_text(json.dumps(sam))
+    save_checkpoint(config)
+    config.weights.with_suffix(".yaml").write_text(json.dumps(fake_seem.SAMVIT))  # the adapter switches it off
+    sys.path.insert(0, str(op))
+    assert build_backend(config, CLASSES, torch.device("cpu"))[0].notes
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a torch without CUDA")
+def test_cpu_only_torch_is_refused_with_the_reason(world, monkeypatch):
+    config = world()
+    save_checkpoint(config)
+    monkeypatch.undo()  # SEEM's builder meets the real torch.cuda.current_device()
+    monkeypatch.setattr(sys, "path", [str(config.code.parent / (config.code.name + "-deps")), *sys.path])
+    _fails(config, "SEEM's model builder needs CUDA .*run stage 0 on a GPU machine")
+
+
+def test_cli_reports_a_planted_fault_in_one_line(world, tmp_path):
+    config = world(package=False, mpi4py=False)
+    _folder_data(config, np.random.default_rng(3), count=1)
+    toml = tmp_path / "exp.toml"
+    toml.write_text(f'''[data]
+format = "folder"
+root = "{config.root}"
+labeled = "l.txt"
+unlabeled = "u.txt"
+classes = {json.dumps(list(CLASSES))}
+
+[foundation]
+backend = "seem"
+weights = "{config.weights}"
+code = "{config.code}"
+tokenizer = "{config.tokenizer}"
+''')
+    deps = config.code.parent / (config.code.name + "-deps")
+    result = subprocess.run([sys.executable, "-c", "import sys; sys.modules['mpi4py'] = None; import cli; cli.main()",
+                             "logits", "--config", str(toml), "--split", "labeled", "--device", "cpu"],
+                            capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120,
+                            env={**os.environ, "PYTHONPATH": f"{deps}:{PROJECT_ROOT}", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: backend 'seem': importing SEEM failed"), result.stderr
+    assert "mpi4py" in lines[0] and "Traceback" not in result.stderr
