@@ -10,17 +10,22 @@ CLI    := $(BIN)/conformalsam
 WORK   ?= work
 RUN    ?= toy
 
-.PHONY: setup test demo toy toy-annotator seem-logits calibrate bench-logits bench-calibrate bench-train bench-quality train clean
+.PHONY: setup test demo toy toy-annotator seem-logits seem-setup test-seem bench-seem calibrate bench-logits bench-calibrate \
+	bench-train bench-quality train clean
 
 setup: $(STAMP)
 
 # Torch first: with no CUDA here the pinned CPU build (a plain range would pull GBs of CUDA wheels).
+define new_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then $(1)/bin/pip install -q torch; \
+	else $(1)/bin/pip install -q torch==2.13.0; fi
+	$(1)/bin/pip install -q -e '.[dev,hf]'
+endef
+
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	@if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
-	else $(BIN)/pip install -q torch==2.13.0; fi
-	$(BIN)/pip install -q -e '.[dev,hf]'
+	$(call new_venv,$(VENV))
 	touch $@
 
 test: setup
@@ -54,6 +59,34 @@ calibrate: seem-logits
 train: calibrate
 	$(CLI) train --stage 1 $(CFG)
 	$(CLI) train --stage 2 $(CFG)
+
+# SEEM, the default annotator (GPU machine): its packages and detectron2 fork into .venv; SEEM_SRC, a
+# checkout (branch v1.0 or package) or git URL@branch, is what foundation.code then names. README 'SEEM'.
+D2_SRC   ?= https://github.com/MaureenZOU/detectron2-xyz.git
+SEEM_SRC ?=
+SEEM_GIT := https://github.com/UX-Decoder/Segment-Everything-Everywhere-All-At-Once.git@v1.0
+seem-setup: setup
+	bash scripts/seem_setup.sh $(VENV) "$(D2_SRC)" "$(or $(SEEM_SRC),$(SEEM_GIT))"
+
+# The SEEM backend against the real SEEM code (CPU, random weights, shrunk layers) in its own .venv-seem:
+# make test-seem SEEM_SRC=<SEEM checkout, v1.0 or package> D2_SRC=<detectron2-xyz checkout>. ~1 min + setup.
+SEEM_VENV  := .venv-seem
+SEEM_STAMP := $(SEEM_VENV)/.installed
+$(SEEM_STAMP): pyproject.toml scripts/seem_setup.sh
+	$(call new_venv,$(SEEM_VENV))
+	bash scripts/seem_setup.sh $(SEEM_VENV) "$(D2_SRC)"
+	touch $@
+
+test-seem:
+	@if [ -z "$(SEEM_SRC)" ]; then echo "test-seem skipped: give SEEM_SRC=<SEEM checkout> D2_SRC=<detectron2-xyz checkout>"; \
+	else $(MAKE) --no-print-directory $(SEEM_STAMP) && \
+	SEEM_SRC="$(abspath $(SEEM_SRC))" HF_HUB_OFFLINE=1 $(SEEM_VENV)/bin/python -m pytest tests/test_seem_real.py -p no:cacheprovider; fi
+
+# SEEM's own evaluate against this backend's computation: img/s and peak memory, full-size random-weight model.
+bench-seem:
+	@if [ -z "$(SEEM_SRC)" ]; then echo "bench-seem skipped: give SEEM_SRC=<SEEM checkout> (after make test-seem)"; \
+	else $(MAKE) --no-print-directory $(SEEM_STAMP) && \
+	SEEM_SRC="$(abspath $(SEEM_SRC))" HF_HUB_OFFLINE=1 $(SEEM_VENV)/bin/python benchmarks/bench_seem.py; fi
 
 bench-logits: setup
 	$(BIN)/python benchmarks/bench_logits.py

@@ -72,6 +72,8 @@ val = "data/splits/pascal/val.txt"
 [foundation]
 backend = "seem"
 weights = "data/weights/seem_focall_v1.pt"
+code = "third_party/SEEM-v1.0"
+tokenizer = "data/weights/clip-vit-base-patch32"
 
 [work]
 dir = "work/voc-{n}"
@@ -104,6 +106,8 @@ val = "data/splits/ade20k/val.txt"
 [foundation]
 backend = "seem"
 weights = "data/weights/seem_focall_v1.pt"
+code = "third_party/SEEM-v1.0"
+tokenizer = "data/weights/clip-vit-base-patch32"
 
 [work]
 dir = "work/ade20k"

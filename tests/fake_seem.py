@@ -289,8 +289,8 @@ def resize(image, size, interp=Image.LINEAR):  # as detectron2-xyz's ExtentTrans
 
 MPI4PY = {"mpi4py/__init__.py": "", "mpi4py/MPI.py": '''
 class _Comm:
-    def bcast(self, value, root=0):
-        return value
+    def bcast(self, value, root=0):  # SEEM's init_distributed would call it; the adapter must not
+        raise RuntimeError("MPI used: no MPI job runs here")
 
 
 COMM_WORLD = _Comm()

@@ -248,11 +248,8 @@ def test_cpu_only_torch_is_refused_with_the_reason(world, monkeypatch):
     _fails(config, "SEEM's model builder needs CUDA .*run stage 0 on a GPU machine")
 
 
-def test_cli_reports_a_planted_fault_in_one_line(world, tmp_path):
-    config = world(package=False, mpi4py=False)
-    _folder_data(config, np.random.default_rng(3), count=1)
-    toml = tmp_path / "exp.toml"
-    toml.write_text(f'''[data]
+def _toml(config, path):
+    path.write_text(f'''[data]
 format = "folder"
 root = "{config.root}"
 labeled = "l.txt"
@@ -265,12 +262,49 @@ weights = "{config.weights}"
 code = "{config.code}"
 tokenizer = "{config.tokenizer}"
 ''')
+    return path
+
+
+def _runner(config, tmp_path, prelude=""):
+    """A `conformalsam` entry point for subprocesses: the fake's dependencies on the path, CUDA redirected."""
     deps = config.code.parent / (config.code.name + "-deps")
-    result = subprocess.run([sys.executable, "-c", "import sys; sys.modules['mpi4py'] = None; import cli; cli.main()",
-                             "logits", "--config", str(toml), "--split", "labeled", "--device", "cpu"],
-                            capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120,
-                            env={**os.environ, "PYTHONPATH": f"{deps}:{PROJECT_ROOT}", "HF_HUB_OFFLINE": "1"})
+    runner = tmp_path / "run.py"
+    runner.write_text(f"import sys, torch\nsys.path[:0] = [{str(deps)!r}, {str(PROJECT_ROOT)!r}]\n"
+                      f"torch.cuda.current_device = lambda: 'cpu'\n{prelude}\nimport cli\ncli.main()\n")
+    return runner
+
+
+def test_cli_reports_a_planted_fault_in_one_line(world, tmp_path):
+    config = world(package=False, mpi4py=False)
+    _folder_data(config, np.random.default_rng(3), count=1)
+    runner = _runner(config, tmp_path, prelude="sys.modules['mpi4py'] = None")
+    result = subprocess.run([sys.executable, str(runner), "logits", "--config", str(_toml(config, tmp_path / "e.toml")),
+                             "--split", "labeled", "--device", "cpu"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: backend 'seem': importing SEEM failed"), result.stderr
     assert "mpi4py" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_torchrun_ranks_each_build_seem_without_mpi(world, tmp_path):
+    """v1.0 layout with an mpi4py whose every call fails: neither one process nor two torchrun ranks touch MPI,
+    and the two ranks together write the store one process writes."""
+    config = world(package=False)
+    _folder_data(config, np.random.default_rng(4), count=4)
+    save_checkpoint(config)
+    toml, runner = _toml(config, tmp_path / "e.toml"), _runner(config, tmp_path)
+    flags = ["logits", "--config", str(toml), "--split", "labeled", "--device", "cpu", "--batch-size", "1",
+             "--workers", "0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(runner), *flags, "--work-dir", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(runner), *flags, "--work-dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = LogitsStore(tmp_path / "one" / "logits.zarr"), LogitsStore(tmp_path / "two" / "logits.zarr")
+    assert a.ids() == b.ids() and len(a) == 4
+    for image_id in a.ids():
+        np.testing.assert_array_equal(a.read(image_id), b.read(image_id))

@@ -5,10 +5,8 @@ made here and a checkpoint saved by the test; `conformalsam logits` runs through
 stored scores are compared with a computation from SEEM's own head outputs and with SEEM's `evaluate`.
 Skipped unless SEEM_SRC names a SEEM checkout (branch v1.0 or package) and SEEM's dependencies import.
 
-Test-only patches, on a machine without CUDA: `torch.cuda.current_device` (SEEM creates a tensor on the
-current CUDA device while building) answers "cpu"; `Tensor.cuda` is the identity only while SEEM's own
-vocabulary call runs for comparison; torchvision's op schemas are declared when the installed torchvision
-is a CUDA build that cannot load its ops next to a CPU-only torch.
+Test-only patches: those of tests/seem_cpu.py on a machine without CUDA, and `Tensor.cuda` as the identity
+while SEEM's own vocabulary call runs for comparison.
 """
 
 from __future__ import annotations
@@ -36,22 +34,9 @@ CODE = Path(SEEM_SRC).resolve()
 PACKAGE = (CODE / "seem" / "modeling").is_dir()
 ROOT = CODE / "seem" if PACKAGE else CODE
 
+import seem_cpu  # noqa: E402
 
-def _declare_torchvision_ops():
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError as exc:  # a CUDA torchvision beside a CPU torch: its C++ ops do not load
-        if "torchvision::nms does not exist" not in str(exc):
-            raise
-        for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
-            del sys.modules[name]
-        lib = torch.library.Library("torchvision", "DEF")  # noqa: F841  (kept alive with the module)
-        for op in ("nms", "qnms"):
-            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        globals()["_TORCHVISION_LIB"] = lib
-
-
-_declare_torchvision_ops()
+seem_cpu.declare_torchvision_ops()
 pytest.importorskip("detectron2", reason="SEEM's detectron2 fork is not installed (make test-seem D2_SRC=...)")
 
 import fake_seem  # noqa: E402
@@ -71,12 +56,9 @@ SHRINK = {("BACKBONE", "FOCAL", "DEPTHS"): [1, 1, 1, 1], ("TEXT", "LAYERS"): 1, 
 
 @pytest.fixture(scope="module")
 def seem():
-    if not torch.cuda.is_available():
-        patch = pytest.MonkeyPatch()
-        patch.setattr(torch.cuda, "current_device", lambda: "cpu")
-    yield import_seem(CODE)
-    if not torch.cuda.is_available():
-        patch.undo()
+    with pytest.MonkeyPatch.context() as patch:
+        seem_cpu.redirect_cuda_build(patch)
+        yield import_seem(CODE)
 
 
 def options(seem, tokenizer: Path, embed_dim: int | None = None) -> dict:
@@ -216,7 +198,10 @@ def _fails(config, match):
 
 
 def test_planted_faults_on_the_real_code(seem, data, tmp_path):
-    _fails(replace(data, code=None), "SEEM not found")
+    if PACKAGE:  # importable as `seem` (here: the checkout on sys.path, as after pip install): used as is
+        assert build_backend(replace(data, code=None), CLASSES, torch.device("cpu"))[0].seem.prefix == "seem."
+    else:
+        _fails(replace(data, code=None), "SEEM not found")
     _fails(replace(data, tokenizer=None),
            r"CLIP tokenizer 'openai/clip-vit-base-patch32' (cannot be loaded|has \d+ tokens).*foundation.tokenizer")
     other = checkpoint(seem, tmp_path, stem="seem_other", embed_dim=64, config_dim=96)

@@ -1,0 +1,192 @@
+"""`make bench-seem`: SEEM's own `evaluate` against the backend's computation of the same scores.
+
+The real SEEM architecture at full size (focal-T v1 config, random weights: speed and memory do not depend
+on the values), one image size (375x500 VOC photo -> 512x683 model input), two vocabulary sizes: VOC's
+(22 prompts + no-object, built through SEEM's text encoder: its time is reported) and ADE20K's (186 +
+no-object, random embeddings: 81 templates x 12 text layers per prompt take ~15 s each on 2 CPU cores,
+milliseconds on a GPU). Paths, all giving scores at 1/4 of the input:
+
+* evaluate: SEEM's `evaluate(height=H/4, width=W/4)`: every query's mask upsampled to the padded input,
+  the class sum at full resolution, then crop + bicubic resize (what the adapter called before);
+* backend: the crop + resize applied to each query's mask, the class sum at 1/4 (the same numbers);
+* mask-res: the class sum on the head's 1/4 masks, cropped, no upsampling: cheaper still, but not
+  SEEM's numbers; its deviation from `evaluate` is printed, which is why the backend does not use it.
+
+Prints images/s and the peak memory each path adds above the loaded model (CPU: sampled RSS; CUDA:
+torch's peak allocation), and writes them to work/bench/seem.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import seem_cpu  # noqa: E402
+
+seem_cpu.declare_torchvision_ops()
+
+import fake_seem  # noqa: E402  (a CLIP-format tokenizer, offline)
+from conftest import make_config  # noqa: E402
+from pipeline.backends import build_backend  # noqa: E402
+from pipeline.backends.seem import import_seem  # noqa: E402
+from pipeline.datasets import ADE20K_CLASSES, VOC_CLASSES  # noqa: E402
+
+H, W = 512, 683  # a 375x500 image at SEEM's shorter side 512
+
+
+class PeakRSS:
+    """The highest resident set size seen while the block runs, sampled every 2 ms, above its start."""
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+    def _watch(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    @property
+    def added_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def ade_entries() -> int:
+    """ADE20K's 150 classes as prompts (readable synonyms included) + SEEM's no-object entry."""
+    from pipeline.classmap import build_class_map
+    from pipeline.config import load
+
+    config = replace(load("ade20k"), classes=ADE20K_CLASSES)
+    return len(build_class_map(ADE20K_CLASSES, config, prompted=True, no_object=True).outputs)
+
+
+def measure(run, device: torch.device, repeats: int) -> dict:
+    run()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        took = (time.perf_counter() - start) / repeats
+    memory = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else rss.added_mb
+    return {"seconds_per_image": took, "images_per_s": 1 / took, "peak_mb_added": memory}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "work" / "bench" / "seem.json")
+    args = parser.parse_args()
+    code = Path(os.environ["SEEM_SRC"]).resolve()
+    device = torch.device(args.device)
+    torch.set_num_threads(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), __import__("pytest").MonkeyPatch.context() as patch:
+        seem_cpu.redirect_cuda_build(patch)
+        tmp = Path(tmp)
+        seem = import_seem(code)
+        root = code / "seem" if (code / "seem" / "modeling").is_dir() else code
+        config_path = root / "configs" / "seem" / "focalt_unicl_lang_v1.yaml"
+        tokenizer = fake_seem.write_clip_tokenizer(tmp / "tokenizer")
+        opt = seem.load_opt([str(config_path)])
+        opt["MODEL"]["TEXT"]["PRETRAINED_TOKENIZER"] = str(tokenizer)
+        torch.manual_seed(0)
+        weights = tmp / "seem_focalt_v1.pt"
+        model = seem.build_model(opt)
+        params = sum(p.numel() for p in model.parameters())
+        torch.save(model.state_dict(), weights)
+        del model
+        (weights.with_suffix(".yaml")).write_text(config_path.read_text())
+        rows = []
+        config = replace(make_config(tmp, "folder", tmp / "l", tmp / "u", classes=VOC_CLASSES), backend="seem",
+                         weights=weights, code=code, tokenizer=tokenizer)
+        start = time.perf_counter()
+        backend, mapping = build_backend(config, VOC_CLASSES, device)
+        built = time.perf_counter() - start
+        for name, entries in (("VOC", len(mapping.outputs)), ("ADE20K", ade_entries())):
+            if name != "VOC":  # same model, a bigger vocabulary: random unit embeddings
+                lang = backend.core.sem_seg_head.predictor.lang_encoder
+                lang.default_text_embeddings = F.normalize(torch.randn(entries, lang.default_text_embeddings.shape[1],
+                                                                       device=device), dim=-1)
+                backend.outputs = tuple(f"p{i}" for i in range(entries - 1))
+            core = backend.core
+            torch.manual_seed(1)
+            coarse = torch.randint(0, 256, (1, 3, H // 16, W // 16)).float()
+            image = F.interpolate(coarse, size=(H, W), mode="bilinear").round().to(torch.uint8)[0].to(device)
+            h4, w4 = math.ceil(H / 4), math.ceil(W / 4)
+            outputs = {}
+
+            def evaluate():
+                outputs["evaluate"] = core.evaluate([{"image": image, "height": h4, "width": w4}])[0]["sem_seg"]
+
+            def adapter():
+                outputs["backend"] = backend.predict(image[None])[0]
+
+            def mask_res():
+                images = seem.ImageList.from_tensors([(image - core.pixel_mean) / core.pixel_std],
+                                                     core.size_divisibility)
+                out = core.sem_seg_head(core.backbone(images.tensor), target_queries=None)
+                outputs["mask-res"] = torch.einsum("qe,qhw->ehw", out["pred_logits"][0].float().softmax(-1),
+                                                   out["pred_masks"][0].float().sigmoid())[:, :h4, :w4]
+
+            row = {"vocabulary": name, "entries": entries, "build_s": built if name == "VOC" else None}
+            for path, run in (("evaluate", evaluate), ("backend", adapter), ("mask-res", mask_res)):
+                row[path] = measure(run, device, args.repeats)
+            ref = outputs["evaluate"].float()
+            scale = float(ref.abs().max())
+            row["backend_max_rel_diff"] = float((outputs["backend"][:-1] - ref).abs().max()) / scale
+            row["mask_res_max_rel_diff"] = float((outputs["mask-res"][:-1] - ref).abs().max()) / scale
+            rows.append(row)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"SEEM focal-T v1 architecture ({params / 1e6:.1f} M parameters, random weights), input {H}x{W}, "
+          f"scores at {math.ceil(H / 4)}x{math.ceil(W / 4)}, {device_name}, torch {torch.__version__}")
+    print(f"{'vocabulary':<18}{'path':<10}{'s/image':>9}{'img/s':>8}{'peak MB added':>15}{'max |diff| / max':>18}")
+    for row in rows:
+        for path in ("evaluate", "backend", "mask-res"):
+            diff = {"evaluate": "-", "backend": f"{row['backend_max_rel_diff']:.1e}",
+                    "mask-res": f"{row['mask_res_max_rel_diff']:.1e}"}[path]
+            m = row[path]
+            print(f"{row['vocabulary'] + ' (' + str(row['entries']) + ')':<18}{path:<10}{m['seconds_per_image']:>9.2f}"
+                  f"{m['images_per_s']:>8.2f}{m['peak_mb_added']:>15.0f}{diff:>18}")
+        if row["build_s"] is not None:
+            print(f"{'':<18}(backend build incl. checkpoint load and vocabulary: {row['build_s']:.1f} s)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "input": [H, W],
+                                    "parameters": params, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
