@@ -84,9 +84,9 @@ test-seem:
 
 # SEEM's own evaluate against this backend's computation: img/s and peak memory, full-size random-weight model.
 bench-seem:
-	@if [ -z "$(SEEM_SRC)" ]; then echo "bench-seem skipped: give SEEM_SRC=<SEEM checkout> (after make test-seem)"; \
-	else $(MAKE) --no-print-directory $(SEEM_STAMP) && \
-	SEEM_SRC="$(abspath $(SEEM_SRC))" HF_HUB_OFFLINE=1 $(SEEM_VENV)/bin/python benchmarks/bench_seem.py; fi
+	@if [ -z "$(SEEM_SRC)" ] || [ ! -f $(SEEM_STAMP) ]; then \
+	echo "bench-seem skipped: run make test-seem first, then give SEEM_SRC=<SEEM checkout>"; \
+	else SEEM_SRC="$(abspath $(SEEM_SRC))" HF_HUB_OFFLINE=1 $(SEEM_VENV)/bin/python benchmarks/bench_seem.py; fi
 
 bench-logits: setup
 	$(BIN)/python benchmarks/bench_logits.py

@@ -2,7 +2,7 @@
 
 The real SEEM architecture at full size (focal-T v1 config, random weights: speed and memory do not depend
 on the values), one image size (375x500 VOC photo -> 512x683 model input), two vocabulary sizes: VOC's
-(22 prompts + no-object, built through SEEM's text encoder: its time is reported) and ADE20K's (186 +
+(22 prompts + no-object, built through SEEM's text encoder: its time is reported) and ADE20K's (171 +
 no-object, random embeddings: 81 templates x 12 text layers per prompt take ~15 s each on 2 CPU cores,
 milliseconds on a GPU). Paths, all giving scores at 1/4 of the input:
 

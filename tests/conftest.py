@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# No test reaches a network: huggingface_hub reads this once, when first imported (before any test runs).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 import shutil
 from dataclasses import replace
 from pathlib import Path
