@@ -119,10 +119,11 @@ def _quiet():
 
 
 def _where(exc: BaseException) -> str:
+    """The innermost frame of the failure outside torch itself (torch's frames only say how it raised)."""
     frames = traceback.extract_tb(exc.__traceback__)
     if not frames:
         return ""
-    frame = frames[-1]
+    frame = next((f for f in reversed(frames) if "/torch/" not in f.filename), frames[-1])
     parts = Path(frame.filename).parts
     short = "/".join(parts[-3:]) if len(parts) > 3 else frame.filename
     return f" in {short}:{frame.lineno}"
@@ -144,7 +145,8 @@ def _import_hint(exc: BaseException) -> str:
             return f"SEEM needs its detectron2 fork: make seem-setup D2_SRC=<checkout or git URL> ({README})"
         if name == "MultiScaleDeformableAttention":
             return "SEEM's deformable encoder needs its compiled CUDA op"
-        return f"a package SEEM imports is missing: pip install {PIP_NAMES.get(name, name)} ({README} lists them)"
+        return (f"a package SEEM imports is missing: pip install {PIP_NAMES.get(name, name)}, or make seem-setup for "
+                f"all of them ({README})")
     if isinstance(exc, AttributeError) and ("PIL" in text or "Image" in text):
         from PIL import __version__ as pillow
 
