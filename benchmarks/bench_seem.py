@@ -6,9 +6,11 @@ on the values), one image size (375x500 VOC photo -> 512x683 model input), two v
 no-object, random embeddings: 81 templates x 12 text layers per prompt take ~15 s each on 2 CPU cores,
 milliseconds on a GPU). Paths, all giving scores at 1/4 of the input:
 
-* evaluate: SEEM's `evaluate(height=H/4, width=W/4)`: every query's mask upsampled to the padded input,
-  the class sum at full resolution, then crop + bicubic resize (what the adapter called before);
-* backend: the crop + resize applied to each query's mask, the class sum at 1/4 (the same numbers);
+* evaluate: SEEM's `evaluate(height=H/4, width=W/4)` as the shipped config builds it: every query's mask
+  logits upsampled to the padded input, cropped and resized to the output, sigmoid, class sum there;
+* evaluate, heads off: the same model with panoptic and instance off at build (what the adapter did
+  before): the class sum at full resolution, then crop + resize of the (K, H, W) result;
+* backend: this adapter's batched computation of the first (keeping the no-object entry);
 * mask-res: the class sum on the head's 1/4 masks, cropped, no upsampling: cheaper still, but not
   SEEM's numbers; its deviation from `evaluate` is printed, which is why the backend does not use it.
 
@@ -45,8 +47,11 @@ from conftest import make_config  # noqa: E402
 from pipeline.backends import build_backend  # noqa: E402
 from pipeline.backends.seem import import_seem  # noqa: E402
 from pipeline.datasets import ADE20K_CLASSES, VOC_CLASSES  # noqa: E402
+from pipeline.logits import resolve_device  # noqa: E402
 
 H, W = 512, 683  # a 375x500 image at SEEM's shorter side 512
+
+PATHS = ("evaluate", "heads off", "backend", "mask-res")  # the table's rows, in order
 
 
 class PeakRSS:
@@ -111,7 +116,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "work" / "bench" / "seem.json")
     args = parser.parse_args()
     code = Path(os.environ["SEEM_SRC"]).resolve()
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), __import__("pytest").MonkeyPatch.context() as patch:
         seem_cpu.redirect_cuda_build(patch)
@@ -151,6 +156,11 @@ def main() -> None:
             def evaluate():
                 outputs["evaluate"] = core.evaluate([{"image": image, "height": h4, "width": w4}])[0]["sem_seg"]
 
+            def heads_off():
+                core.sem_seg_postprocess_before_inference = False  # what building with panoptic/instance off sets
+                outputs["heads off"] = core.evaluate([{"image": image, "height": h4, "width": w4}])[0]["sem_seg"]
+                core.sem_seg_postprocess_before_inference = True
+
             def adapter():
                 outputs["backend"] = backend.predict(image[None])[0]
 
@@ -162,23 +172,23 @@ def main() -> None:
                                                    out["pred_masks"][0].float().sigmoid())[:, :h4, :w4]
 
             row = {"vocabulary": name, "entries": entries, "build_s": built if name == "VOC" else None}
-            for path, run in (("evaluate", evaluate), ("backend", adapter), ("mask-res", mask_res)):
-                row[path] = measure(run, device, args.repeats)
+            runs = {"evaluate": evaluate, "heads off": heads_off, "backend": adapter, "mask-res": mask_res}
+            for path in PATHS:
+                row[path] = measure(runs[path], device, args.repeats)
             ref = outputs["evaluate"].float()
             scale = float(ref.abs().max())
-            row["backend_max_rel_diff"] = float((outputs["backend"][:-1] - ref).abs().max()) / scale
-            row["mask_res_max_rel_diff"] = float((outputs["mask-res"][:-1] - ref).abs().max()) / scale
+            row["max_rel_diff"] = {path: float((outputs[path][: ref.shape[0]] - ref).abs().max()) / scale
+                                   for path in ("heads off", "backend", "mask-res")}
             rows.append(row)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"SEEM focal-T v1 architecture ({params / 1e6:.1f} M parameters, random weights), input {H}x{W}, "
           f"scores at {math.ceil(H / 4)}x{math.ceil(W / 4)}, {device_name}, torch {torch.__version__}")
-    print(f"{'vocabulary':<18}{'path':<10}{'s/image':>9}{'img/s':>8}{'peak MB added':>15}{'max |diff| / max':>18}")
+    print(f"{'vocabulary':<18}{'path':<11}{'s/image':>9}{'img/s':>8}{'peak MB added':>15}{'max |diff| / max':>18}")
     for row in rows:
-        for path in ("evaluate", "backend", "mask-res"):
-            diff = {"evaluate": "-", "backend": f"{row['backend_max_rel_diff']:.1e}",
-                    "mask-res": f"{row['mask_res_max_rel_diff']:.1e}"}[path]
+        for path in PATHS:
+            diff = f"{row['max_rel_diff'][path]:.1e}" if path in row["max_rel_diff"] else "-"
             m = row[path]
-            print(f"{row['vocabulary'] + ' (' + str(row['entries']) + ')':<18}{path:<10}{m['seconds_per_image']:>9.2f}"
+            print(f"{row['vocabulary'] + ' (' + str(row['entries']) + ')':<18}{path:<11}{m['seconds_per_image']:>9.2f}"
                   f"{m['images_per_s']:>8.2f}{m['peak_mb_added']:>15.0f}{diff:>18}")
         if row["build_s"] is not None:
             print(f"{'':<18}(backend build incl. checkpoint load and vocabulary: {row['build_s']:.1f} s)")

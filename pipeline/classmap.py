@@ -3,10 +3,12 @@
 A backend scores one map per *output*: a text prompt (SEEM, CLIPSeg, SAM 3) or a channel of a model
 trained on another label set (TorchScript: e.g. the 19 Cityscapes classes). Each data set class takes
 the sum of its outputs' probabilities (SEEM: of its prompts' scores, the same sum per query); a class
-with no output gets zero; an output no class takes is dropped, not redistributed, so a pixel the model
-gives to such an output has low probability for every class and calibration filters it out.
+with no output gets zero. An output no class takes is dropped: for probabilities (logits, softmax)
+its mass is not redistributed, so a pixel the model gives to such an output has low probability for
+every class and calibration filters it out; SEEM's scores are normalised over the classes when read,
+as SEEM's own evaluation drops its no-object entry. An output may serve one class only.
 
-Where every class is exactly one output, in order, the scores are stored as the model gives them.
+Where every class is its own output, in order, the scores are stored as the model gives them.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ class ClassMap:
 
     @property
     def identity(self) -> bool:
+        """Every output is one class, in order: the scores pass through unchanged."""
         return self.groups == tuple((i,) for i in range(len(self.outputs)))
 
     def describe(self, classes: tuple[str, ...]) -> dict | None:
-        """What the store records (None for the identity, so older stores stay valid)."""
-        if self.identity:
+        """What the store records: None where each class is the output of its own name (older stores stay
+        valid); else class -> outputs, so that other prompts or channels make another store."""
+        if self.identity and self.outputs == tuple(classes):
             return None
         return {c: [self.outputs[i] for i in group] for c, group in zip(classes, self.groups)}
 
@@ -81,13 +85,25 @@ def build_class_map(classes: tuple[str, ...], config: Config, prompted: bool, no
         outputs = tuple(prompts) + ((NO_OBJECT,) if no_object else ())
     else:
         outputs = tuple(config.outputs) if config.outputs is not None else tuple(classes)
+        repeated = sorted({o for o in outputs if outputs.count(o) > 1})
+        if repeated:
+            raise UserError(f"{config.source}: foundation.outputs names {repeated} more than once")
         names = [explicit[c] if c in explicit else ((c,) if c in outputs else ()) for c in classes]
         missing = sorted({n for group in names for n in group if n not in outputs})
         if missing:
             raise UserError(f"{config.source}: foundation.map names {missing}, not outputs of the model "
                             f"(foundation.outputs: {', '.join(outputs)})")
+    owners: dict[str, list[str]] = {}
+    for name, group in zip(classes, names):
+        for output in dict.fromkeys(group):
+            owners.setdefault(output, []).append(name)
+    shared = {o: c for o, c in owners.items() if len(c) > 1}
+    if shared:
+        output, names_ = next(iter(shared.items()))
+        raise UserError(f"{config.source}: '{output}' is given to classes {names_}: an output (prompt or model "
+                        "channel) can serve one class only, or its probability would be counted twice")
     index = {name: i for i, name in enumerate(outputs)}
-    return ClassMap(outputs, tuple(tuple(index[n] for n in group) for group in names))
+    return ClassMap(outputs, tuple(tuple(index[n] for n in dict.fromkeys(group)) for group in names))
 
 
 def _default_prompts(name: str, config: Config, no_object: bool) -> tuple[str, ...]:

@@ -84,14 +84,17 @@ class BatchLoader(torch.utils.data.Dataset):
 
 
 def resolve_device(name: str | None) -> torch.device:
+    """The device named (auto: CUDA when present), with its index: 'cuda' is the current CUDA device."""
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name}: not a device name (cpu, cuda, cuda:1, auto)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -111,6 +114,8 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     if rank == 0:
         for note in backend.notes:
             info(note)
+        for warning in backend.warnings:
+            warn(warning)
         for name in unmapped(dataset.classes, mapping):
             warn(f"class '{name}' has no model output (foundation.map / foundation.outputs): its scores are zero")
     path = config.work_dir / "logits.zarr"

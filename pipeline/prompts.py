@@ -58,4 +58,4 @@ READABLE = {**VOC, **ADE20K}
 
 def prompts_for(name: str) -> tuple[str, ...]:
     """The default prompts of a class: the readable form, else the name with underscores as spaces."""
-    return READABLE.get(name, (name.replace("_", " "),))
+    return READABLE.get(name, (name.replace("_", " ").strip(),))

@@ -22,7 +22,8 @@ py="$venv/bin/python"
 # check both sources before installing anything
 case "$d2" in
   git+*) src=$d2 ;;
-  http*://*|git@*) src="git+$d2" ;;
+  http*://*) src="git+$d2" ;;
+  git@*) host=${d2#git@}; src="git+ssh://git@${host/://}" ;;  # git@host:user/repo -> git+ssh://git@host/user/repo
   *) [ -f "$d2/setup.py" ] || { echo "error: D2_SRC=$d2: not a detectron2 checkout (no setup.py in it)" >&2; exit 2; }
      src=$(cd "$d2" && pwd) ;;
 esac

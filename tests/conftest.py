@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
-# No test reaches a network: huggingface_hub reads this once, when first imported (before any test runs).
+# No test reaches a network or a model cache: huggingface_hub reads these once, when first imported.
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="conformalsam-empty-hf-")
 
 import shutil
 from dataclasses import replace

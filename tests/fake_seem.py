@@ -10,8 +10,9 @@ adapter depends on it, so the fast tests catch what `make test-seem` catches on 
 * ``get_text_embeddings`` moves tokens with ``.cuda()``; ``BaseModel.from_pretrained`` keeps the keys
   whose shapes match and loads with ``strict=False``;
 * ``evaluate``: 0..255 pixels normalised inside, padded to a multiple of 32, masks at 1/4 of the padded
-  size upsampled to it, ``sum_q softmax(class_q)[:-1] * sigmoid(mask_q)`` at full resolution, then
-  crop and bicubic antialiased resize to (height, width);
+  size upsampled to it; with panoptic or instance on at build (the shipped configs) each query's logits
+  are cropped and resized (bicubic, antialiased) to (height, width) before ``sum_q softmax(class_q)[:-1]
+  * sigmoid(mask_q)``, otherwise that sum is taken at full resolution and then cropped and resized;
 * detectron2's ``data`` package uses ``Image.LINEAR`` as a default argument (removed in Pillow 10).
 
 Configs are JSON (valid YAML). Nothing here is SEEM's code: it is written from the behaviour listed above.
@@ -88,7 +89,7 @@ class Head(nn.Module):
         feats = self.pixel_decoder(features["res2"])                           # (B, C, Hp/4, Wp/4)
         queries = self.predictor.query_embed[None] + feats.mean((2, 3))[:, None]
         return {"pred_logits": self.predictor.lang_encoder.compute_similarity(self.predictor.class_embed(queries)),
-                "pred_masks": torch.einsum("bqc,bchw->bqhw", self.predictor.mask_embed(queries), feats) * 0.3}
+                "pred_masks": torch.einsum("bqc,bchw->bqhw", self.predictor.mask_embed(queries), feats) * 4.0}
 
 
 class Backbone(nn.Module):
@@ -115,8 +116,10 @@ class GeneralizedSEEM(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor([58.395, 57.12, 57.375]).view(-1, 1, 1), False)
         self.register_buffer("dilation_kernel", torch.ones((1, 1, 3, 3), device=torch.cuda.current_device()))
-        self.semantic_on, self.panoptic_on = test["SEMANTIC_ON"], test["PANOPTIC_ON"]
-        self.before = test["PANOPTIC_ON"] or test["INSTANCE_ON"]
+        self.semantic_on, self.panoptic_on, self.instance_on = (test[k] for k in ("SEMANTIC_ON", "PANOPTIC_ON",
+                                                                                   "INSTANCE_ON"))
+        self.sem_seg_postprocess_before_inference = (test.get("SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE", False)
+                                                     or test["PANOPTIC_ON"] or test["INSTANCE_ON"])
         self.calls = []
 
     @property
@@ -134,10 +137,10 @@ class GeneralizedSEEM(nn.Module):
         results = []
         for cls, mask, inp, size in zip(outputs["pred_logits"], masks, batched_inputs, images.image_sizes):
             height, width = inp.get("height", size[0]), inp.get("width", size[1])
-            if self.before:
+            if self.sem_seg_postprocess_before_inference:  # the logits are resized, then the sigmoid
                 mask = sem_seg_postprocess(mask, size, height, width)
             r = torch.einsum("qc,qhw->chw", F.softmax(cls, dim=-1)[..., :-1], mask.sigmoid())
-            if not self.before:
+            if not self.sem_seg_postprocess_before_inference:
                 r = sem_seg_postprocess(r, size, height, width)
             results.append({"sem_seg": r})
         return results

@@ -103,3 +103,31 @@ def test_torchscript_channels_summed_per_class_end_to_end(toy_world, tmp_path):
     assert torch.equal(to_probabilities(stored, store.score_kind), stored)
     with pytest.raises(UserError, match="store was made with other settings"):  # another map, another store
         run_logits(replace(config, class_map=()), "labeled", workers=0, info=lambda m: None, warn=lambda m: None)
+
+
+def test_the_store_records_any_map_that_is_not_each_class_by_its_own_name():
+    classes = ("background", "cat")
+    own = build_class_map(classes, backend_config("torchscript", None), prompted=False, no_object=False)
+    assert own.identity and own.describe(classes) is None
+    renamed = build_class_map(classes, backend_config("clipseg", None, class_map=(("cat", ("kitty",)),)), True, False)
+    assert renamed.identity and renamed.describe(classes) == {"background": ["background"], "cat": ["kitty"]}
+
+
+def test_an_output_serves_one_class_only():
+    shared = backend_config("clipseg", None, class_map=(("pottedplant", ("plant",)), ("aeroplane", ("plant",))))
+    with pytest.raises(UserError, match=r"'plant' is given to classes \['aeroplane', 'pottedplant'\]"):
+        build_class_map(CLASSES, shared, prompted=True, no_object=False)
+    twice = backend_config("torchscript", None, outputs=("a", "b", "a"))
+    with pytest.raises(UserError, match=r"foundation.outputs names \['a'\] more than once"):
+        build_class_map(("a", "b"), twice, prompted=False, no_object=False)
+    again = backend_config("clipseg", None, class_map=(("aeroplane", ("plane", "plane")),))
+    assert build_class_map(CLASSES, again, prompted=True, no_object=False).groups[1] == (1,)
+
+
+def test_cuda_without_an_index_is_the_current_device(monkeypatch):
+    from pipeline.logits import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert resolve_device("cuda") == torch.device("cuda", 1) == resolve_device("auto")
+    assert resolve_device("cuda:0") == torch.device("cuda", 0) and resolve_device("cpu") == torch.device("cpu")

@@ -74,26 +74,40 @@ def save_checkpoint(config, seed=0, **model_changes):
     return state
 
 
-def by_hand(core, image, entries_kept=None):
-    """SEEM's formula from the head's outputs, at full resolution, cropped and resized as evaluate does."""
+def by_hand(core, image, logits_first):
+    """SEEM's formula from the head's outputs, every vocabulary entry: the masks upsampled to the padded
+    input, then crop + bicubic resize of the logits before the sigmoid, or of the class sums after it."""
     x = (image[None].float() - core.pixel_mean) / core.pixel_std
     h, w = image.shape[-2:]
     pad = (-(-h // 32) * 32, -(-w // 32) * 32)
     x = torch.nn.functional.pad(x, (0, pad[1] - w, 0, pad[0] - h))
     out = core.sem_seg_head(core.backbone(x))
-    masks = torch.nn.functional.interpolate(out["pred_masks"], size=pad, mode="bilinear", align_corners=False)
-    full = torch.einsum("qe,qhw->ehw", out["pred_logits"][0].softmax(-1), masks[0].sigmoid())[:, :h, :w]
-    return torch.nn.functional.interpolate(full[None], size=(-(-h // 4), -(-w // 4)), mode="bicubic",
-                                           align_corners=False, antialias=True)[0]
+    masks = torch.nn.functional.interpolate(out["pred_masks"], size=pad, mode="bilinear", align_corners=False)[0]
+
+    def resize(t):
+        return torch.nn.functional.interpolate(t[None, :, :h, :w], size=(-(-h // 4), -(-w // 4)), mode="bicubic",
+                                               align_corners=False, antialias=True)[0]
+
+    probs = out["pred_logits"][0].softmax(-1)
+    if logits_first:
+        return torch.einsum("qe,qhw->ehw", probs, resize(masks).sigmoid())
+    return resize(torch.einsum("qe,qhw->ehw", probs, masks.sigmoid()))
 
 
-@pytest.mark.parametrize("package", [True, False], ids=["package-layout", "v1.0-layout"])
-def test_scores_are_seems_own_and_the_vocabulary_is_built_on_the_device(world, package, monkeypatch):
-    config = world(package=package)
+HEADS_OFF = {"MODEL": {**fake_seem.CONFIG["MODEL"], "DECODER": {"TEST": {"SEMANTIC_ON": True, "PANOPTIC_ON": False,
+                                                                          "INSTANCE_ON": False}}}}
+
+
+@pytest.mark.parametrize(("package", "heads"), [(True, "shipped"), (False, "shipped"), (True, "off")],
+                         ids=["package-layout", "v1.0-layout", "panoptic-instance-off"])
+def test_scores_are_seems_own_and_the_vocabulary_is_built_on_the_device(world, package, heads, monkeypatch):
+    config = world(package=package, config=fake_seem.CONFIG if heads == "shipped" else HEADS_OFF)
     saved = save_checkpoint(config)
     backend, mapping = build_backend(config, CLASSES, torch.device("cpu"))
     core = backend.core
-    assert core.built_with["PANOPTIC_ON"] is False and core.built_with["INSTANCE_ON"] is False
+    logits_first = heads == "shipped"  # panoptic / instance on at build: SEEM resizes logits, then the sigmoid
+    assert core.sem_seg_postprocess_before_inference is logits_first
+    assert not core.panoptic_on and not core.instance_on and core.semantic_on  # as SEEM's semantic evaluation
     assert torch.equal(core.state_dict()["backbone.stem.weight"], saved["backbone.stem.weight"])
     assert backend.notes[0].startswith(f"SEEM: {len(saved)} of {len(saved)} model tensors loaded")
     # prompts are readable, background takes SEEM's trailing no-object entry, nothing else is duplicated
@@ -109,8 +123,10 @@ def test_scores_are_seems_own_and_the_vocabulary_is_built_on_the_device(world, p
     assert scores.shape == (2, 4, 19, 26) and (scores > -1e-3).all()
     evaluate = core.evaluate([{"image": image, "height": 19, "width": 26}])[0]["sem_seg"]
     torch.testing.assert_close(scores[0, :3], evaluate, atol=1e-5, rtol=1e-5)  # SEEM drops no-object
-    torch.testing.assert_close(scores[0], by_hand(core, image), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(scores[1], by_hand(core, image.flip(-1)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores[0], by_hand(core, image, logits_first), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores[1], by_hand(core, image.flip(-1), logits_first), atol=1e-5, rtol=1e-5)
+    other = by_hand(core, image, not logits_first)  # the two orders differ: the test can tell them apart
+    assert (scores[0] - other).abs().max() > 1e-3
 
 
 def _folder_data(config, rng, count=3):
@@ -204,6 +220,22 @@ def test_tokenizer_offline_and_stub_are_refused(world, tmp_path):
     (stub / "merges.txt").write_text("#version: 0.2\n")
     _fails(replace(config, tokenizer=stub), "has 2 tokens, CLIP's has 49,408")
     _fails(replace(config, tokenizer=tmp_path / "absent"), "foundation.tokenizer .*: no such folder")
+
+
+def test_checkpoint_wrapped_or_missing_parameters(world):
+    config = world()
+    state = save_checkpoint(config)
+    torch.save({f"model.{k}": v for k, v in state.items()}, config.weights)  # saved from SEEM's BaseModel
+    backend, _ = build_backend(config, CLASSES, torch.device("cpu"))
+    assert torch.equal(backend.core.state_dict()["backbone.stem.weight"], state["backbone.stem.weight"])
+    assert not backend.warnings
+    small = {k: v for k, v in state.items() if k != "sem_seg_head.predictor.lang_encoder.logit_scale"}
+    torch.save(small, config.weights)  # one scalar missing: loaded, and said
+    backend, _ = build_backend(config, CLASSES, torch.device("cpu"))
+    assert "1 of the model's parameters are not in seem_focalt_v1.pt" in backend.warnings[0] and "logit_scale" in backend.warnings[0]
+    big = {k: v for k, v in state.items() if not k.startswith("sem_seg_head.predictor.lang_encoder.token")}
+    torch.save(big, config.weights)  # the token embedding is most of the model: refused
+    _fails(config, r"does not fit .*% of the parameter values.*token_embedding.weight missing")
 
 
 def test_checkpoint_of_another_size_or_not_a_checkpoint(world):

@@ -61,7 +61,8 @@ def seem():
         yield import_seem(CODE)
 
 
-def options(seem, tokenizer: Path, embed_dim: int | None = None) -> dict:
+def options(seem, tokenizer: Path, embed_dim: int | None = None, heads_off: bool = False) -> dict:
+    """SEEM's focal-T v1 options with fewer layers; ``heads_off``: panoptic and instance off at build."""
     opt = seem.load_opt([str(ROOT / "configs" / "seem" / "focalt_unicl_lang_v1.yaml")])
     for path, value in SHRINK.items():
         node = opt["MODEL"]
@@ -71,11 +72,12 @@ def options(seem, tokenizer: Path, embed_dim: int | None = None) -> dict:
     if embed_dim:
         opt["MODEL"]["BACKBONE"]["FOCAL"]["EMBED_DIM"] = embed_dim
     opt["MODEL"]["TEXT"]["PRETRAINED_TOKENIZER"] = str(tokenizer)
-    opt["MODEL"]["DECODER"]["TEST"].update({"PANOPTIC_ON": False, "INSTANCE_ON": False})
+    if heads_off:
+        opt["MODEL"]["DECODER"]["TEST"].update({"PANOPTIC_ON": False, "INSTANCE_ON": False})
     return opt
 
 
-def checkpoint(seem, folder: Path, stem="seem_tiny", embed_dim=None, config_dim=None) -> Path:
+def checkpoint(seem, folder: Path, stem="seem_tiny", embed_dim=None, config_dim=None, heads_off=False) -> Path:
     """A random-weight SEEM saved as a checkpoint, its (shrunk) config beside it as <stem>.yaml."""
     import yaml
 
@@ -84,7 +86,7 @@ def checkpoint(seem, folder: Path, stem="seem_tiny", embed_dim=None, config_dim=
     model = seem.build_model(options(seem, tokenizer, embed_dim))
     path = folder / f"{stem}.pt"
     torch.save(model.state_dict(), path)
-    beside = options(seem, tokenizer, config_dim)
+    beside = options(seem, tokenizer, config_dim, heads_off)
     del beside["MODEL"]["TEXT"]["PRETRAINED_TOKENIZER"]  # the adapter sets it from foundation.tokenizer
     path.with_suffix(".yaml").write_text(yaml.safe_dump(beside))
     return path
@@ -124,23 +126,32 @@ def reference(seem, config, image: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """From SEEM's own head outputs (the model loaded by SEEM's own BaseModel.from_pretrained):
     sum_q softmax(class_q) * sigmoid(mask_q) for every vocabulary entry, at the padded input size,
     cropped and resized as SEEM does; and SEEM's own `evaluate` of the same model."""
-    from pipeline.backends.seem import model_options
-
     module = importlib.import_module(seem.prefix + "modeling.BaseModel")
-    opt = model_options(seem, config.weights.with_suffix(".yaml"), config.tokenizer, torch.device("cpu"))
+    opt = seem.load_opt([str(config.weights.with_suffix(".yaml"))])
+    opt["MODEL"]["TEXT"]["PRETRAINED_TOKENIZER"] = str(config.tokenizer)
+    opt["device"] = "cpu"
     model = module.BaseModel(opt, seem.build_model(opt)).from_pretrained(str(config.weights)).eval()
     core = model.model
+    core.panoptic_on = core.instance_on = False  # what SEEM's own semantic evaluation switches
     entries = [p for p in reference.prompts] + ["background"]
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)  # SEEM's vocabulary call moves tokens
         core.sem_seg_head.predictor.lang_encoder.get_text_embeddings(entries, is_eval=True)
         h, w = image.shape[-2:]
+        size = (math.ceil(h / 4), math.ceil(w / 4))
         images = seem.ImageList.from_tensors([(image - core.pixel_mean) / core.pixel_std], core.size_divisibility)
         out = core.sem_seg_head(core.backbone(images.tensor), target_queries=None)
-        masks = F.interpolate(out["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
-        full = torch.einsum("qe,qhw->ehw", out["pred_logits"][0].softmax(-1), masks[0].sigmoid())[:, :h, :w]
-        size = (math.ceil(h / 4), math.ceil(w / 4))
-        ours = F.interpolate(full[None], size=size, mode="bicubic", align_corners=False, antialias=True)[0]
+        masks = F.interpolate(out["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear",
+                              align_corners=False)[0, :, :h, :w]
+        probs = out["pred_logits"][0].softmax(-1)
+
+        def resize(t):
+            return F.interpolate(t[None], size=size, mode="bicubic", align_corners=False, antialias=True)[0]
+
+        if core.sem_seg_postprocess_before_inference:  # the shipped configs: logits resized, then sigmoid
+            ours = torch.einsum("qe,qhw->ehw", probs, resize(masks).sigmoid())
+        else:
+            ours = resize(torch.einsum("qe,qhw->ehw", probs, masks.sigmoid()))
         evaluate = core.evaluate([{"image": image, "height": size[0], "width": size[1]}])[0]["sem_seg"]
     return ours, evaluate
 
@@ -148,10 +159,14 @@ def reference(seem, config, image: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 reference.prompts = ["airplane", "dining table", "person", "potted plant"]
 
 
-@pytest.mark.parametrize("background", ["no-object", "prompt"])
-def test_logits_through_the_real_seem_equal_seems_own_computation(seem, data, tmp_path, background):
+@pytest.mark.parametrize(("background", "heads"), [("no-object", "shipped"), ("prompt", "off")])
+def test_logits_through_the_real_seem_equal_seems_own_computation(seem, data, tmp_path, background, heads):
+    """Both background settings, and both orders of SEEM's post-processing: the shipped configs build with
+    panoptic and instance on (logits resized, then the sigmoid); with them off, the other order."""
     from typer.testing import CliRunner
 
+    if heads == "off":
+        data = replace(data, weights=checkpoint(seem, tmp_path, stem="seem_heads_off", heads_off=True))
     toml = write_toml(data, tmp_path / "exp.toml", background=background)
     result = CliRunner().invoke(app, ["logits", "--config", str(toml), "--split", "labeled", "--device", "cpu",
                                       "--workers", "0", "--batch-size", "2"])
@@ -163,6 +178,7 @@ def test_logits_through_the_real_seem_equal_seems_own_computation(seem, data, tm
     reference.prompts = (["background"] if background == "prompt" else []) + [
         "airplane", "dining table", "person", "potted plant"]
     backend_preprocess = build_backend(replace(data, background=background), CLASSES, torch.device("cpu"))[0]
+    assert backend_preprocess.core.sem_seg_postprocess_before_inference is (heads == "shipped")
     for i in range(3):
         image = backend_preprocess.preprocess(read_image(data.root / "images" / f"im{i}.png"))
         ours, evaluate = reference(seem, data, image)

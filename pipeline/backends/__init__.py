@@ -71,6 +71,7 @@ class Backend:
     prompted: bool = False  # outputs are text prompts (any string); else fixed channels of a closed-set model
     no_object: bool = False  # a trailing no-object output follows the prompts (SEEM)
     notes: tuple[str, ...] = ()  # what loading found, for the user (e.g. checkpoint tensors loaded)
+    warnings: tuple[str, ...] | list[str] = ()  # what loading found that may be wrong
 
     def __init__(self, weights: Path, outputs: tuple[str, ...], device: torch.device, config: Config):
         """``outputs``: the prompts to score (prompted backends) or the channel names expected from the model."""

@@ -7,18 +7,21 @@ adapter does instead of SEEM's own entry points, and why:
 * it builds SEEM's options itself: SEEM's ``init_distributed`` imports MPI, runs ``hostname -I`` and picks
   the GPU from OpenMPI variables (on the ``package`` branch it always fails). The model goes to the device
   given, one GPU per torchrun rank;
-* it switches the panoptic and instance heads off (they force full-resolution masks for every query)
-  and the SAM-ViT backbone's pretraining file (a path on the authors' cluster; the checkpoint holds it);
+* it switches off the SAM-ViT backbone's pretraining file (a path on the authors' cluster; the checkpoint
+  holds the weights), and the panoptic and instance inference after the build, as SEEM's own semantic
+  evaluation does (the build-time flags stay: they decide the order of resize and sigmoid below);
 * it loads the checkpoint itself and counts the tensors that fit: a wrong config/checkpoint pair is an
   error, never silent random weights (SEEM loads with ``strict=False`` and only logs);
 * it checks the CLIP tokenizer first (offline, transformers 5 returns a 2-token stub) and builds the
   text vocabulary on the model's device (SEEM's own call moves the tokens with ``.cuda()``);
-* it computes SEEM's ``sem_seg`` exactly, at the stored resolution: ``evaluate`` upsamples every query's
-  mask to the padded input, sums ``softmax(class)[k] * sigmoid(mask)`` over queries for every class at
-  full resolution, then crops and resizes (bicubic, antialiased). Crop and resize are linear, so they
-  are applied to each query's sigmoid mask and the class sum is taken after, at 1/4 of the input: the
-  same numbers without a (K, H, W) tensor per image. SEEM's trailing no-object entry is kept as the last
-  output, for the data set's background class (``foundation.background``).
+* it computes SEEM's ``sem_seg`` exactly, at the stored resolution, for batches. ``evaluate`` upsamples
+  every query's mask logits to the padded input; with the shipped configs (panoptic or instance on at
+  build: ``sem_seg_postprocess_before_inference``) it crops and resizes (bicubic, antialiased) each
+  query's logits to the output size, applies the sigmoid and sums ``softmax(class)[k] * mask`` over
+  queries there; otherwise it sums at full resolution and then crops and resizes the (K, H, W) result.
+  Crop and resize are linear, so the second order equals resizing each query's sigmoid mask first: both
+  are computed here per chunk of queries at the output size, following the model's own flag. SEEM's
+  trailing no-object entry is kept as the last output, for the data set's background class.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ STRIDE = 4  # SEEM's masks are at 1/4 of the padded input
 SHORT_SIDE = 512  # SEEM's demo resolution
 NO_OBJECT_TEXT = "background"  # SEEM's trailing vocabulary entry, as in its own evaluation code
 CLIP_VOCAB = 49408
-MIN_LOADED = 0.98  # share of the model's tensors a checkpoint must fill
+MIN_LOADED = 0.99  # share of the model's parameter values a checkpoint must fill
 QUERY_CHUNK = 32  # queries upsampled at once (bounds memory at full resolution)
 # checkpoint stem -> its model config in the SEEM repository
 CONFIGS = {"seem_focall_v1": "focall_unicl_lang_v1.yaml", "seem_focalt_v1": "focalt_unicl_lang_v1.yaml",
@@ -54,7 +57,7 @@ CONFIGS = {"seem_focall_v1": "focall_unicl_lang_v1.yaml", "seem_focalt_v1": "foc
            "seem_samvitb_v1": "samvitb_unicl_lang_v1.yaml", "seem_samvitl_v1": "samvitl_unicl_lang_v1.yaml"}
 # import name -> pip name, for the packages SEEM imports whose names differ
 PIP_NAMES = {"cv2": "opencv-python-headless", "yaml": "pyyaml", "PIL": "pillow", "skimage": "scikit-image",
-             "sklearn": "scikit-learn", "pycocotools": "pycocotools", "mpi4py": "mpi4py mpich"}
+             "sklearn": "scikit-learn", "mpi4py": "mpi4py mpich"}
 README = "README 'SEEM'"
 
 
@@ -63,7 +66,7 @@ def import_seem(code: Path | None) -> SimpleNamespace:
     prefix, root = _locate(code)
     _alias_removed_pillow_names()
     try:
-        with _quiet():
+        with _quiet(), _first_on_path(code):
             modeling = importlib.import_module(prefix + "modeling")
             return SimpleNamespace(
                 prefix=prefix, root=root,
@@ -94,11 +97,22 @@ def _locate(code: Path | None) -> tuple[str, Path]:
     else:
         raise UserError(f"foundation.code {code}: not a SEEM checkout (no modeling/ or seem/modeling/ in it); "
                         "give the folder of a SEEM clone at branch v1.0 or package")
-    # first on the path: SEEM's top-level 'utils' must win over other packages of that name. Our own
-    # 'pipeline' and 'trainer' are imported already, so v1.0's folders of those names cannot shadow them.
-    if str(code) not in sys.path:
-        sys.path.insert(0, str(code))
     return prefix, root
+
+
+@contextlib.contextmanager
+def _first_on_path(code: Path | None):
+    """The checkout first on sys.path while SEEM is imported (its top-level 'utils' must win over other
+    packages of that name), and off it afterwards: v1.0 also has top-level 'pipeline', 'trainer' and
+    'datasets' folders that must not shadow later imports of this project's or anyone's."""
+    if code is None:
+        yield
+        return
+    sys.path.insert(0, str(code))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(code))
 
 
 def _alias_removed_pillow_names() -> None:
@@ -175,10 +189,11 @@ def model_options(seem: SimpleNamespace, config_path: Path, tokenizer: Path | No
     try:
         opt = seem.load_opt([str(config_path)])
         model = opt["MODEL"]
-        model["DECODER"]["TEST"].update({"SEMANTIC_ON": True, "PANOPTIC_ON": False, "INSTANCE_ON": False})
+        model["DECODER"]["TEST"]["SEMANTIC_ON"] = True
         model["BACKBONE"]["LOAD_PRETRAINED"] = False
         text = model["TEXT"]
-    except (KeyError, TypeError, OSError, ValueError) as exc:
+        text.get("TOKENIZER")
+    except Exception as exc:  # YAML errors, SEEM's own asserts, missing or misshapen sections
         raise UserError(f"{config_path}: not a SEEM model config ({_what(exc)})") from None
     if tokenizer is not None:
         if not Path(tokenizer).is_dir():
@@ -209,22 +224,21 @@ def check_tokenizer(text: dict) -> None:
 
 def check_encoder(seem: SimpleNamespace, opt: dict, weights: Path, config_path: Path) -> None:
     """SEEM registers its deformable encoder (SAM-ViT models) only when the CUDA op is compiled."""
-    name = opt["MODEL"].get("ENCODER", {}).get("NAME")
+    name = (opt["MODEL"].get("ENCODER") or {}).get("NAME")
     if name is None or seem.encoders.is_model(name):
         return
-    reason = "not registered"
     if name == "transformer_encoder_deform":
         try:
             with _quiet():
                 importlib.import_module(seem.prefix + "modeling.vision.encoder.ops.functions.ms_deform_attn_func")
         except Exception as exc:
-            reason = _what(exc).split(". ")[0]
-        ops = seem.root / "modeling" / "vision" / "encoder" / "ops"
-        raise UserError(f"{weights}: this SEEM model ({config_path.name}) needs the deformable encoder "
-                        f"'{name}', which SEEM registers only when its MultiScaleDeformableAttention CUDA op is "
-                        f"compiled ({reason}); compile it (cd {ops} && sh make.sh, needs CUDA and nvcc) or use "
-                        "seem_focall_v1.pt / seem_focalt_v1.pt, which need no compiled op")
-    raise UserError(f"{config_path}: encoder '{name}' is not one SEEM knows ({reason})")
+            ops = seem.root / "modeling" / "vision" / "encoder" / "ops"
+            raise UserError(f"{weights}: this SEEM model ({config_path.name}) needs the deformable encoder "
+                            f"'{name}', which SEEM registers only when its MultiScaleDeformableAttention CUDA op "
+                            f"is compiled ({_what(exc).split('. ')[0]}); compile it (cd {ops} && sh make.sh, needs "
+                            "CUDA and nvcc) or use seem_focall_v1.pt / seem_focalt_v1.pt, which need no compiled "
+                            "op") from None
+    raise UserError(f"{config_path}: encoder '{name}' is not registered in this SEEM")
 
 
 def build(seem: SimpleNamespace, opt: dict, config_path: Path):
@@ -239,30 +253,37 @@ def build(seem: SimpleNamespace, opt: dict, config_path: Path):
         raise UserError(f"{config_path}: building SEEM failed{_where(exc)}: {_what(exc)}") from None
 
 
-def load_checkpoint(model: torch.nn.Module, weights: Path, config_path: Path) -> str:
-    """Load a SEEM checkpoint (a state dict) and refuse one that does not fit the model; returns a note."""
+def load_checkpoint(model: torch.nn.Module, weights: Path, config_path: Path) -> tuple[str, list[str]]:
+    """Load a SEEM checkpoint (a state dict) and refuse one that does not fit the model.
+
+    Refused: a tensor of another shape (another SEEM size), or under 99% of the model's parameter values
+    found. Returns a note (tensors loaded) and warnings (parameters left at their initial values)."""
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch's own errors
         raise UserError(f"{weights}: not a SEEM checkpoint (cannot be read as a state dict: {_what(exc)})") from None
-    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
         raise UserError(f"{weights}: not a SEEM checkpoint (expected a state dict of tensors)")
     own = model.state_dict()
+    for prefix in ("model.", "module."):  # saved from a wrapper (SEEM's BaseModel, DDP)
+        if not own.keys() & state.keys() and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
     fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     other_shape = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if other_shape or len(fits) < MIN_LOADED * len(own):
+    params = dict(model.named_parameters())
+    missing = [k for k in params if k not in fits]
+    found = 1 - sum(params[k].numel() for k in missing) / max(1, sum(p.numel() for p in params.values()))
+    if other_shape or found < MIN_LOADED:
         example = (f"e.g. {other_shape[0]}: {tuple(state[other_shape[0]].shape)} in the checkpoint, "
-                   f"{tuple(own[other_shape[0]].shape)} in the model" if other_shape
-                   else f"e.g. {next(k for k in own if k not in fits)} missing")
+                   f"{tuple(own[other_shape[0]].shape)} in the model" if other_shape else f"e.g. {missing[0]} missing")
         raise UserError(f"{weights}: does not fit the SEEM model of {config_path.name}: {len(fits):,} of "
-                        f"{len(own):,} model tensors found, {len(other_shape):,} of another shape ({example}); "
-                        f"give this checkpoint's own config (beside it as {weights.stem}.yaml)")
+                        f"{len(own):,} model tensors found ({100 * found:.1f}% of the parameter values), "
+                        f"{len(other_shape):,} of another shape ({example}); give this checkpoint's own config "
+                        f"(beside it as {weights.stem}.yaml)")
     model.load_state_dict(fits, strict=False)
-    note = f"SEEM: {len(fits):,} of {len(own):,} model tensors loaded from {weights.name}"
-    missing = [k for k in own if k not in fits]
-    if missing:
-        note += f"; {len(missing)} not in it keep their initial values ({', '.join(missing[:3])}, ...)"
-    return note
+    warnings_ = [f"SEEM: {len(missing)} of the model's parameters are not in {weights.name} and keep their "
+                 "initial values: " + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")] if missing else []
+    return f"SEEM: {len(fits):,} of {len(own):,} model tensors loaded from {weights.name}", warnings_
 
 
 class SeemBackend(Backend):
@@ -280,10 +301,11 @@ class SeemBackend(Backend):
         opt = model_options(seem, config_path, config.tokenizer, device)
         check_tokenizer(opt["MODEL"]["TEXT"])
         check_encoder(seem, opt, weights, config_path)
-        if device.type == "cuda":
+        if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # SEEM creates a tensor on the current device while building
         model = build(seem, opt, config_path)
-        note = load_checkpoint(model, weights, config_path)
+        note, self.warnings = load_checkpoint(model, weights, config_path)
+        model.panoptic_on = model.instance_on = False  # as SEEM's semantic evaluation switches them
         self.core = model.eval().to(device)
         self.seem, self.device, self.outputs = seem, device, outputs
         self._vocabulary(list(outputs) + [NO_OBJECT_TEXT])
@@ -299,7 +321,8 @@ class SeemBackend(Backend):
         templates = self.seem.templates()
         embeddings = []
         for entry in entries:
-            tokens = lang.tokenizer([t.format(entry) for t in templates], padding="max_length", truncation=True,
+            name = entry.replace("-other", "").replace("-merged", "").replace("-stuff", "")  # as SEEM does
+            tokens = lang.tokenizer([t.format(name) for t in templates], padding="max_length", truncation=True,
                                     max_length=lang.max_token_num, return_tensors="pt")
             text = (tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
             mean = lang.forward_language(text, norm=True).float().mean(0)
@@ -316,6 +339,7 @@ class SeemBackend(Backend):
                                                   core.size_divisibility)
         out = core.sem_seg_head(core.backbone(images.tensor), target_queries=None)
         height, width = (math.ceil(s / STRIDE) for s in batch.shape[-2:])
+        logits_first = core.sem_seg_postprocess_before_inference  # resize the logits, then the sigmoid
         with torch.autocast(batch.device.type, enabled=False):
             probs = out["pred_logits"].float().softmax(-1)  # (B, Q, entries)
             scores = []
@@ -324,10 +348,10 @@ class SeemBackend(Backend):
                 for q in range(0, probs.shape[1], QUERY_CHUNK):
                     masks = F.interpolate(out["pred_masks"][b : b + 1, q : q + QUERY_CHUNK].float(),
                                           size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)[0]
-                    masks = self.seem.postprocess(masks.sigmoid(), size, height, width)  # crop + bicubic, as SEEM
+                    if logits_first:
+                        masks = self.seem.postprocess(masks, size, height, width).sigmoid()
+                    else:
+                        masks = self.seem.postprocess(masks.sigmoid(), size, height, width)
                     total = total + torch.einsum("qe,qhw->ehw", probs[b, q : q + QUERY_CHUNK], masks)
                 scores.append(total)
-        result = torch.stack(scores)
-        if result.shape[1] != len(self.outputs) + 1:
-            raise UserError(f"SEEM returned {result.shape[1]} vocabulary entries, expected {len(self.outputs) + 1}")
-        return result
+        return torch.stack(scores)
