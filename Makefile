@@ -43,8 +43,9 @@ demo: toy
 	$(CLI) inspect --count 6 --checkpoint $(WORK)/runs/$(RUN)/stage2/best.pt $(CFG)
 	$(CLI) summary $(CFG)
 
-# Stage 0 for the labeled and unlabeled splits of the config (toy world unless CONFIG=file).
-seem-logits: $(if $(CONFIG),setup,toy)
+# Stage 0 for the labeled and unlabeled splits of the config (CONFIG=file, else ./conformalsam.toml, else the
+# toy world, generated first).
+seem-logits: $(if $(CONFIG)$(wildcard conformalsam.toml),setup,toy)
 	$(CLI) logits --split labeled $(CFG)
 	$(CLI) logits --split unlabeled $(CFG)
 

@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from joblib import Parallel, delayed
 
 from pipeline import distributed
-from pipeline.backends import Backend, Preprocess, build_backend
+from pipeline.backends import Backend, Preprocess, load_backend, resolve_backend
 from pipeline.classmap import ClassMap, unmapped
 from pipeline.config import Config
 from pipeline.datasets import SPLITS, Dataset, Sample, image_size, read_image
 from pipeline.errors import DataProblem, UserError
-from pipeline.store import check_identity, complete_ids, open_for_writing, record_failures, write_scores
+from pipeline.store import check_identity, complete_ids, holds, open_for_writing, record_failures, write_scores
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,16 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     samples = select_samples(dataset, split)
     rank, world = distributed.setup()
     dev = resolve_device(device) if world == 1 or device not in (None, "auto") else distributed.local_device()
-    backend, mapping = build_backend(config, dataset.classes, dev)
+    cls, mapping, weights = resolve_backend(config, dataset.classes)
+    model_id, weights_sha256 = cls.fingerprint(weights)
+    path = config.work_dir / "logits.zarr"
+    identity = {"classes": list(dataset.classes), "backend": cls.name, "model_id": model_id,
+                "weights_sha256": weights_sha256, "score_kind": mapping.score_kind(cls.score_kind),
+                "scale": "native" if scale is None else scale, "class_map": mapping.describe(dataset.classes)}
+    if holds(path, identity, [s.id for s in samples]):  # finished: no model to load (SEEM takes a minute)
+        return {"written": 0, "skipped": len(samples), "failed": 0, "images": len(samples), "store": path,
+                "rank": rank, "world": world}
+    backend = load_backend(cls, mapping, weights, dev, config)  # before --force may remove an old store
     if rank == 0:
         for note in backend.notes:
             info(note)
@@ -118,20 +127,15 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
             warn(warning)
         for name in unmapped(dataset.classes, mapping):
             warn(f"class '{name}' has no model output (foundation.map / foundation.outputs): its scores are zero")
-    path = config.work_dir / "logits.zarr"
-    identity = {"classes": list(dataset.classes), "backend": backend.name, "model_id": backend.model_id,
-                "weights_sha256": backend.weights_sha256, "score_kind": mapping.score_kind(backend.score_kind),
-                "scale": "native" if scale is None else scale, "class_map": mapping.describe(dataset.classes)}
-    if rank == 0:
         open_for_writing(path, identity, force)
     distributed.barrier()
     if rank != 0:  # rank 0 created or validated it; only check (cleaning up here could hit its writes)
         check_identity(path, identity)
+    done = set(complete_ids(path))
     headers = Parallel(n_jobs=8, prefer="threads")(delayed(_header)(s) for s in samples)
     unreadable = dict(f for _, f in headers if f is not None)  # every rank sees these: rank 0 reports
     batches = plan_batches([it for it, _ in headers if it is not None], backend.preprocess, batch_size)
     mine = batches[rank::world]
-    done = set(complete_ids(path))
     todo = [b for b in mine if not all(it.sample.id in done for it in b)]
     skipped = sum(len(b) for b in mine) - sum(len(b) for b in todo)
     undecodable: dict[str, str] = {}  # found by this rank's loader

@@ -149,6 +149,14 @@ def open_for_writing(path: Path, identity: dict, force: bool) -> None:
     os.replace(tmp, path)  # the group appears complete or not at all
 
 
+def holds(path: Path, identity: dict, ids: list[str]) -> bool:
+    """The store exists, was made with these settings, and has every one of these images (read-only)."""
+    if not (Path(path) / "zarr.json").is_file() or _differences(path, identity):
+        return False
+    done = set(complete_ids(path))
+    return all(i in done for i in ids)
+
+
 def _differences(path: Path, identity: dict) -> list[str]:
     attrs = dict(zarr.open_group(path, mode="r").attrs)
     return [f"{k}: stored {_short(attrs.get(k))} vs now {_short(identity.get(k))}"

@@ -19,7 +19,7 @@ seem=${3:-}
 py="$venv/bin/python"
 [ -x "$py" ] || { echo "error: $venv: no virtual environment here (run make setup first)" >&2; exit 2; }
 
-# check both sources before installing anything
+# check the sources named before installing anything (a git URL is reached by pip or git later)
 case "$d2" in
   git+*) src=$d2 ;;
   http*://*) src="git+$d2" ;;

@@ -204,3 +204,25 @@ def test_store_reads_its_own_layout_directly_and_any_other_through_zarr(tmp_path
     monkeypatch.setattr(LogitsStore, "_array", lambda self, i: through_zarr.append(i) or real(self, i))
     store.read("own"), store.read("other")
     assert through_zarr == ["other"]  # the tool's own single-chunk layout skips zarr's machinery
+
+
+def test_a_finished_store_loads_no_model_and_force_loads_the_new_one_before_removing_anything(toy_world, tmp_path,
+                                                                                               monkeypatch):
+    import pipeline.logits as logits
+
+    config = replace(toy_config(toy_world), weights=ANNOTATOR, work_dir=tmp_path / "w")
+    first = run_logits(config, "labeled", workers=0)
+    assert first["written"] == 16
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a finished store needs no model")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(logits, "load_backend", no_model)
+        again = run_logits(config, "labeled", workers=0)
+    assert again["written"] == 0 and again["skipped"] == 16
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    junk = replace(config, backend="torchscript", weights=tmp_path / "junk.pt")
+    with pytest.raises(UserError, match="not a TorchScript file"):
+        run_logits(junk, "labeled", workers=0, force=True)
+    assert len(LogitsStore(tmp_path / "w/logits.zarr")) == 16  # --force removed nothing: the model failed first

@@ -183,12 +183,15 @@ def _fails(config, match):
 
 def test_seem_missing_or_not_a_checkout(world, tmp_path):
     config = world()
+    _fails(config, "SEEM checkpoint not found")  # checked first: nothing is imported for a missing file
+    config.weights.write_bytes(b"checked later")
     _fails(replace(config, code=None), "SEEM not found; set foundation.code")
     _fails(replace(config, code=tmp_path / "weights"), "not a SEEM checkout")
 
 
 def test_mpi4py_missing_names_the_real_cause(world, monkeypatch):
     config = world(package=False, mpi4py=False)
+    config.weights.write_bytes(b"not read: the import fails first")
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # not installed
     message = _fails(config, "mpi4py")
     assert "utils/distributed.py" in message and "pip install mpi4py mpich" in message
@@ -208,18 +211,30 @@ def test_pillow_removed_names_are_aliased_and_other_breaks_reported(world):
     assert "AttributeError" in message and "Pillow" in message
 
 
-def test_tokenizer_offline_and_stub_are_refused(world, tmp_path):
+def test_tokenizer_not_cached_stub_or_empty_folder_are_refused(world, tmp_path):
     config = world()
     save_checkpoint(config)
-    # offline, transformers 4 raises and transformers 5 returns a 2-token stub: either way one line
-    _fails(replace(config, tokenizer=None),
-           r"CLIP tokenizer 'openai/clip-vit-base-patch32' (cannot be loaded|has \d+ tokens).*foundation.tokenizer")
+    # no folder configured: only the local cache is looked at (here empty), never the hub
+    _fails(replace(config, tokenizer=None), r"CLIP tokenizer 'openai/clip-vit-base-patch32' is not in the local Hugging "
+                                            r"Face cache: set foundation.tokenizer .*hf download")
     stub = tmp_path / "stub"
     stub.mkdir()
     (stub / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1}))
     (stub / "merges.txt").write_text("#version: 0.2\n")
     _fails(replace(config, tokenizer=stub), "has 2 tokens, CLIP's has 49,408")
+    (tmp_path / "empty").mkdir()
+    _fails(replace(config, tokenizer=tmp_path / "empty"), r"foundation.tokenizer .*empty: no vocab.json or merges.txt")
     _fails(replace(config, tokenizer=tmp_path / "absent"), "foundation.tokenizer .*: no such folder")
+
+
+def test_tokenizer_from_the_local_cache(world, tmp_path, monkeypatch):
+    config = world()
+    save_checkpoint(config)
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda name, local_files_only: str(config.tokenizer))
+    backend, _ = build_backend(replace(config, tokenizer=None), CLASSES, torch.device("cpu"))
+    assert backend.core.sem_seg_head.predictor.lang_encoder.tokenizer.vocab_size == 49408
 
 
 def test_checkpoint_wrapped_or_missing_parameters(world):
@@ -308,6 +323,7 @@ def _runner(config, tmp_path, prelude=""):
 
 def test_cli_reports_a_planted_fault_in_one_line(world, tmp_path):
     config = world(package=False, mpi4py=False)
+    config.weights.write_bytes(b"not read: the import fails first")
     _folder_data(config, np.random.default_rng(3), count=1)
     runner = _runner(config, tmp_path, prelude="sys.modules['mpi4py'] = None")
     result = subprocess.run([sys.executable, str(runner), "logits", "--config", str(_toml(config, tmp_path / "e.toml")),

@@ -9,7 +9,8 @@ A backend turns class names + images into per-image class scores:
   class map (pipeline.classmap) turns outputs into the data set's classes;
 * ``score_kind``: ``logits`` (softmax over classes gives probabilities), ``probabilities``, or
   ``scores`` (non-negative, unnormalised: SEEM's sem_seg);
-* ``model_id`` and ``weights_sha256``: what the store records so it is never reused with another model.
+* ``fingerprint(weights)``: (model id, sha256 of the weights), what the store records so it is never reused
+  with another model; known before the model is loaded, so a finished store costs no model load.
 
 The rest of the pipeline only calls `build_backend`; it never imports a specific backend.
 """
@@ -63,9 +64,8 @@ class Preprocess:
 
 class Backend:
     name: str = ""
+    weights_kind: str = "weights"  # what the weights are called in messages
     score_kind: str = "logits"
-    model_id: str = ""
-    weights_sha256: str | None = None
     preprocess: Preprocess = Preprocess()
     autocast: bool = False  # fp16 autocast on CUDA
     prompted: bool = False  # outputs are text prompts (any string); else fixed channels of a closed-set model
@@ -76,6 +76,13 @@ class Backend:
     def __init__(self, weights: Path, outputs: tuple[str, ...], device: torch.device, config: Config):
         """``outputs``: the prompts to score (prompted backends) or the channel names expected from the model."""
         raise NotImplementedError
+
+    @classmethod
+    def fingerprint(cls, weights: Path) -> tuple[str, str | None]:
+        """(model id, sha256 of the weights file)."""
+        from pipeline.store import file_sha256
+
+        return f"{cls.name}:{Path(weights).name}", file_sha256(require_file(weights, cls.weights_kind))
 
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) on the device -> (B, len(outputs), h, w) scores."""
@@ -98,16 +105,25 @@ def backend_class(name: str) -> type[Backend]:
     return cls
 
 
-def build_backend(config: Config, classes: tuple[str, ...], device: torch.device) -> tuple[Backend, ClassMap]:
-    """The configured backend, loaded from local weights (a file or folder; a hub id for the hf backends),
-    and the map from its outputs to the data set's classes."""
+def resolve_backend(config: Config, classes: tuple[str, ...]) -> tuple[type[Backend], ClassMap, Path]:
+    """The configured backend's class, the map from its outputs to the data set's classes, its weights."""
     cls = backend_class(config.backend)
     mapping = build_class_map(classes, config, cls.prompted, cls.no_object)
     if config.weights is None:
         raise UserError(f"backend '{config.backend}' needs weights: set foundation.weights in the config or "
                         "pass --weights")
-    outputs = tuple(o for o in mapping.outputs if o != NO_OBJECT)
-    return cls(Path(config.weights), outputs, device, config), mapping
+    return cls, mapping, Path(config.weights)
+
+
+def load_backend(cls: type[Backend], mapping: ClassMap, weights: Path, device: torch.device,
+                 config: Config) -> Backend:
+    """The model, loaded from local weights (a file or folder; a hub id in the local cache for the hf ones)."""
+    return cls(weights, tuple(o for o in mapping.outputs if o != NO_OBJECT), device, config)
+
+
+def build_backend(config: Config, classes: tuple[str, ...], device: torch.device) -> tuple[Backend, ClassMap]:
+    cls, mapping, weights = resolve_backend(config, classes)
+    return load_backend(cls, mapping, weights, device, config), mapping
 
 
 def require_file(path: Path, what: str) -> Path:

@@ -51,12 +51,14 @@ class _TextPromptBackend(Backend):
     prompted = True
     model_class = ""
 
+    @classmethod
+    def fingerprint(cls, weights: Path) -> tuple[str, str | None]:
+        return f"{cls.name}:{Path(weights).name}", _weights_id(weights)
+
     def __init__(self, weights: Path, outputs: tuple[str, ...], device: torch.device, config: Config):
         self.transformers = _transformers()
         self.model = _load(getattr(self.transformers, self.model_class), weights, device)
         self.device, self.weights = device, weights
-        self.model_id = f"{self.name}:{Path(weights).name}"
-        self.weights_sha256 = _weights_id(weights)
         ids, mask = self._tokenize(weights, list(outputs))
         with torch.no_grad():
             self.text = self._encode_text(ids.to(device), mask.to(device))

@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from pipeline.backends import Backend, Preprocess, require_file
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.store import file_sha256
 
 STRIDE = 4  # SEEM's masks are at 1/4 of the padded input
 SHORT_SIDE = 512  # SEEM's demo resolution
@@ -59,6 +58,8 @@ CONFIGS = {"seem_focall_v1": "focall_unicl_lang_v1.yaml", "seem_focalt_v1": "foc
 PIP_NAMES = {"cv2": "opencv-python-headless", "yaml": "pyyaml", "PIL": "pillow", "skimage": "scikit-image",
              "sklearn": "scikit-learn", "mpi4py": "mpi4py mpich"}
 README = "README 'SEEM'"
+DOWNLOAD = ("hf download openai/clip-vit-base-patch32 vocab.json merges.txt tokenizer_config.json "
+            "special_tokens_map.json --local-dir data/weights/clip-vit-base-patch32")
 
 
 def import_seem(code: Path | None) -> SimpleNamespace:
@@ -167,8 +168,14 @@ def _import_hint(exc: BaseException) -> str:
         return (f"that code uses a Pillow name that Pillow {pillow} no longer has; install a release of it that "
                 "supports Pillow >= 10")
     if "torchvision" in where or "torchvision" in text:
-        return (f"torchvision does not match torch {torch.__version__}: install the torchvision release built for "
-                "this torch")
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            vision = f"torchvision {version('torchvision')}"
+        except PackageNotFoundError:
+            vision = "torchvision"
+        return (f"{vision} cannot load its ops beside torch {torch.__version__} (another release, or a CUDA build "
+                "beside a CPU one): install the torchvision build made for this torch")
     return f"see {README} for the tested install"
 
 
@@ -196,30 +203,47 @@ def model_options(seem: SimpleNamespace, config_path: Path, tokenizer: Path | No
     except Exception as exc:  # YAML errors, SEEM's own asserts, missing or misshapen sections
         raise UserError(f"{config_path}: not a SEEM model config ({_what(exc)})") from None
     if tokenizer is not None:
-        if not Path(tokenizer).is_dir():
-            raise UserError(f"foundation.tokenizer {tokenizer}: no such folder (a CLIP tokenizer folder with "
-                            "vocab.json and merges.txt)")
         text["PRETRAINED_TOKENIZER"] = str(tokenizer)
     opt["device"] = device
     return opt
 
 
-def check_tokenizer(text: dict) -> None:
-    """Refuse a CLIP tokenizer that cannot load or is not CLIP's (offline stubs), before SEEM builds on it."""
+def check_tokenizer_folder(tokenizer: Path | None) -> None:
+    if tokenizer is None:
+        return
+    missing = [name for name in ("vocab.json", "merges.txt") if not (Path(tokenizer) / name).is_file()]
+    if missing:
+        what = "no such folder" if not Path(tokenizer).is_dir() else f"no {' or '.join(missing)} in it"
+        raise UserError(f"foundation.tokenizer {tokenizer}: {what}; give a CLIP tokenizer folder ({DOWNLOAD})")
+
+
+def resolve_tokenizer(text: dict) -> None:
+    """Point SEEM's CLIP tokenizer option at a local folder, never at the hub: the one configured, else the
+    local Hugging Face cache's copy of SEEM's default (an offline machine would otherwise wait minutes for
+    the hub before failing). Refuse one that is not CLIP's (49,408 tokens): SEEM would build a model that
+    the checkpoint does not fit."""
     if text.get("TOKENIZER") not in ("clip", "clip-fast"):
         return
     name = text.get("PRETRAINED_TOKENIZER", "openai/clip-vit-base-patch32")
-    fix = (f"set foundation.tokenizer to a local CLIP tokenizer folder (vocab.json, merges.txt; {README})")
+    if not Path(name).is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            name = snapshot_download(name, local_files_only=True)
+        except Exception:  # not cached (or no huggingface_hub): the same advice
+            raise UserError(f"SEEM's CLIP tokenizer '{name}' is not in the local Hugging Face cache: set "
+                            f"foundation.tokenizer to a local CLIP tokenizer folder ({DOWNLOAD})") from None
+        text["PRETRAINED_TOKENIZER"] = name
     try:
         from transformers import CLIPTokenizer
 
         with _quiet():
             tokenizer = CLIPTokenizer.from_pretrained(name)
-    except Exception as exc:  # offline: OSError, TypeError or ValueError depending on the transformers release
-        raise UserError(f"SEEM's CLIP tokenizer '{name}' cannot be loaded ({_what(exc)}); {fix}") from None
+    except Exception as exc:  # a damaged folder: OSError, TypeError or ValueError by transformers release
+        raise UserError(f"SEEM's CLIP tokenizer '{name}' cannot be loaded ({_what(exc)}); {DOWNLOAD}") from None
     if tokenizer.vocab_size != CLIP_VOCAB:
-        raise UserError(f"SEEM's CLIP tokenizer '{name}' has {tokenizer.vocab_size} tokens, CLIP's has {CLIP_VOCAB:,} "
-                        f"(offline, transformers can return a stub); {fix}")
+        raise UserError(f"SEEM's CLIP tokenizer '{name}' has {tokenizer.vocab_size} tokens, CLIP's has {CLIP_VOCAB:,}: "
+                        f"give the CLIP tokenizer SEEM was trained with ({DOWNLOAD})")
 
 
 def check_encoder(seem: SimpleNamespace, opt: dict, weights: Path, config_path: Path) -> None:
@@ -261,7 +285,9 @@ def load_checkpoint(model: torch.nn.Module, weights: Path, config_path: Path) ->
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch's own errors
-        raise UserError(f"{weights}: not a SEEM checkpoint (cannot be read as a state dict: {_what(exc)})") from None
+        reason = ("a damaged file, or not a plain state dict of tensors" if "weights_only" in str(exc)
+                  else _what(exc))  # torch's advice to unpickle arbitrary objects does not apply here
+        raise UserError(f"{weights}: not a SEEM checkpoint (cannot be read as a state dict: {reason})") from None
     if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
         raise UserError(f"{weights}: not a SEEM checkpoint (expected a state dict of tensors)")
     own = model.state_dict()
@@ -288,6 +314,7 @@ def load_checkpoint(model: torch.nn.Module, weights: Path, config_path: Path) ->
 
 class SeemBackend(Backend):
     name = "seem"
+    weights_kind = "SEEM checkpoint"
     score_kind = "scores"
     autocast = True
     prompted = True
@@ -295,11 +322,12 @@ class SeemBackend(Backend):
     preprocess = Preprocess(short_side=SHORT_SIDE, uint8=True)
 
     def __init__(self, weights: Path, outputs: tuple[str, ...], device: torch.device, config: Config):
+        weights = require_file(weights, self.weights_kind)
+        check_tokenizer_folder(config.tokenizer)
         seem = import_seem(config.code)
-        weights = require_file(weights, "SEEM checkpoint")
         config_path = find_config(weights, seem.root)
         opt = model_options(seem, config_path, config.tokenizer, device)
-        check_tokenizer(opt["MODEL"]["TEXT"])
+        resolve_tokenizer(opt["MODEL"]["TEXT"])
         check_encoder(seem, opt, weights, config_path)
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # SEEM creates a tensor on the current device while building
@@ -310,8 +338,6 @@ class SeemBackend(Backend):
         self.seem, self.device, self.outputs = seem, device, outputs
         self._vocabulary(list(outputs) + [NO_OBJECT_TEXT])
         self.notes = (note,)
-        self.model_id = f"seem:{weights.name}"
-        self.weights_sha256 = file_sha256(weights)
 
     @torch.no_grad()
     def _vocabulary(self, entries: list[str]) -> None:

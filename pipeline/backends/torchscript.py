@@ -11,16 +11,16 @@ import torch
 from pipeline.backends import Backend, Preprocess, require_file
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.store import file_sha256
 
 
 class TorchScriptBackend(Backend):
     name = "torchscript"
+    weights_kind = "TorchScript file"
     score_kind = "logits"
     preprocess = Preprocess()
 
     def __init__(self, weights: Path, outputs: tuple[str, ...], device: torch.device, config: Config):
-        require_file(weights, "TorchScript file")
+        require_file(weights, self.weights_kind)
         try:
             with warnings.catch_warnings():  # TorchScript is deprecated upstream, still what users export
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -29,8 +29,6 @@ class TorchScriptBackend(Backend):
             raise UserError(f"{weights}: not a TorchScript file ({type(exc).__name__}); save one with "
                             "torch.jit.script(model).save(path)") from None
         self.weights, self.outputs = Path(weights), outputs
-        self.model_id = f"torchscript:{Path(weights).name}"
-        self.weights_sha256 = file_sha256(weights)
 
     @torch.no_grad()
     def predict(self, batch: torch.Tensor) -> torch.Tensor:

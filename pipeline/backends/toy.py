@@ -15,6 +15,7 @@ from pipeline.toy.annotator import load_annotator
 
 class ToyBackend(Backend):
     name = "toy"
+    weights_kind = "toy annotator weights"
     score_kind = "logits"
     preprocess = Preprocess()  # float RGB in [0, 1] at full size; the net normalises inside
 
@@ -24,8 +25,10 @@ class ToyBackend(Backend):
             raise UserError(f"{weights}: the toy annotator knows classes {list(trained)}, expected outputs "
                             f"{list(outputs)} (foundation.outputs, else the data set's classes)")
         self.model = model.to(device)
-        self.model_id = f"toy-annotator:{Path(weights).name}"
-        self.weights_sha256 = file_sha256(weights)
+
+    @classmethod
+    def fingerprint(cls, weights: Path) -> tuple[str, str | None]:
+        return f"toy-annotator:{Path(weights).name}", file_sha256(require_file(weights, cls.weights_kind))
 
     @torch.no_grad()
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
