@@ -228,34 +228,63 @@ def _print_epoch(record: dict) -> None:
 @app.command("eval")
 @with_config
 def eval_checkpoint(
-    checkpoint: Annotated[Path, typer.Option(help="A last.pt or best.pt of `conformalsam train`.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="A last.pt or best.pt of `conformalsam train`.")] = None,
+    scores: Annotated[bool, typer.Option("--scores", help="Instead of a checkpoint: the foundation model's own "
+                                         "stored scores (argmax, from `conformalsam logits --split ...`).")] = False,
     mode: Annotated[str, typer.Option(help="whole | sliding")] = "whole",
     crop: Annotated[Optional[int], typer.Option(help="Sliding-window size (default: the run's crop).")] = None,
     split: Annotated[str, typer.Option(help="val | labeled | unlabeled (needs masks).")] = "val",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     config: cfg.Config = None,
 ):
-    """mIoU and per-class IoU of a checkpoint on the val split (whole image or sliding window)."""
+    """mIoU and per-class IoU of a checkpoint (whole image or sliding window), or of the stored foundation-model
+    scores (--scores), on the val split."""
     from pipeline.datasets import Dataset
+
+    if (checkpoint is None) == (not scores):
+        raise UserError("eval: give --checkpoint FILE, or --scores for the stored foundation-model scores")
+    if mode not in ("whole", "sliding"):
+        raise UserError(f"--mode {mode}: choose whole or sliding")
+    dataset = Dataset(config)
+    samples = dataset.split(split)
+    if any(s.mask is None for s in samples):
+        raise UserError(f"{dataset.split_path(split)}: the {split} split has no masks to score against")
+    if scores:
+        _eval_scores(config, dataset, samples, split)
+        return
     from trainer.checkpoint import load_trained
     from trainer.data import ValImages
     from trainer.evaluate import evaluate
     from trainer.stages import resolve_device
 
-    if mode not in ("whole", "sliding"):
-        raise UserError(f"--mode {mode}: choose whole or sliding")
-    dataset = Dataset(config)
     model, state = load_trained(checkpoint, dataset.classes)
     dev = resolve_device(device, 1)
-    samples = dataset.split(split)
-    if any(s.mask is None for s in samples):
-        raise UserError(f"{dataset.split_path(split)}: the {split} split has no masks to score against")
     with progress("eval") as update:
         update(0, len(samples))
         result = evaluate(model.to(dev), ValImages(dataset, samples), dataset.num_classes, dev, mode,
                           crop or state["recipe"]["crop"], progress=update)
     _print_ious(f"{checkpoint} (stage {state['stage']}, epoch {state['epoch']}) on {len(samples)} {split} images, "
                 f"{mode}", dataset.classes, result["iou"], result["miou"], result["pixel_accuracy"])
+
+
+def _eval_scores(config: cfg.Config, dataset, samples, split: str) -> None:
+    from pipeline.metrics import iou_per_class, mean_iou, pixel_accuracy
+    from pipeline.rawscore import raw_confusion
+    from pipeline.store import LogitsStore
+
+    store = LogitsStore(config.work_dir / "logits.zarr")
+    missing = [s.id for s in samples if s.id not in store]
+    if missing:
+        raise UserError(f"{store.path}: no scores for {len(missing)} of the {len(samples)} {split} images (e.g. "
+                        f"{missing[0]}): run `conformalsam logits --split {split}` first")
+    if tuple(store.classes) != tuple(dataset.classes):
+        raise UserError(f"{store.path}: scores are for classes {list(store.classes)}, the data set has "
+                        f"{list(dataset.classes)}")
+    with progress("eval") as update:
+        update(0, len(samples))
+        conf = raw_confusion(store, dataset, samples, progress=update)
+    _print_ious(f"{store.attrs['model_id']}: raw argmax of the stored scores on {len(samples)} {split} images",
+                dataset.classes, iou_per_class(conf), mean_iou(conf), pixel_accuracy(conf))
 
 
 def _print_ious(title: str, classes, ious, miou: float, accuracy: float) -> None:
@@ -318,6 +347,64 @@ def summary(config: cfg.Config = None):
     from pipeline.summary import print_summary
 
     print_summary(config.work_dir, console)
+
+
+def _split_source(source: Path, masks: Optional[Path], root: Optional[Path], config: Optional[str]) -> list[str]:
+    """The lines of a folder of images (+ masks) or of a split list, relative to the data root."""
+    from pipeline.splits import source_lines
+
+    root = root.absolute() if root is not None else cfg.load(config).root
+
+    def find(path: Path) -> Path:  # as given, else inside the data root
+        return path if path.exists() or not (root / path).exists() else root / path
+
+    return source_lines(find(source), root, find(masks) if masks is not None else None)
+
+
+SOURCE = Annotated[Path, typer.Argument(help="A folder of images (with --masks) or a split list; relative to the "
+                                        "current folder or to the data root.")]
+MASKS = Annotated[Optional[Path], typer.Option(help="The folder of the images' masks (<stem>.png).")]
+ROOT = Annotated[Optional[Path], typer.Option(help="The data set folder the lines are relative to (default: "
+                                              "data.root of --config).")]
+CONFIG = Annotated[Optional[str], typer.Option(help=CONFIG_OPTIONS["config"][1])]
+FORCE = Annotated[bool, typer.Option(help="Overwrite existing split files.")]
+
+
+@data_app.command("split")
+def data_split(
+    source: SOURCE,
+    out: Annotated[Path, typer.Option(help="Folder for labeled.txt and unlabeled.txt.")],
+    labeled: Annotated[str, typer.Option(help="How many labeled: a count (23), a fraction (0.0625) or a "
+                                         "ratio (1/16).")],
+    masks: MASKS = None,
+    seed: Annotated[int, typer.Option(help="Seed of the draw (same seed, same files).")] = 0,
+    force: FORCE = False,
+    root: ROOT = None,
+    config: CONFIG = None,
+):
+    """Write UniMatch-format labeled.txt / unlabeled.txt: a seeded draw of the labeled images."""
+    from pipeline.splits import labeled_count, write_split
+
+    lines = _split_source(source, masks, root, config)
+    count = labeled_count(labeled, len(lines))
+    paths = write_split(lines, count, seed, out, force)
+    console.print(f"{paths[0]}: {count} labeled; {paths[1]}: {len(lines) - count} unlabeled (seed {seed})")
+
+
+@data_app.command("list")
+def data_list(
+    source: SOURCE,
+    out: Annotated[Path, typer.Option(help="The split list to write (e.g. val.txt).")],
+    masks: MASKS = None,
+    force: FORCE = False,
+    root: ROOT = None,
+    config: CONFIG = None,
+):
+    """Write one UniMatch-format split list of every image (e.g. the val.txt of a folder)."""
+    from pipeline.splits import write_list
+
+    lines = _split_source(source, masks, root, config)
+    console.print(f"{write_list(lines, out, force)}: {len(lines)} images")
 
 
 @data_app.command("check")

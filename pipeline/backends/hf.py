@@ -52,7 +52,7 @@ class _TextPromptBackend(Backend):
     model_class = ""
 
     @classmethod
-    def fingerprint(cls, weights: Path) -> tuple[str, str | None]:
+    def fingerprint(cls, weights: Path, config: Config) -> tuple[str, str | None]:
         return f"{cls.name}:{Path(weights).name}", _weights_id(weights)
 
     def __init__(self, weights: Path, outputs: tuple[str, ...], device: torch.device, config: Config):

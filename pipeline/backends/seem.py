@@ -31,7 +31,6 @@ import importlib
 import importlib.util
 import io
 import math
-import sys
 import traceback
 import warnings
 from pathlib import Path
@@ -40,7 +39,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from pipeline.backends import Backend, Preprocess, require_file
+from pipeline.backends import Backend, Preprocess, on_path, read_state_dict, require_file, state_fit
 from pipeline.config import Config
 from pipeline.errors import UserError
 
@@ -67,7 +66,7 @@ def import_seem(code: Path | None) -> SimpleNamespace:
     prefix, root = _locate(code)
     _alias_removed_pillow_names()
     try:
-        with _quiet(), _first_on_path(code):
+        with _quiet(), on_path(code):
             modeling = importlib.import_module(prefix + "modeling")
             return SimpleNamespace(
                 prefix=prefix, root=root,
@@ -83,7 +82,7 @@ def import_seem(code: Path | None) -> SimpleNamespace:
 
 
 def _locate(code: Path | None) -> tuple[str, Path]:
-    """(module prefix, package root) of the SEEM to import; puts a checkout on sys.path."""
+    """(module prefix, package root) of the SEEM to import: the checkout at ``code``, else an installed seem."""
     if code is None:
         spec = importlib.util.find_spec("seem")
         if spec is None or not spec.submodule_search_locations:
@@ -99,21 +98,6 @@ def _locate(code: Path | None) -> tuple[str, Path]:
         raise UserError(f"foundation.code {code}: not a SEEM checkout (no modeling/ or seem/modeling/ in it); "
                         "give the folder of a SEEM clone at branch v1.0 or package")
     return prefix, root
-
-
-@contextlib.contextmanager
-def _first_on_path(code: Path | None):
-    """The checkout first on sys.path while SEEM is imported (its top-level 'utils' must win over other
-    packages of that name), and off it afterwards: v1.0 also has top-level 'pipeline', 'trainer' and
-    'datasets' folders that must not shadow later imports of this project's or anyone's."""
-    if code is None:
-        yield
-        return
-    sys.path.insert(0, str(code))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(code))
 
 
 def _alias_removed_pillow_names() -> None:
@@ -283,29 +267,23 @@ def load_checkpoint(model: torch.nn.Module, weights: Path, config_path: Path) ->
     Refused: a tensor of another shape (another SEEM size), or under 99% of the model's parameter values
     found. Returns a note (tensors loaded) and warnings (parameters left at their initial values)."""
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch's own errors
-        reason = ("a damaged file, or not a plain state dict of tensors" if "weights_only" in str(exc)
-                  else _what(exc))  # torch's advice to unpickle arbitrary objects does not apply here
-        raise UserError(f"{weights}: not a SEEM checkpoint (cannot be read as a state dict: {reason})") from None
-    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise UserError(f"{weights}: not a SEEM checkpoint (expected a state dict of tensors)")
+        state = read_state_dict(weights)
+    except UserError as exc:
+        raise UserError(f"{exc} (not a SEEM checkpoint)") from None
     own = model.state_dict()
     for prefix in ("model.", "module."):  # saved from a wrapper (SEEM's BaseModel, DDP)
         if not own.keys() & state.keys() and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
-    fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-    other_shape = [k for k in state if k in own and state[k].shape != own[k].shape]
+    fit = state_fit(own, state)
+    fits, other_shape = fit.fits, fit.other_shape
     params = dict(model.named_parameters())
     missing = [k for k in params if k not in fits]
     found = 1 - sum(params[k].numel() for k in missing) / max(1, sum(p.numel() for p in params.values()))
     if other_shape or found < MIN_LOADED:
-        example = (f"e.g. {other_shape[0]}: {tuple(state[other_shape[0]].shape)} in the checkpoint, "
-                   f"{tuple(own[other_shape[0]].shape)} in the model" if other_shape else f"e.g. {missing[0]} missing")
         raise UserError(f"{weights}: does not fit the SEEM model of {config_path.name}: {len(fits):,} of "
                         f"{len(own):,} model tensors found ({100 * found:.1f}% of the parameter values), "
-                        f"{len(other_shape):,} of another shape ({example}); give this checkpoint's own config "
-                        f"(beside it as {weights.stem}.yaml)")
+                        f"{len(other_shape):,} of another shape ({fit.example(state, own)}); give this "
+                        f"checkpoint's own config (beside it as {weights.stem}.yaml)")
     model.load_state_dict(fits, strict=False)
     warnings_ = [f"SEEM: {len(missing)} of the model's parameters are not in {weights.name} and keep their "
                  "initial values: " + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")] if missing else []

@@ -27,7 +27,7 @@ class ToyBackend(Backend):
         self.model = model.to(device)
 
     @classmethod
-    def fingerprint(cls, weights: Path) -> tuple[str, str | None]:
+    def fingerprint(cls, weights: Path, config: Config) -> tuple[str, str | None]:
         return f"toy-annotator:{Path(weights).name}", file_sha256(require_file(weights, cls.weights_kind))
 
     @torch.no_grad()

@@ -1,0 +1,15 @@
+"""A `pytorch` backend factory: ESPNetv2 (s = 2.0) trained on Cityscapes, from the user's own checkout of
+sacmehta/EdgeNets (MIT), named by foundation.code. Nothing of EdgeNets is in this project: its code is
+imported from that checkout at run time and its weights come from the file foundation.weights names."""
+
+from argparse import Namespace
+
+CITYSCAPES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+              "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+              "background")  # its 20 output channels, in order
+
+
+def build(scale: float = 2.0):
+    from model.segmentation.espnetv2 import espnetv2_seg  # EdgeNets' own builder
+
+    return espnetv2_seg(Namespace(classes=len(CITYSCAPES), s=scale, weights="", dataset="city", channels=3))
