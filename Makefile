@@ -11,7 +11,7 @@ WORK   ?= work
 RUN    ?= toy
 
 .PHONY: setup test demo toy toy-annotator seem-logits seem-setup test-seem bench-seem calibrate bench-logits bench-calibrate \
-	bench-train bench-quality train clean
+	bench-train bench-quality bench-real camvid-splits train clean
 
 setup: $(STAMP)
 
@@ -103,6 +103,18 @@ bench-train: setup
 # The method's ablation on the toy world (3 seeds, 2 split sizes): work/bench/quality.md. ~35 min on 2 cores.
 bench-quality: toy
 	$(BIN)/python benchmarks/bench_quality.py
+
+# The ablation on real images: CamVid with a Cityscapes-trained ESPNetv2 (README 'Real images'): work/bench/real.md.
+bench-real: setup
+	@if [ ! -d data/CamVid/train ] || [ ! -f data/weights/espnetv2_s_2.0_city_1024x512.pth ] || [ ! -d third_party/EdgeNets ]; then \
+	echo "bench-real skipped: needs data/CamVid, data/weights/espnetv2_s_2.0_city_1024x512.pth and third_party/EdgeNets (README 'Real images')"; \
+	else $(MAKE) --no-print-directory camvid-splits && $(BIN)/python benchmarks/bench_real.py; fi
+
+# CamVid's split files (seeded): data/splits/camvid/{1_16,1_8}/ and val.txt.
+camvid-splits: setup
+	@for n in 16 8; do test -f data/splits/camvid/1_$$n/labeled.txt || \
+	$(CLI) data split train --masks trainannot --labeled 1/$$n --root data/CamVid --out data/splits/camvid/1_$$n; done
+	@test -f data/splits/camvid/val.txt || $(CLI) data list val --masks valannot --root data/CamVid --out data/splits/camvid/val.txt
 
 # Retrain the shipped toy annotator (data/toy_annotator.pt) on the source domain: ~3 min on 2 cores.
 toy-annotator: toy

@@ -33,15 +33,16 @@ app.add_typer(toy_app, name="toy")
 
 Opt = Optional
 CONFIG_OPTIONS = {
-    "config": (Opt[str], "TOML config file or preset name (toy, voc-92 .. voc-1464, ade20k). "
+    "config": (Opt[str], "TOML config file or preset name (toy, voc-92 .. voc-1464, ade20k, camvid-1_16, "
+               "camvid-1_8). "
                "Default: ./conformalsam.toml, else the toy preset."),
-    "format": (Opt[str], "Override data.format: voc | ade20k | folder."),
+    "format": (Opt[str], "Override data.format: voc | ade20k | camvid | folder."),
     "root": (Opt[Path], "Override data.root (data set folder)."),
     "labeled": (Opt[Path], "Override data.labeled (split list)."),
     "unlabeled": (Opt[Path], "Override data.unlabeled (split list)."),
     "val": (Opt[Path], "Override data.val (split list)."),
     "classes": (Opt[str], "Override data.classes: names separated by commas, background first."),
-    "backend": (Opt[str], "Override foundation.backend: seem | sam3 | clipseg | torchscript | toy."),
+    "backend": (Opt[str], "Override foundation.backend: seem | sam3 | clipseg | pytorch | torchscript | toy."),
     "weights": (Opt[Path], "Override foundation.weights (checkpoint path)."),
     "work_dir": (Opt[Path], "Override work.dir (where every stage writes)."),
 }
@@ -449,7 +450,7 @@ def config_show(config: cfg.Config = None):
 
 @config_app.command("init")
 def config_init(
-    preset: Annotated[str, typer.Argument(help="toy | voc-92 | voc-183 | voc-366 | voc-732 | voc-1464 | ade20k")],
+    preset: Annotated[str, typer.Argument(help="toy | voc-92 .. voc-1464 | ade20k | camvid-1_16 | camvid-1_8")],
     out: Annotated[Path, typer.Option(help="Where to write it.")] = Path(cfg.DEFAULT_FILE),
     force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
 ):

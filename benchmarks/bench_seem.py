@@ -180,7 +180,8 @@ def main() -> None:
             row["max_rel_diff"] = {path: float((outputs[path][: ref.shape[0]] - ref).abs().max()) / scale
                                    for path in ("heads off", "backend", "mask-res")}
             rows.append(row)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} threads"
     print(f"SEEM focal-T v1 architecture ({params / 1e6:.1f} M parameters, random weights), input {H}x{W}, "
           f"scores at {math.ceil(H / 4)}x{math.ceil(W / 4)}, {device_name}, torch {torch.__version__}")
     print(f"{'vocabulary':<18}{'path':<11}{'s/image':>9}{'img/s':>8}{'peak MB added':>15}{'max |diff| / max':>18}")

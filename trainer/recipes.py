@@ -62,6 +62,9 @@ RECIPES = {
     # The toy world: a tiny DeepLabV3+ from scratch, minutes on 2 CPU cores.
     "toy": Recipe(model="deeplabv3plus-tiny", crop=96, batch_size=8, epochs=(6, 3), optimizer="adamw", lr=2e-3,
                   head_lr_mult=1.0, weight_decay=1e-4, scale_range=(0.75, 1.5), workers=1),
+    # CamVid on 2 CPU cores (make bench-real): the toy network from scratch on 128 x 128 crops at 0.5-1x scale.
+    "camvid-tiny": Recipe(model="deeplabv3plus-tiny", crop=128, batch_size=8, epochs=(12, 4), optimizer="adamw",
+                          lr=2e-3, head_lr_mult=1.0, weight_decay=1e-4, scale_range=(0.5, 1.0), workers=1),
     # UniMatch's VOC recipe (DeepLabV3+ R101, crop 321 or 513) on the paper's 60 + 20 epoch schedule.
     "voc-r101-321": Recipe(),
     "voc-r101-513": Recipe(crop=513),
@@ -71,7 +74,7 @@ RECIPES = {
     "ade20k-segformer-b5": Recipe(model="segformer-b5", crop=512, epochs=(30, 10)),
     "ade20k-r101": Recipe(crop=513, epochs=(30, 10)),
 }
-DEFAULT_FOR_FORMAT = {"folder": "toy", "voc": "voc-r101-321", "ade20k": "ade20k-segformer-b5"}
+DEFAULT_FOR_FORMAT = {"folder": "toy", "voc": "voc-r101-321", "ade20k": "ade20k-segformer-b5", "camvid": "camvid-tiny"}
 
 
 def get_recipe(name: str | None, data_format: str, **overrides) -> tuple[str, Recipe]:

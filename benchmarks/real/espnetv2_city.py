@@ -2,6 +2,8 @@
 sacmehta/EdgeNets (MIT), named by foundation.code. Nothing of EdgeNets is in this project: its code is
 imported from that checkout at run time and its weights come from the file foundation.weights names."""
 
+import contextlib
+import io
 from argparse import Namespace
 
 CITYSCAPES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
@@ -12,4 +14,5 @@ CITYSCAPES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic 
 def build(scale: float = 2.0):
     from model.segmentation.espnetv2 import espnetv2_seg  # EdgeNets' own builder
 
-    return espnetv2_seg(Namespace(classes=len(CITYSCAPES), s=scale, weights="", dataset="city", channels=3))
+    with contextlib.redirect_stdout(io.StringIO()):  # it announces "training from scratch": the weights come next
+        return espnetv2_seg(Namespace(classes=len(CITYSCAPES), s=scale, weights="", dataset="city", channels=3))

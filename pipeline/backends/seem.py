@@ -78,7 +78,8 @@ def import_seem(code: Path | None) -> SimpleNamespace:
                 ImageList=importlib.import_module("detectron2.structures").ImageList,
             )
     except Exception as exc:  # SEEM's import chain raises anything from ImportError to RuntimeError
-        raise UserError(f"backend 'seem': importing SEEM failed{_where(exc)}: {_what(exc)}; {_import_hint(exc)}") from None
+        raise UserError(f"backend 'seem': importing SEEM failed{_where(exc)}: {_what(exc)}; "
+                        f"{_import_hint(exc)}") from None
 
 
 def _locate(code: Path | None) -> tuple[str, Path]:
