@@ -15,3 +15,9 @@ class DataProblem(UserError):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
+
+
+def describe(exc: BaseException) -> str:
+    """'Type: first line of the message', for a one-line error that wraps someone else's exception."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0].strip() if lines else ''}".rstrip(": ")

@@ -105,7 +105,7 @@ def test_mismatched_store_is_refused_then_rebuilt_with_force(toy_world, tmp_path
 
 def test_bad_models_are_clear_errors(toy_world, tmp_path):
     config = replace(toy_config(toy_world), backend="torchscript", work_dir=tmp_path / "w")
-    with pytest.raises(UserError, match="returns 5 channels, expected 8"):
+    with pytest.raises(UserError, match="the model returns 5 channels, expected 8"):
         run_logits(replace(config, weights=_script(tmp_path, classes=5, depth=1)), "labeled", workers=0)
     with pytest.raises(UserError, match=r"train_\d+\.jpg: backend 'torchscript' produced NaN"):
         run_logits(replace(config, weights=_script(tmp_path, depth=1, out=float("nan")), work_dir=tmp_path / "n"),

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from pipeline.classmap import NO_OBJECT, ClassMap, build_class_map
 from pipeline.config import Config
-from pipeline.errors import UserError
+from pipeline.errors import UserError, describe
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,17 @@ def build_backend(config: Config, classes: tuple[str, ...], device: torch.device
     return load_backend(cls, mapping, weights, device, config), mapping
 
 
+def checked_output(out, batch: torch.Tensor, outputs: tuple[str, ...], who: str) -> torch.Tensor:
+    """A closed-set model's output, refused in one line unless it is (B, one channel per output, h, w)."""
+    if not (isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[0] == batch.shape[0]):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"{who}: the model must return (B, C, h, w) logits, got {got}")
+    if out.shape[1] != len(outputs):
+        raise UserError(f"{who}: the model returns {out.shape[1]} channels, expected {len(outputs)} "
+                        "(foundation.outputs, else the data set's classes)")
+    return out
+
+
 @contextlib.contextmanager
 def on_path(code: Path | None):
     """A third-party checkout first on sys.path while its modules are imported, and off it afterwards: its
@@ -174,8 +185,7 @@ def read_state_dict(path: Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"{path}: not found (foundation.weights)") from None
     except Exception as exc:  # pickle, zip and torch's own errors
-        reason = ("a damaged file, or not a plain state dict of tensors" if "weights_only" in str(exc)
-                  else f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+        reason = "a damaged file, or not a plain state dict of tensors" if "weights_only" in str(exc) else describe(exc)
         raise UserError(f"{path}: cannot be read as a state dict ({reason})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.backends import Backend, Preprocess, on_path, read_state_dict, state_fit
+from pipeline.backends import Backend, Preprocess, checked_output, on_path, read_state_dict, state_fit
 from pipeline.config import Config
-from pipeline.errors import UserError
+from pipeline.errors import UserError, describe
 
 
 def load_factory(spec: str | None, code: Path | None):
@@ -39,7 +39,7 @@ def load_factory(spec: str | None, code: Path | None):
     except UserError:
         raise
     except Exception as exc:  # the user's module: any error while importing it
-        raise UserError(f"foundation.factory {spec}: importing {where} failed ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"foundation.factory {spec}: importing {where} failed ({describe(exc)})") from None
     factory = getattr(module, name, None)
     if not callable(factory):
         raise UserError(f"foundation.factory {spec}: {where} has no function '{name}'")
@@ -58,8 +58,7 @@ class PyTorchBackend(Backend):
             with on_path(config.code):
                 model = factory()
         except Exception as exc:
-            raise UserError(f"foundation.factory {config.factory}: calling it failed ({type(exc).__name__}: "
-                            f"{exc})") from None
+            raise UserError(f"foundation.factory {config.factory}: calling it failed ({describe(exc)})") from None
         if not isinstance(model, torch.nn.Module):
             raise UserError(f"foundation.factory {config.factory}: returned a {type(model).__name__}, not a "
                             "torch.nn.Module")
@@ -85,11 +84,4 @@ class PyTorchBackend(Backend):
 
     @torch.no_grad()
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
-        out = self.model(batch)
-        if not (isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[0] == batch.shape[0]):
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise UserError(f"foundation.factory {self.factory}: the model must return (B, C, h, w) logits, got {got}")
-        if out.shape[1] != len(self.outputs):
-            raise UserError(f"foundation.factory {self.factory}: the model returns {out.shape[1]} channels, "
-                            f"expected {len(self.outputs)} (foundation.outputs, else the data set's classes)")
-        return out
+        return checked_output(self.model(batch), batch, self.outputs, f"foundation.factory {self.factory}")

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from pipeline.backends import Backend, Preprocess, on_path, read_state_dict, require_file, state_fit
 from pipeline.config import Config
-from pipeline.errors import UserError
+from pipeline.errors import UserError, describe
 
 STRIDE = 4  # SEEM's masks are at 1/4 of the padded input
 SHORT_SIDE = 512  # SEEM's demo resolution
@@ -78,7 +78,7 @@ def import_seem(code: Path | None) -> SimpleNamespace:
                 ImageList=importlib.import_module("detectron2.structures").ImageList,
             )
     except Exception as exc:  # SEEM's import chain raises anything from ImportError to RuntimeError
-        raise UserError(f"backend 'seem': importing SEEM failed{_where(exc)}: {_what(exc)}; "
+        raise UserError(f"backend 'seem': importing SEEM failed{_where(exc)}: {describe(exc)}; "
                         f"{_import_hint(exc)}") from None
 
 
@@ -127,11 +127,6 @@ def _where(exc: BaseException) -> str:
     parts = Path(frame.filename).parts
     short = "/".join(parts[-3:]) if len(parts) > 3 else frame.filename
     return f" in {short}:{frame.lineno}"
-
-
-def _what(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0].strip() if lines else ''}".rstrip(": ")
 
 
 def _import_hint(exc: BaseException) -> str:
@@ -186,7 +181,7 @@ def model_options(seem: SimpleNamespace, config_path: Path, tokenizer: Path | No
         text = model["TEXT"]
         text.get("TOKENIZER")
     except Exception as exc:  # YAML errors, SEEM's own asserts, missing or misshapen sections
-        raise UserError(f"{config_path}: not a SEEM model config ({_what(exc)})") from None
+        raise UserError(f"{config_path}: not a SEEM model config ({describe(exc)})") from None
     if tokenizer is not None:
         text["PRETRAINED_TOKENIZER"] = str(tokenizer)
     opt["device"] = device
@@ -225,7 +220,7 @@ def resolve_tokenizer(text: dict) -> None:
         with _quiet():
             tokenizer = CLIPTokenizer.from_pretrained(name)
     except Exception as exc:  # a damaged folder: OSError, TypeError or ValueError by transformers release
-        raise UserError(f"SEEM's CLIP tokenizer '{name}' cannot be loaded ({_what(exc)}); {DOWNLOAD}") from None
+        raise UserError(f"SEEM's CLIP tokenizer '{name}' cannot be loaded ({describe(exc)}); {DOWNLOAD}") from None
     if tokenizer.vocab_size != CLIP_VOCAB:
         raise UserError(f"SEEM's CLIP tokenizer '{name}' has {tokenizer.vocab_size} tokens, CLIP's has {CLIP_VOCAB:,}: "
                         f"give the CLIP tokenizer SEEM was trained with ({DOWNLOAD})")
@@ -244,7 +239,7 @@ def check_encoder(seem: SimpleNamespace, opt: dict, weights: Path, config_path: 
             ops = seem.root / "modeling" / "vision" / "encoder" / "ops"
             raise UserError(f"{weights}: this SEEM model ({config_path.name}) needs the deformable encoder "
                             f"'{name}', which SEEM registers only when its MultiScaleDeformableAttention CUDA op "
-                            f"is compiled ({_what(exc).split('. ')[0]}); compile it (cd {ops} && sh make.sh, needs "
+                            f"is compiled ({describe(exc).split('. ')[0]}); compile it (cd {ops} && sh make.sh, needs "
                             "CUDA and nvcc) or use seem_focall_v1.pt / seem_focalt_v1.pt, which need no compiled "
                             "op") from None
     raise UserError(f"{config_path}: encoder '{name}' is not registered in this SEEM")
@@ -257,9 +252,9 @@ def build(seem: SimpleNamespace, opt: dict, config_path: Path):
     except Exception as exc:
         if not torch.cuda.is_available() and any(s in str(exc) for s in ("CUDA", "NVIDIA", "cuda")):
             raise UserError("SEEM's model builder needs CUDA (seem_model_v1.py calls torch.cuda.current_device()) "
-                            f"and this torch has none ({_what(exc)}): run stage 0 on a GPU machine, where any "
+                            f"and this torch has none ({describe(exc)}): run stage 0 on a GPU machine, where any "
                             "--device works, cpu included") from None
-        raise UserError(f"{config_path}: building SEEM failed{_where(exc)}: {_what(exc)}") from None
+        raise UserError(f"{config_path}: building SEEM failed{_where(exc)}: {describe(exc)}") from None
 
 
 def load_checkpoint(model: torch.nn.Module, weights: Path, config_path: Path) -> tuple[str, list[str]]:

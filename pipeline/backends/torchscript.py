@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.backends import Backend, Preprocess, require_file
+from pipeline.backends import Backend, Preprocess, checked_output, require_file
 from pipeline.config import Config
 from pipeline.errors import UserError
 
@@ -32,11 +32,4 @@ class TorchScriptBackend(Backend):
 
     @torch.no_grad()
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
-        out = self.model(batch)
-        if not (isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[0] == batch.shape[0]):
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise UserError(f"{self.weights}: model must return (B, K, h, w) logits, got {got}")
-        if out.shape[1] != len(self.outputs):
-            raise UserError(f"{self.weights}: model returns {out.shape[1]} channels, expected {len(self.outputs)} "
-                            "(foundation.outputs, else the data set's class list)")
-        return out
+        return checked_output(self.model(batch), batch, self.outputs, str(self.weights))
