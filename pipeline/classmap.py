@@ -36,10 +36,12 @@ class ClassMap:
 
     def describe(self, classes: tuple[str, ...]) -> dict | None:
         """What the store records: None where each class is the output of its own name (older stores stay
-        valid); else class -> outputs, so that other prompts or channels make another store."""
+        valid); else the outputs in order and class -> outputs, so that other prompts, channels or channel
+        orders make another store."""
         if self.identity and self.outputs == tuple(classes):
             return None
-        return {c: [self.outputs[i] for i in group] for c, group in zip(classes, self.groups)}
+        return {"outputs": list(self.outputs),
+                "classes": {c: [self.outputs[i] for i in group] for c, group in zip(classes, self.groups)}}
 
     def score_kind(self, kind: str) -> str:
         """The kind of what `apply` returns: sums of SEEM scores stay scores, the rest become probabilities."""

@@ -132,6 +132,9 @@ class Dataset:
 
     @cached_property
     def classes(self) -> tuple[str, ...]:
+        if self.config.classes and self.format == "camvid" and len(self.config.classes) != len(CAMVID_CLASSES):
+            raise UserError(f"{self.config.source}: data.classes names {len(self.config.classes)} classes; CamVid's "
+                            f"masks have {len(CAMVID_CLASSES)} (and {CAMVID_VOID} = void)")
         if self.config.classes:
             return self.config.classes
         if self.format == "voc":

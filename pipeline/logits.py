@@ -116,7 +116,9 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     identity = {"classes": list(dataset.classes), "backend": cls.name, "model_id": model_id,
                 "weights_sha256": weights_sha256, "score_kind": mapping.score_kind(cls.score_kind),
                 "scale": "native" if scale is None else scale, "class_map": mapping.describe(dataset.classes)}
-    if holds(path, identity, [s.id for s in samples]):  # finished: no model to load (SEEM takes a minute)
+    if not force and (path / "zarr.json").is_file():
+        check_identity(path, identity)  # refused before a model is loaded (SEEM takes a minute)
+    if holds(path, identity, [s.id for s in samples]):  # finished: no model to load
         return {"written": 0, "skipped": len(samples), "failed": 0, "images": len(samples), "store": path,
                 "rank": rank, "world": world}
     backend = load_backend(cls, mapping, weights, dev, config)  # before --force may remove an old store

@@ -7,6 +7,7 @@ same source, count and seed give the same files on any machine; labeled and unla
 
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def source_lines(source: Path, root: Path, masks: Path | None) -> list[str]:
             raise UserError(f"{source}: cannot read split list ({exc})") from None
         if not lines:
             raise UserError(f"{source}: split list has no lines")
-        return lines
+        return _unique(lines, source)
     if not source.is_dir():
         raise UserError(f"{source}: no such folder or split list")
     images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -62,21 +63,44 @@ def source_lines(source: Path, root: Path, masks: Path | None) -> list[str]:
                                 "images have no <stem>.png mask there)")
             line += " " + _relative(mask, root)
         lines.append(line)
-    return lines
+    return _unique(lines, source)
 
 
 def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        raise UserError(f"{path}: not inside the data root {root} (split lines are relative to it; set "
-                        "data.root / --root)") from None
+    """``path`` relative to ``root``, as written (a symlinked file or folder below the root stays as named);
+    through symlinks only when the written path leads outside."""
+    for a, b in ((path.absolute(), root.absolute()), (path.resolve(), root.resolve())):
+        relative = Path(os.path.relpath(a, b))
+        if relative.parts[:1] != ("..",):
+            return relative.as_posix()
+    raise UserError(f"{path}: not inside the data root {root} (split lines are relative to it; set "
+                    "data.root / --root)")
+
+
+def _unique(lines: list[str], source: Path) -> list[str]:
+    """Refuse a source that names an image twice (by file stem, the image's id)."""
+    seen: dict[str, str] = {}
+    for line in lines:
+        stem = Path(line.split()[0]).stem
+        if stem in seen:
+            raise UserError(f"{source}: image id '{stem}' twice ({seen[stem]} and {line.split()[0]}): ids are file "
+                            "stems and must be unique")
+        seen[stem] = line.split()[0]
+    return lines
+
+
+def _writable(path: Path, force: bool) -> None:
+    if path.is_dir():
+        raise UserError(f"--out {path}: is a folder; give the split file's path")
+    if path.exists() and not force:
+        raise UserError(f"{path} exists: pass --force to overwrite it, or choose another --out")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UserError(f"--out {path.parent}: is a file, not a folder")
 
 
 def write_list(lines: list[str], out: Path, force: bool = False) -> Path:
     """Every line in one split list (a val.txt)."""
-    if out.exists() and not force:
-        raise UserError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    _writable(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, "".join(f"{line}\n" for line in lines))
     return out
@@ -87,10 +111,11 @@ def write_split(lines: list[str], count: int, seed: int, out: Path, force: bool 
     if any(len(line.split()) < 2 for line in lines):
         raise UserError("labeled images need masks: give --masks with a folder of images, or a split list "
                         "whose lines name 'image mask'")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give the folder for labeled.txt and unlabeled.txt")
     labeled, unlabeled = out / "labeled.txt", out / "unlabeled.txt"
-    existing = [p for p in (labeled, unlabeled) if p.exists()]
-    if existing and not force:
-        raise UserError(f"{existing[0]} exists: pass --force to overwrite it, or choose another --out")
+    for path in (labeled, unlabeled):
+        _writable(path, force)
     chosen = set(np.random.default_rng(seed).permutation(len(lines))[:count].tolist())
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(labeled, "".join(f"{line}\n" for i, line in enumerate(lines) if i in chosen))

@@ -91,7 +91,7 @@ def test_torchscript_channels_summed_per_class_end_to_end(toy_world, tmp_path):
                      class_map=((classes[0], ("r", "neg")), (classes[1], ("double",))))
     result = run_logits(config, "labeled", workers=0, info=lambda m: None, warn=lambda m: None)
     store = LogitsStore(result["store"])
-    assert store.score_kind == "probabilities" and store.attrs["class_map"][classes[0]] == ["r", "neg"]
+    assert store.score_kind == "probabilities" and store.attrs["class_map"]["classes"][classes[0]] == ["r", "neg"]
     sample = Dataset(base).split("labeled")[0]
     x = torch.from_numpy(read_image(sample.image)).permute(2, 0, 1)[None].float() / 255
     image_id = sample.id
@@ -110,7 +110,7 @@ def test_the_store_records_any_map_that_is_not_each_class_by_its_own_name():
     own = build_class_map(classes, backend_config("torchscript", None), prompted=False, no_object=False)
     assert own.identity and own.describe(classes) is None
     renamed = build_class_map(classes, backend_config("clipseg", None, class_map=(("cat", ("kitty",)),)), True, False)
-    assert renamed.identity and renamed.describe(classes) == {"background": ["background"], "cat": ["kitty"]}
+    assert renamed.identity and renamed.describe(classes)["classes"] == {"background": ["background"], "cat": ["kitty"]}
 
 
 def test_an_output_serves_one_class_only():

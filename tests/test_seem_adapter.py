@@ -153,10 +153,10 @@ def test_logits_stores_the_class_sums_for_both_background_settings(world, backgr
     entries = backend.predict(image[None])[0]
     stored = torch.from_numpy(store.read("i0"))
     if background == "no-object":
-        assert store.attrs["class_map"]["background"] == [NO_OBJECT]
+        assert store.attrs["class_map"]["classes"]["background"] == [NO_OBJECT]
         torch.testing.assert_close(stored[0], entries[-1], atol=2e-3, rtol=2e-3)  # fp16 store
     else:  # "background" is a prompt like any other, and the same text as SEEM's no-object entry: they split
-        assert mapping.outputs[0] == "background" and store.attrs["class_map"]["background"] == ["background"]
+        assert mapping.outputs[0] == "background" and store.attrs["class_map"]["classes"]["background"] == ["background"]
         torch.testing.assert_close(stored[0], entries[0], atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(entries[0], entries[-1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(stored[1:], entries[[mapping.groups[k][0] for k in (1, 2, 3)]], atol=2e-3, rtol=2e-3)

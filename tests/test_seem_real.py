@@ -174,7 +174,7 @@ def test_logits_through_the_real_seem_equal_seems_own_computation(seem, data, tm
     assert "model tensors loaded" in result.output
     store = LogitsStore(tmp_path / "work" / "logits.zarr")
     assert store.score_kind == "scores" and len(store) == 3
-    assert store.attrs["class_map"]["background"] == ([NO_OBJECT] if background == "no-object" else ["background"])
+    assert store.attrs["class_map"]["classes"]["background"] == ([NO_OBJECT] if background == "no-object" else ["background"])
     reference.prompts = (["background"] if background == "prompt" else []) + [
         "airplane", "dining table", "person", "potted plant"]
     backend_preprocess = build_backend(replace(data, background=background), CLASSES, torch.device("cpu"))[0]

@@ -63,7 +63,7 @@ RECIPES = {
     "toy": Recipe(model="deeplabv3plus-tiny", crop=96, batch_size=8, epochs=(6, 3), optimizer="adamw", lr=2e-3,
                   head_lr_mult=1.0, weight_decay=1e-4, scale_range=(0.75, 1.5), workers=1),
     # CamVid on 2 CPU cores (make bench-real): the toy network from scratch on 128 x 128 crops at 0.5-1x scale.
-    "camvid-tiny": Recipe(model="deeplabv3plus-tiny", crop=128, batch_size=8, epochs=(12, 4), optimizer="adamw",
+    "camvid-tiny": Recipe(model="deeplabv3plus-tiny", crop=128, batch_size=8, epochs=(16, 5), optimizer="adamw",
                           lr=2e-3, head_lr_mult=1.0, weight_decay=1e-4, scale_range=(0.5, 1.0), workers=1),
     # UniMatch's VOC recipe (DeepLabV3+ R101, crop 321 or 513) on the paper's 60 + 20 epoch schedule.
     "voc-r101-321": Recipe(),

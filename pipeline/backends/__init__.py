@@ -12,7 +12,8 @@ A backend turns class names + images into per-image class scores:
 * ``fingerprint(weights)``: (model id, sha256 of the weights), what the store records so it is never reused
   with another model; known before the model is loaded, so a finished store costs no model load.
 
-The rest of the pipeline only calls `build_backend`; it never imports a specific backend.
+The rest of the pipeline only calls `resolve_backend` / `load_backend` (or `build_backend`, both at once); it
+never imports a specific backend.
 """
 
 from __future__ import annotations
@@ -139,6 +140,22 @@ def checked_output(out, batch: torch.Tensor, outputs: tuple[str, ...], who: str)
         raise UserError(f"{who}: the model returns {out.shape[1]} channels, expected {len(outputs)} "
                         "(foundation.outputs, else the data set's classes)")
     return out
+
+
+@torch.no_grad()
+def probe_outputs(backend: "Backend", device: torch.device) -> None:
+    """One forward pass on a blank image at the model's input size, so that a wrong channel count is found
+    while loading, before `logits --force` removes an old store. A model that cannot take the blank image
+    is left to the real images to judge."""
+    height, width = backend.preprocess.size(64, 64)
+    blank = backend.preprocess(np.zeros((height, width, 3), np.uint8))[None].to(device)
+    try:
+        out = backend.predict(blank)
+    except UserError:
+        raise
+    except Exception:
+        return
+    checked_output(out, blank, backend.outputs, getattr(backend, "factory", None) or str(backend.weights))
 
 
 @contextlib.contextmanager

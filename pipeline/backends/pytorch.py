@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.backends import Backend, Preprocess, checked_output, on_path, read_state_dict, state_fit
+from pipeline.backends import Backend, Preprocess, checked_output, on_path, probe_outputs, read_state_dict, state_fit
+from pipeline.store import file_sha256
 from pipeline.config import Config
 from pipeline.errors import UserError, describe
 
@@ -25,6 +26,8 @@ def load_factory(spec: str | None, code: Path | None):
     if not spec or ":" not in spec:
         raise UserError(f"foundation.factory {spec!r}: give 'module:function' or 'path/to/file.py:function' (the "
                         "function returns the model)")
+    if code is not None and not Path(code).is_dir():
+        raise UserError(f"foundation.code {code}: no such folder (the checkout the factory imports from)")
     where, name = spec.rsplit(":", 1)
     try:
         with on_path(code):
@@ -58,7 +61,9 @@ class PyTorchBackend(Backend):
             with on_path(config.code):
                 model = factory()
         except Exception as exc:
-            raise UserError(f"foundation.factory {config.factory}: calling it failed ({describe(exc)})") from None
+            hint = (f"; is foundation.code ({config.code}) the checkout that provides it?"
+                    if isinstance(exc, ModuleNotFoundError) else "")
+            raise UserError(f"foundation.factory {config.factory}: calling it failed ({describe(exc)}){hint}") from None
         if not isinstance(model, torch.nn.Module):
             raise UserError(f"foundation.factory {config.factory}: returned a {type(model).__name__}, not a "
                             "torch.nn.Module")
@@ -75,12 +80,18 @@ class PyTorchBackend(Backend):
             fixed=tuple(config.resize) if isinstance(config.resize, tuple) else None,
             short_side=config.resize if isinstance(config.resize, int) else None,
             mean=config.mean or (0.0, 0.0, 0.0), std=config.std or (1.0, 1.0, 1.0))
+        probe_outputs(self, device)
 
     @classmethod
     def fingerprint(cls, weights: Path, config: Config) -> tuple[str, str | None]:
-        """The factory and the preprocessing are part of the model: other ones, another store."""
+        """The factory (a file by name and content, wherever the checkout lies) and the preprocessing are part
+        of the model: other ones, another store. The code checkout it imports is named, not hashed."""
         model_id, sha = super().fingerprint(weights, config)
-        return f"{model_id} factory={config.factory} resize={config.resize} mean={config.mean} std={config.std}", sha
+        where, name = (config.factory or ":").rsplit(":", 1)
+        factory = (f"{Path(where).name}:{name} ({file_sha256(Path(where))[:12]})" if where.endswith(".py")
+                   and Path(where).is_file() else config.factory)
+        code = f" code={Path(config.code).name}" if config.code is not None else ""
+        return f"{model_id} factory={factory}{code} resize={config.resize} mean={config.mean} std={config.std}", sha
 
     @torch.no_grad()
     def predict(self, batch: torch.Tensor) -> torch.Tensor:

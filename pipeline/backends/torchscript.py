@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.backends import Backend, Preprocess, checked_output, require_file
+from pipeline.backends import Backend, Preprocess, checked_output, probe_outputs, require_file
 from pipeline.config import Config
 from pipeline.errors import UserError
 
@@ -29,6 +29,7 @@ class TorchScriptBackend(Backend):
             raise UserError(f"{weights}: not a TorchScript file ({type(exc).__name__}); save one with "
                             "torch.jit.script(model).save(path)") from None
         self.weights, self.outputs = Path(weights), outputs
+        probe_outputs(self, device)
 
     @torch.no_grad()
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
