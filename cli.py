@@ -2,6 +2,7 @@
 
 import functools
 import inspect
+import os
 import sys
 import time
 from dataclasses import replace
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline import PROJECT_ROOT, config as cfg
@@ -144,8 +146,10 @@ TRAIN = "Training recipe (overrides)"
 @app.command("train")
 @with_config
 def train(
-    stage: Annotated[str, typer.Option(help="1: labeled + cached filtered masks | 2: self-training from stage 1's "
-                                       "checkpoint | all: 1 then 2.")] = "1",
+    stage: Annotated[str, typer.Option(help="1: labeled + cached filtered masks | 2: semi-supervised training from "
+                                       "stage 1's checkpoint (--method) | all: 1 then 2.")] = "1",
+    method: Annotated[str, typer.Option(help="Stage 2 method: self (self-training on the model's own "
+                                        "pseudo-labels) | unimatch (UniMatch's weak-to-strong consistency).")] = "self",
     recipe: Annotated[Optional[str], typer.Option(help="toy | voc-r101-321 | voc-r101-513 | voc-segformer-b5 | "
                                                   "ade20k-segformer-b5 | ade20k-r101 (default: by data format)")] = None,
     name: Annotated[Optional[str], typer.Option(help="Run name: <work>/runs/<name>/ (default: the recipe).")] = None,
@@ -187,7 +191,8 @@ def train(
 ):
     """Train: stage 1 on labeled images + the cached filtered masks, stage 2 on the model's own pseudo-labels.
 
-    Writes <work>/runs/<name>/stage<N>/: last.pt, best.pt, metrics.jsonl. Under
+    Writes <work>/runs/<name>/stage<N>/ (stage2-<method>/ for another method than self): last.pt, best.pt,
+    metrics.jsonl. Under
     `torchrun --nproc_per_node N` each process takes its share of every batch (DDP).
     """
     from trainer.recipes import get_recipe
@@ -208,11 +213,12 @@ def train(
         if epochs is not None:
             chosen = replace(base, epochs=tuple(epochs if i == number - 1 else e for i, e in enumerate(base.epochs)))
         # --resume continues whichever stage has a checkpoint (with --stage all: a finished stage I is kept)
-        resuming = resume and (run_dir(config, name or recipe_name, number) / "last.pt").exists()
+        resuming = resume and (run_dir(config, name or recipe_name, number, method) / "last.pt").exists()
         summary = train_stage(config, recipe_name, chosen, number, name, resuming,
                               allow_missing_masks, device, deterministic, init, progress, console.print,
-                              on_epoch=_print_epoch)
-        console.print(f"stage {number} done: best val mIoU {percent(summary['best'])}% -> {summary['run_dir']}")
+                              on_epoch=_print_epoch, method=method)
+        if int(os.environ.get("RANK", "0")) == 0:
+            console.print(f"stage {number} done: best val mIoU {percent(summary['best'])}% -> {summary['run_dir']}")
 
 
 def _print_epoch(record: dict) -> None:
@@ -231,7 +237,8 @@ def _print_epoch(record: dict) -> None:
 def eval_checkpoint(
     checkpoint: Annotated[Optional[Path], typer.Option(help="A last.pt or best.pt of `conformalsam train`.")] = None,
     scores: Annotated[bool, typer.Option("--scores", help="Instead of a checkpoint: the foundation model's own "
-                                         "stored scores (argmax, from `conformalsam logits --split ...`).")] = False,
+                                         "stored scores (argmax, from `conformalsam logits --split ...`; no model runs, so "
+                                         "--mode, --crop and --device do not apply).")] = False,
     mode: Annotated[str, typer.Option(help="whole | sliding")] = "whole",
     crop: Annotated[Optional[int], typer.Option(help="Sliding-window size (default: the run's crop).")] = None,
     split: Annotated[str, typer.Option(help="val | labeled | unlabeled (needs masks).")] = "val",
@@ -251,6 +258,8 @@ def eval_checkpoint(
     if any(s.mask is None for s in samples):
         raise UserError(f"{dataset.split_path(split)}: the {split} split has no masks to score against")
     if scores:
+        if mode != "whole" or crop is not None:
+            raise UserError("eval --scores reads the stored scores at the mask size: --mode and --crop do not apply")
         _eval_scores(config, dataset, samples, split)
         return
     from trainer.checkpoint import load_trained
@@ -284,7 +293,7 @@ def _eval_scores(config: cfg.Config, dataset, samples, split: str) -> None:
     with progress("eval") as update:
         update(0, len(samples))
         conf = raw_confusion(store, dataset, samples, progress=update)
-    _print_ious(f"{store.attrs['model_id']}: raw argmax of the stored scores on {len(samples)} {split} images",
+    _print_ious(f"{store.path} ({store.attrs['backend']}): raw argmax of the stored scores on {len(samples)} {split} images",
                 dataset.classes, iou_per_class(conf), mean_iou(conf), pixel_accuracy(conf))
 
 
@@ -339,6 +348,27 @@ def inspect_command(
         console.print(table)
     console.print(f"wrote {len(result['sheets'])} contact sheets and {result['sweep_png'].name} to "
                   f"{config.work_dir / 'inspect'}")
+
+
+@app.command("export")
+@with_config
+def export_masks(
+    out: Annotated[Path, typer.Argument(help="The folder to write (built beside it, then renamed into place).")],
+    to: Annotated[str, typer.Option(help="unimatch: UniMatch / AllSpark split files (labeled.txt = ground truth + "
+                                    "filtered masks, unlabeled.txt) | list: absolute 'image mask' lines.")] = "unimatch",
+    force: Annotated[bool, typer.Option(help="Replace an existing export folder.")] = False,
+    config: cfg.Config = None,
+):
+    """The filtered masks of `calibrate` as supervision for another code base; the data set is not touched."""
+    from pipeline.export import export
+
+    result = export(config, to, out, force, warn=lambda m: console.print(f"[yellow]warning:[/] {escape(m)}"))
+    console.print(f"{escape(str(result['out']))}: {', '.join(result['files'])} ({result['labeled']} labeled, "
+                  f"{result['unlabeled']} unlabeled images with filtered masks)")
+    if to == "unimatch":
+        console.print(f"UniMatch: set data_root: {escape(str(Path(config.root).absolute()))} in its config, then "
+                      f"--labeled-id-path {escape(str(result['out'] / 'labeled.txt'))} --unlabeled-id-path "
+                      f"{escape(str(result['out'] / 'unlabeled.txt'))}")
 
 
 @app.command("summary")

@@ -76,3 +76,17 @@ def work_copy(world: Path, work: Path, tmp_path: Path) -> Config:
     mine = tmp_path / "work"
     shutil.copytree(work, mine)
     return replace(toy_config(world), weights=ANNOTATOR, work_dir=mine)
+
+
+@pytest.fixture(scope="session")
+def calibrated(toy_world, scored, tmp_path_factory) -> Path:
+    """A work folder with scores, calibration.json and cached masks for the small toy world."""
+    from pipeline.calibrate import Settings, run_calibrate
+
+    config = work_copy(toy_world, scored, tmp_path_factory.mktemp("calibrated"))
+    run_calibrate(config, Settings(alpha=0.1), jobs=1)
+    return config.work_dir
+
+
+def fresh(toy_world: Path, calibrated: Path, tmp_path: Path) -> Config:
+    return work_copy(toy_world, calibrated, tmp_path)

@@ -17,9 +17,8 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import work_copy
+from conftest import fresh
 from pipeline import PROJECT_ROOT
-from pipeline.calibrate import Settings, run_calibrate
 from pipeline.datasets import Dataset
 from pipeline.errors import UserError
 from pipeline.masks import IGNORE
@@ -31,22 +30,14 @@ from trainer.evaluate import evaluate, predict
 from trainer.models import build_model, load_backbone
 from trainer.recipes import Recipe, effective_lr, get_recipe
 from trainer.schedule import poly, unlabeled_weight
-from trainer.stages import _ce, _stage2_losses, train_stage
+from trainer.losses import ce
+from trainer.methods import self_training
+from trainer.stages import train_stage
 
 TINY = Recipe(model="deeplabv3plus-tiny", crop=32, batch_size=4, epochs=(2, 1), optimizer="adamw", lr=2e-3,
               head_lr_mult=1.0, scale_range=(0.75, 1.25), workers=0)
 
 
-@pytest.fixture(scope="module")
-def calibrated(toy_world, scored, tmp_path_factory) -> Path:
-    """A work folder with scores, calibration.json and cached masks for the small toy world."""
-    config = work_copy(toy_world, scored, tmp_path_factory.mktemp("calibrated"))
-    run_calibrate(config, Settings(alpha=0.1), jobs=1)
-    return config.work_dir
-
-
-def fresh(toy_world, calibrated, tmp_path):
-    return work_copy(toy_world, calibrated, tmp_path)
 
 
 def fixed_batch(k: int = 4, size: int = 48):
@@ -69,7 +60,7 @@ def test_training_steps_reduce_the_loss_on_a_fixed_batch(name):
     valid = torch.ones_like(y, dtype=torch.bool)
     losses = []
     for _ in range(15):
-        loss = _ce(model(x), y, valid)
+        loss = ce(model(x), y, valid)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -162,13 +153,13 @@ def test_padding_is_neither_a_class_nor_ignore():
     v = torch.from_numpy(valid)[None]
     wild = logits.clone()
     wild[:, :, ~v[0]] = 100.0
-    assert _ce(logits, target, v) == pytest.approx(_ce(wild, target, v).item())
+    assert ce(logits, target, v) == pytest.approx(ce(wild, target, v).item())
     # stage II: a confident teacher on padded pixels adds nothing, and the mean is over real pixels only
     model = torch.nn.Conv2d(3, 3, 1)
     batch_u = {"image": torch.randn(2, 3, 16, 16), "strong": torch.randn(2, 3, 16, 16),
                "box": torch.zeros(2, 16, 16, dtype=torch.bool), "valid": v.repeat(2, 1, 1)}
     batch_l = {"image": torch.randn(1, 3, 16, 16), "mask": target, "valid": v}
-    _, unsup = _stage2_losses(model, model, batch_l, batch_u, threshold=0.0)
+    _, unsup = self_training.losses(model, None, batch_l, batch_u, threshold=0.0)
     with torch.no_grad():
         pseudo = model(batch_u["image"]).softmax(1).argmax(1)
     per_pixel = torch.nn.functional.cross_entropy(model(batch_u["strong"]), pseudo, reduction="none")

@@ -24,12 +24,13 @@ ROLES = {"labeled": 0, "cached": 1, "unlabeled": 2}
 
 class TrainImages(torch.utils.data.Dataset):
     """role: ``labeled`` (ground truth), ``cached`` (the filtered mask from stage 1), ``unlabeled`` (no
-    label: weak view, strong view and a CutMix box, for stage II)."""
+    label: the weak view and ``strong_views`` strong views with a CutMix box each, for stage II: ``strong`` /
+    ``box``, then ``strong_2`` / ``box_2``)."""
 
     def __init__(self, dataset: Dataset, samples: list[Sample], role: str, recipe: Recipe,
-                 masks_dir: Path | None = None):
+                 masks_dir: Path | None = None, strong_views: int = 1):
         self.dataset, self.samples, self.role, self.recipe = dataset, samples, role, recipe
-        self.masks_dir = masks_dir
+        self.masks_dir, self.strong_views = masks_dir, strong_views
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -51,9 +52,11 @@ class TrainImages(torch.utils.data.Dataset):
         out = {"image": to_tensor(image), "valid": torch.from_numpy(valid.copy())}
         if masks:
             out["mask"] = torch.from_numpy(masks[0].copy()).long()
-        if self.role == "unlabeled":
-            out["strong"] = to_tensor(photometric(image, rng))
-            out["box"] = torch.from_numpy(cutmix_box(self.recipe.crop, rng))
+        if self.role == "unlabeled":  # the second view draws after the first: the first stays as it was
+            for view in range(1, self.strong_views + 1):
+                suffix = "" if view == 1 else f"_{view}"
+                out[f"strong{suffix}"] = to_tensor(photometric(image, rng))
+                out[f"box{suffix}"] = torch.from_numpy(cutmix_box(self.recipe.crop, rng))
         return out
 
 

@@ -2,12 +2,12 @@
 
 Stage I (`--stage 1`): labeled images against their ground truth + unlabeled images against the cached
 filtered masks of `conformalsam calibrate` (255 ignored), L = (1 - l(t)) L_sup + l(t) L_unsup.
-Stage II (`--stage 2`, from stage I's last checkpoint): the cached masks are dropped; pseudo-labels come
-from the model itself (or an EMA teacher) on the weak view, kept where confidence >= threshold, and the
-student learns them on the strong view (colour jitter, grayscale, blur, CutMix), with the same weighting.
+Stage II (`--stage 2`, from stage I's last checkpoint): the cached masks are dropped; a stage II method
+(`trainer/methods/`: `self`, the default, or `unimatch`) turns the unlabeled images into L_unsup, with the
+same weighting.
 
-Writes ``<work>/runs/<name>/stage<N>/``: last.pt (every epoch, for --resume), best.pt (best val mIoU),
-metrics.jsonl (one line per epoch).
+Writes ``<work>/runs/<name>/stage<N>/`` (stage II with another method than `self`: ``stage2-<method>/``):
+last.pt (every epoch, for --resume), best.pt (best val mIoU), metrics.jsonl (one line per epoch).
 """
 
 from __future__ import annotations
@@ -20,27 +20,28 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import distributed
 from pipeline.atomic import write_text_atomic
-from pipeline.calibrate import CALIBRATION, read_calibration
 from pipeline.config import Config
 from pipeline.datasets import Dataset
 from pipeline.errors import UserError
-from pipeline.masks import IGNORE
+from pipeline.maskset import cached_masks
 from pipeline.ui import no_progress, percent
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import TrainImages, ValImages, epoch_plan
 from trainer.evaluate import evaluate
+from trainer.losses import ce
+from trainer.methods import get_method
 from trainer.models import build_model, load_backbone
 from trainer.recipes import Recipe, effective_lr
 from trainer.schedule import poly, unlabeled_weight
 
 
-def run_dir(config: Config, name: str, stage: int) -> Path:
-    return config.work_dir / "runs" / name / f"stage{stage}"
+def run_dir(config: Config, name: str, stage: int, method: str = "self") -> Path:
+    return config.work_dir / "runs" / name / (f"stage{stage}" if stage == 1 or method == "self" else
+                                              f"stage{stage}-{method}")
 
 
 def resolve_device(name: str, world: int) -> torch.device:
@@ -58,7 +59,7 @@ def resolve_device(name: str, world: int) -> torch.device:
 def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, name: str | None = None,
                 resume: bool = False, allow_missing_masks: bool = False, device: str = "auto",
                 deterministic: bool = False, init: Path | None = None, progress=None, log=print,
-                on_epoch=None) -> dict:
+                on_epoch=None, method: str = "self") -> dict:
     """Train one stage; returns its summary (best and last val mIoU, run folder, epochs run).
 
     ``progress(description)`` yields ``update(advance, total)`` (see `pipeline.ui`); ``log(text)`` and
@@ -66,6 +67,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
     """
     if stage not in (1, 2):
         raise UserError(f"--stage {stage}: choose 1, 2 or all")
+    stage2 = get_method(method)
     name = name or recipe_name
     rank, world = distributed.setup("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
     dev = resolve_device(device, world)
@@ -73,7 +75,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
     if recipe.batch_size % world:
         raise UserError(f"--batch-size {recipe.batch_size}: must be divisible by the {world} processes")
     dataset = Dataset(config)
-    out = run_dir(config, name, stage)
+    out = run_dir(config, name, stage, method)
     last, best_path = out / "last.pt", out / "best.pt"
     if resume and not last.exists():
         raise UserError(f"{last}: nothing to resume (no checkpoint yet); run without --resume")
@@ -82,12 +84,15 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
     unlabeled = dataset.split("unlabeled")
     source = Path(init or run_dir(config, name, 1) / "last.pt")
     if stage == 1:
-        unlabeled, inputs = _with_cached_masks(config, unlabeled, allow_missing_masks, log if rank == 0 else None)
+        unlabeled, inputs, missing = cached_masks(config.work_dir, unlabeled, allow_missing_masks,
+                                                  "--allow-missing-masks")
+        if missing and rank == 0:
+            log(f"--allow-missing-masks: {missing} unlabeled images without a cached mask are left out")
     elif not source.exists():
         raise UserError(f"{source}: stage II starts from stage I's checkpoint; run `conformalsam train --stage 1`"
                         " first (or pass --init)")
     else:
-        inputs = _fingerprint(source)
+        inputs = {"start": _fingerprint(source), "method": method}
     # what the run's result depends on: a finished run with the same identity is reused, not redone
     result_fields = {k: v for k, v in asdict(recipe).items() if k not in ("workers", "eval_mode")}
     identity = {"recipe": _plain(result_fields), "classes": list(dataset.classes), "inputs": inputs,
@@ -103,7 +108,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
     val = ValImages(dataset, dataset.split("val")) if config.val is not None else None
     train_l = TrainImages(dataset, labeled, "labeled", recipe)
     train_u = TrainImages(dataset, unlabeled, "cached" if stage == 1 else "unlabeled", recipe,
-                          masks_dir=config.work_dir / "masks")
+                          masks_dir=config.work_dir / "masks", strong_views=stage2.STRONG_VIEWS)
 
     torch.manual_seed(recipe.seed)
     model = build_model(recipe.model, dataset.num_classes)
@@ -185,7 +190,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
                     if stage == 1:
                         sup, unsup = _stage1_losses(net, batch_l, batch_u)
                     else:
-                        sup, unsup = _stage2_losses(net, teacher or model, batch_l, batch_u, recipe.threshold)
+                        sup, unsup = stage2.losses(net, teacher, batch_l, batch_u, recipe.threshold)
                     loss = (1 - weight) * sup + weight * unsup
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -267,35 +272,7 @@ def _stage1_losses(net, batch_l: dict, batch_u: dict):
     """One forward over labeled + unlabeled images (shared BatchNorm statistics), CE against GT and cached masks."""
     n = batch_l["image"].shape[0]
     logits = net(torch.cat([batch_l["image"], batch_u["image"]]))
-    return _ce(logits[:n], batch_l["mask"], batch_l["valid"]), _ce(logits[n:], batch_u["mask"], batch_u["valid"])
-
-
-def _stage2_losses(net, teacher, batch_l: dict, batch_u: dict, threshold: float):
-    """FixMatch-style: teacher on the weak view, student on the CutMix-ed strong view."""
-    with torch.no_grad():
-        was_training = teacher.training
-        teacher.eval()
-        conf, pseudo = teacher(batch_u["image"]).float().softmax(1).max(1)
-        teacher.train(was_training)
-    box, valid = batch_u["box"], batch_u["valid"]
-    other = torch.roll(torch.arange(box.shape[0], device=box.device), 1)  # mix each image with its neighbour
-    strong = torch.where(box[:, None], batch_u["strong"][other], batch_u["strong"])
-    pseudo = torch.where(box, pseudo[other], pseudo)
-    conf = torch.where(box, conf[other], conf)
-    valid = torch.where(box, valid[other], valid)
-    n = batch_l["image"].shape[0]
-    logits = net(torch.cat([batch_l["image"], strong]))
-    sup = _ce(logits[:n], batch_l["mask"], batch_l["valid"])
-    per_pixel = F.cross_entropy(logits[n:].float(), pseudo, reduction="none")
-    unsup = (per_pixel * ((conf >= threshold) & valid)).sum() / valid.sum().clamp_min(1)
-    return sup, unsup
-
-
-def _ce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over pixels that are neither ignore (255) nor padding; 0 when there are none."""
-    target = target.masked_fill(~valid, IGNORE)
-    total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
-    return total / (target != IGNORE).sum().clamp_min(1)
+    return ce(logits[:n], batch_l["mask"], batch_l["valid"]), ce(logits[n:], batch_u["mask"], batch_u["valid"])
 
 
 @torch.no_grad()
@@ -304,28 +281,6 @@ def _ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float
         t.mul_(decay).add_(s.detach(), alpha=1 - decay)
     for t, s in zip(teacher.buffers(), student.buffers()):
         t.copy_(s)
-
-
-def _with_cached_masks(config: Config, samples: list, allow_missing: bool, log) -> list:
-    """The unlabeled samples that have a cached mask of the current calibration, and that calibration's key."""
-    masks, calibration = config.work_dir / "masks", config.work_dir / CALIBRATION
-    record = read_calibration(config.work_dir, required=True)
-    key = (record.get("masks") or {}).get("key")
-    try:
-        on_disk = (masks / ".key").read_text().strip()
-    except OSError:
-        on_disk = None
-    if key is None or key != on_disk:
-        raise UserError(f"{masks}: the cached masks do not belong to {calibration} (was it run with --no-masks?); "
-                        "rerun `conformalsam calibrate` without --no-masks")
-    present = {p.stem for p in masks.glob("*.png")}
-    missing = [s.id for s in samples if s.id not in present]
-    if missing and not allow_missing:
-        raise UserError(f"{masks / (missing[0] + '.png')}: cached mask missing for unlabeled image '{missing[0]}' "
-                        f"({len(missing)} missing in all); rerun `conformalsam calibrate` or pass --allow-missing-masks")
-    if missing and log:
-        log(f"--allow-missing-masks: {len(missing)} unlabeled images without a cached mask are left out")
-    return [s for s in samples if s.id in present], key
 
 
 def _check_compatible(checkpoint: dict, recipe: Recipe, dataset: Dataset, path: Path) -> None:
@@ -344,7 +299,7 @@ def _loader(dataset, batches: list, recipe: Recipe, epoch: int):
 
 def _to(batch: dict, device: torch.device) -> dict:
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    for key in ("image", "strong"):
+    for key in ("image", "strong", "strong_2"):
         if key in out and device.type == "cuda":
             out[key] = out[key].contiguous(memory_format=torch.channels_last)
     return out

@@ -39,8 +39,14 @@ class DeepLabV3Plus(nn.Module):
         self.fuse = nn.Sequential(conv_bn_relu(channels + low, channels, 3), conv_bn_relu(channels, channels, 3))
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, perturb: bool = False):
+        """Logits at the input size; with ``perturb`` also those decoded from the same encoder features with
+        channel dropout (p 0.5) on both the features the head reads (UniMatch's feature perturbation)."""
         low, high = self.backbone(x)
+        if perturb:
+            low, high = torch.cat([low, F.dropout2d(low, 0.5, self.training)]), torch.cat(
+                [high, F.dropout2d(high, 0.5, self.training)])
         high = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
         out = self.classifier(self.fuse(torch.cat([high, self.reduce(low)], 1)))
-        return F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return out.chunk(2) if perturb else out
