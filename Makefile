@@ -11,7 +11,7 @@ WORK   ?= work
 RUN    ?= toy
 
 .PHONY: setup test demo toy toy-annotator seem-logits seem-setup test-seem bench-seem calibrate bench-logits bench-calibrate \
-	bench-train bench-quality bench-real camvid-splits train clean
+	bench-train bench-quality bench-real camvid-splits gpu-check train clean
 
 setup: $(STAMP)
 
@@ -113,8 +113,15 @@ bench-real: setup
 # CamVid's split files (seeded): data/splits/camvid/{1_16,1_8}/ and val.txt.
 camvid-splits: setup
 	@for n in 16 8; do test -f data/splits/camvid/1_$$n/labeled.txt || \
-	$(CLI) data split train --masks trainannot --labeled 1/$$n --root data/CamVid --out data/splits/camvid/1_$$n; done
-	@test -f data/splits/camvid/val.txt || $(CLI) data list val --masks valannot --root data/CamVid --out data/splits/camvid/val.txt
+	$(CLI) data split data/CamVid/train --masks data/CamVid/trainannot --labeled 1/$$n --root data/CamVid \
+	--out data/splits/camvid/1_$$n || exit 1; done
+	@test -f data/splits/camvid/val.txt || $(CLI) data list data/CamVid/val --masks data/CamVid/valannot \
+	--root data/CamVid --out data/splits/camvid/val.txt
+
+# On a GPU machine, ~3-8 min: stage 0 on CUDA, train + resume (bf16, channels-last) for R101 and MiT-B5, stage II
+# unimatch, sliding eval, AMP vs fp32 throughput -> work/gpu-check.json (the test suite runs its --dry CPU path).
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 # Retrain the shipped toy annotator (data/toy_annotator.pt) on the source domain: ~3 min on 2 cores.
 toy-annotator: toy

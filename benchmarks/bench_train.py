@@ -26,18 +26,21 @@ CPU_CONFIGS = [("deeplabv3plus-tiny", 96, 8)]
 GPU_CONFIGS = [("deeplabv3plus-r101", 321, 8), ("segformer-b5", 513, 8)]
 
 
-def job(model_name: str, crop: int, batch: int, device: str, steps: int, warmup: int) -> dict:
+def job(model_name: str, crop: int, batch: int, device: str, steps: int, warmup: int, fast: bool = True) -> dict:
+    """``fast``: on a GPU, bf16 autocast and channels-last (what the trainer does); else fp32, contiguous."""
     dev = torch.device(device)
     torch.manual_seed(0)
     model = build_model(model_name, 21).to(dev)
     cuda = dev.type == "cuda"
+    fast = fast and cuda
     if cuda:
-        model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
+    if fast:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
 
     def batch_of():
-        fmt = torch.channels_last if cuda else torch.contiguous_format
+        fmt = torch.channels_last if fast else torch.contiguous_format
         return {"image": torch.randn(batch, 3, crop, crop, device=dev).contiguous(memory_format=fmt),
                 "mask": torch.randint(0, 21, (batch, crop, crop), device=dev),
                 "valid": torch.ones(batch, crop, crop, dtype=torch.bool, device=dev)}
@@ -51,7 +54,7 @@ def job(model_name: str, crop: int, batch: int, device: str, steps: int, warmup:
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
         lab, unl = data[i % 2]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=fast):
             sup, unsup = _stage1_losses(model, lab, unl)
             loss = 0.5 * sup + 0.5 * unsup
         opt.zero_grad(set_to_none=True)
@@ -70,12 +73,12 @@ def job(model_name: str, crop: int, batch: int, device: str, steps: int, warmup:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--job", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--job", nargs="+", help=argparse.SUPPRESS)  # model crop batch device [fp32]
     args = parser.parse_args()
     if args.job:
-        model, crop, batch, device = args.job
+        model, crop, batch, device = args.job[:4]
         warmup = 3 if device == "cpu" else 10
-        print(json.dumps(job(model, int(crop), int(batch), device, args.steps, warmup)))
+        print(json.dumps(job(model, int(crop), int(batch), device, args.steps, warmup, args.job[4:] != ["fp32"])))
         return
     configs = [(*c, "cpu") for c in CPU_CONFIGS]
     if torch.cuda.is_available():

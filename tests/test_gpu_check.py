@@ -1,0 +1,32 @@
+"""`make gpu-check` in its dry mode (CPU, tiny models): every check of the GPU script runs and passes."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from pipeline import PROJECT_ROOT
+
+sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+import gpu_check  # noqa: E402
+
+
+def test_the_gpu_check_runs_dry_on_cpu(tmp_path):
+    out = tmp_path / "gpu-check.json"
+    assert gpu_check.main(["--dry", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["dry"] and set(report["checks"]) == {
+        "stage0_torchscript", "train_resume deeplabv3plus-tiny crop 48", "unimatch_stage2 deeplabv3plus-tiny",
+        "eval_sliding deeplabv3plus-tiny", "train_resume segformer-tiny crop 64"}
+    assert all(check["ok"] for check in report["checks"].values())
+    resumed = report["checks"]["train_resume segformer-tiny crop 64"]
+    assert resumed["max_weight_difference_resumed_vs_straight"] == 0.0  # exact on CPU
+    for row in report["throughput"].values():
+        assert row["fast"]["images_per_s"] > 0 and row["fp32"]["images_per_s"] > 0 and "speedup_fast_vs_fp32" in row
+
+
+def test_without_cuda_the_real_check_says_so(capsys):
+    if gpu_check.torch.cuda.is_available():
+        return
+    assert gpu_check.main([]) == 2
+    assert "no CUDA device here" in capsys.readouterr().out
