@@ -1,12 +1,19 @@
 """The method's ablation table, for any data set: the machinery of `make bench-quality` (the toy world)
 and `make bench-real` (CamVid with a Cityscapes-trained annotator).
 
-Per labeled-split size, every row trains the same model for the same number of steps:
+Per labeled-split size, every stage I row trains the same model for the same number of steps, and every
+stage II row adds the same stage II epochs:
 
     labeled only            stage I with lambda = 0 (the unlabeled images only pass through BatchNorm)
     + raw foundation masks  stage I on the unfiltered annotator argmax (`calibrate --rule argmax`)
+    + raw, stage II         the control for stage II: its extra epochs after the raw-mask stage I
     + CP masks, stage I     stage I on conformal-filtered masks, one row per CP variant
-    + stage II              the full method: stage II from that stage I
+    + stage II              the full method: stage II (self-training) from that stage I
+
+and the plug-in question, with UniMatch as stage II (`--method unimatch`), same stage II epochs:
+
+    labeled only -> UniMatch   UniMatch from the labeled-only stage I (no foundation masks at all)
+    CP stage I -> UniMatch     UniMatch from the CP stage I of the world's `plugin` variant
 
 Reported: best val mIoU over epochs (the anchors' protocol), mean and spread (min-max) over seeds, and the
 pseudo-label quality of each mask variant. One score store serves every split (all of them draw from the
@@ -48,6 +55,7 @@ class World:
     splits: tuple[str, ...]
     recipe: str
     variants: dict[str, Settings]  # "raw" first, then the CP variants (a stage II row each)
+    plugin: str  # the CP variant whose stage I UniMatch continues from
     epochs: tuple[int, int]
     crop: int
     eval_from: float
@@ -122,11 +130,16 @@ def run(world: World, args: argparse.Namespace) -> str:
             _, base = get_recipe(world.recipe, "folder", seed=seed, epochs=tuple(args.epochs), crop=args.crop,
                                  eval_from=args.eval_from, workers=0 if args.jobs > 1 else None)
             supervised = replace(base, lambda_start=0.0, lambda_end=0.0, lambda_schedule="constant")
-            first += [(world, root, split, seed, "labeled", "raw", 1, supervised, f"labeled-only-seed{seed}"),
-                      (world, root, split, seed, "raw", "raw", 1, base, f"seed{seed}")]
+            first += [(world, root, split, seed, "labeled", "raw", 1, supervised, f"labeled-only-seed{seed}", "self"),
+                      (world, root, split, seed, "raw", "raw", 1, base, f"seed{seed}", "self")]
+            second += [(world, root, split, seed, "raw-II", "raw", 2, base, f"seed{seed}", "self"),
+                       (world, root, split, seed, "labeled-UM", "raw", 2, base, f"labeled-only-seed{seed}",
+                        "unimatch"),
+                       (world, root, split, seed, f"{world.plugin}-UM", world.plugin, 2, base, f"seed{seed}",
+                        "unimatch")]
             for variant in cp:
-                first.append((world, root, split, seed, f"{variant}-I", variant, 1, base, f"seed{seed}"))
-                second.append((world, root, split, seed, f"{variant}-II", variant, 2, base, f"seed{seed}"))
+                first.append((world, root, split, seed, f"{variant}-I", variant, 1, base, f"seed{seed}", "self"))
+                second.append((world, root, split, seed, f"{variant}-II", variant, 2, base, f"seed{seed}", "self"))
     results: dict = {}
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
@@ -148,9 +161,9 @@ def run(world: World, args: argparse.Namespace) -> str:
 
 def train_row(job) -> tuple[str, int, str, float]:
     """One training run of the table (in a pool process); returns (split, seed, row key, best val mIoU)."""
-    world, root, split, seed, key, variant, stage, recipe, run_name = job
+    world, root, split, seed, key, variant, stage, recipe, run_name, method = job
     summary = train_stage(split_config(world, root, split, variant), world.recipe, recipe, stage, name=run_name,
-                          log=quiet)
+                          log=quiet, method=method)
     return split, seed, key, summary["best"]
 
 
@@ -160,13 +173,22 @@ def render(world: World, results: dict, masks: dict, args) -> str:
         return f"{v.mean():.1f} ({v.min():.1f}-{v.max():.1f})"
 
     lines = [f"{world.title}, val mIoU % (best epoch), mean over seeds (min-max).", "",
-             "| labeled | masks | labeled only | + raw masks | + CP masks (stage I) | + stage II (full method) |",
-             "|---|---|---|---|---|---|"]
+             "| labeled | masks | labeled only | + raw masks | + raw, stage II | + CP masks (stage I) "
+             "| + stage II (full method) |", "|---|---|---|---|---|---|---|"]
     for split in args.splits:
         for variant in (v for v in world.variants if v != "raw"):
             lines.append(f"| {split} | {row_name(world.variants[variant])} | {cell(results[split, 'labeled'])} | "
-                         f"{cell(results[split, 'raw'])} | {cell(results[split, f'{variant}-I'])} | "
+                         f"{cell(results[split, 'raw'])} | {cell(results[split, 'raw-II'])} | "
+                         f"{cell(results[split, f'{variant}-I'])} | "
                          f"{cell(results[split, f'{variant}-II'])} |")
+    plugin = row_name(world.variants[world.plugin])
+    lines += ["", f"UniMatch as stage II (the plug-in question), CP = {plugin}:", "",
+              "| labeled | labeled only | labeled only -> UniMatch | CP stage I | CP stage I -> UniMatch | "
+              "CP stage I -> self-training |", "|---|---|---|---|---|---|"]
+    for split in args.splits:
+        lines.append(f"| {split} | {cell(results[split, 'labeled'])} | {cell(results[split, 'labeled-UM'])} | "
+                     f"{cell(results[split, f'{world.plugin}-I'])} | {cell(results[split, f'{world.plugin}-UM'])} | "
+                     f"{cell(results[split, f'{world.plugin}-II'])} |")
     lines += ["", "Pseudo-labels of the unlabeled images against their ground truth (mIoU %, pixel acc. %):", "",
               "| labeled | masks | kept pixels % | mIoU % on kept | pixel acc. % on kept |", "|---|---|---|---|---|"]
     for split in args.splits:

@@ -25,7 +25,7 @@ def toy_split(n: str):
 # alpha 0.05 for the paper mode: the paper's best on VOC. crc stays at 0.1: at 0.05 it needs >= 19 labeled images.
 TOY = World(name="quality", title="Toy world", config=toy_split, splits=("16", "64"), recipe="toy",
             variants={"raw": Settings(alpha=0.1, rule="argmax"), "paper": Settings(alpha=0.05, mode="paper"),
-                      "crc": Settings(alpha=0.1, mode="crc", rule="singleton")},
+                      "crc": Settings(alpha=0.1, mode="crc", rule="singleton")}, plugin="crc",
             epochs=(12, 4), crop=64, eval_from=0.7)
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from pipeline import config as cfg  # noqa: E402
 from pipeline.calibrate import Settings  # noqa: E402
 
 
-
 def camvid_split(split: str):
     return cfg.load(f"camvid-{split}")
 
@@ -35,7 +34,7 @@ def camvid_split(split: str):
 CAMVID = World(name="real", title="CamVid, ESPNetv2-Cityscapes annotator", config=camvid_split,
                splits=("1_16", "1_8"), recipe="camvid-tiny",
                variants={"raw": Settings(alpha=0.1, rule="argmax"), "paper": Settings(alpha=0.05, mode="paper"),
-                         "crc": Settings(alpha=0.1, mode="crc", rule="singleton")},
+                         "crc": Settings(alpha=0.1, mode="crc", rule="singleton")}, plugin="crc",
                epochs=(16, 5), crop=128, eval_from=0.7, scale=0.5)
 
 if __name__ == "__main__":
