@@ -20,7 +20,9 @@ class ASPP(nn.Module):
         super().__init__()
         self.branches = nn.ModuleList([conv_bn_relu(cin, cout)] + [conv_bn_relu(cin, cout, 3, r) for r in rates])
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(cin, cout))
-        self.project = nn.Sequential(conv_bn_relu(cout * (len(rates) + 2), cout), nn.Dropout(0.5))
+        # no dropout after the projection, as in UniMatch's network: its pseudo-labels come from a training-mode
+        # pass, which dropout would make noisy (the Sequential keeps the state-dict keys of earlier versions)
+        self.project = nn.Sequential(conv_bn_relu(cout * (len(rates) + 2), cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
