@@ -368,7 +368,8 @@ def export_masks(
     if to == "unimatch":
         console.print(f"UniMatch: set data_root: {escape(str(Path(config.root).absolute()))} in its config, then "
                       f"--labeled-id-path {escape(str(result['out'] / 'labeled.txt'))} --unlabeled-id-path "
-                      f"{escape(str(result['out'] / 'unlabeled.txt'))}")
+                      f"{escape(str(result['out'] / 'unlabeled.txt'))}; one of its epochs is now "
+                      f"{result['lines'] / result['unlabeled']:.2f} passes over the unlabeled images")
 
 
 @app.command("summary")
@@ -562,7 +563,7 @@ def main() -> None:
     try:
         app()
     except UserError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

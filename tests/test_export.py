@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,6 +41,10 @@ def check_pairs(root, path, num_classes):
     return lines
 
 
+def first_image(config):
+    return Path(open(config.labeled).readline().split()[0])
+
+
 def test_unimatch_export_of_a_calibrated_toy_world(toy_world, calibrated, tmp_path):
     config = fresh(toy_world, calibrated, tmp_path)
     dataset = Dataset(config)
@@ -51,9 +56,12 @@ def test_unimatch_export_of_a_calibrated_toy_world(toy_world, calibrated, tmp_pa
     labeled = check_pairs(config.root, tmp_path / "out/labeled.txt", dataset.num_classes)
     unlabeled = check_pairs(config.root, tmp_path / "out/unlabeled.txt", dataset.num_classes)
     n_l, n_u = len(dataset.split("labeled")), len(dataset.split("unlabeled"))
-    assert len(labeled) == n_l + n_u and labeled[n_l:] == unlabeled and len(unlabeled) == n_u
-    first = dataset.split("labeled")[0]
-    assert labeled[0] == f"{first.image.relative_to(config.root)} {first.mask.relative_to(config.root)}"
+    repeats = round(n_u / n_l)
+    # UniMatch keeps the first len(unlabeled.txt) labeled lines: equal lengths, so every line is used
+    assert len(labeled) == len(unlabeled) == repeats * n_l + n_u and repeats > 1
+    gt = [f"{s.image.relative_to(config.root)} {s.mask.relative_to(config.root)}" for s in dataset.split("labeled")]
+    assert labeled[:repeats * n_l] == gt * repeats
+    assert labeled[repeats * n_l:] == unlabeled[:n_u] and len(set(unlabeled)) == n_u
     for line in unlabeled:  # the filtered masks, byte for byte, and the user's data untouched
         image, mask = line.split(" ")
         stem = os.path.basename(mask)
@@ -72,6 +80,11 @@ def test_unimatch_export_of_a_calibrated_toy_world(toy_world, calibrated, tmp_pa
     with pytest.raises(UserError, match="path with a space"):
         export(config, "list", tmp_path / "with space")
     assert not (tmp_path / "with space").exists() and not list(tmp_path.glob(".*export*"))
+    # --force replaces a whole folder: never the data set, the work folder, or a folder holding them
+    for danger in (config.root, config.work_dir, config.work_dir / "masks", config.root.parent, tmp_path):
+        with pytest.raises(UserError, match="export to a folder of its own"):
+            export(config, "unimatch", danger, force=True)
+    assert (config.work_dir / "masks" / ".key").exists() and (config.root / first_image(config)).exists()
 
 
 def test_unimatch_export_converts_labels_that_are_not_class_ids(tmp_path):
@@ -93,7 +106,8 @@ def test_unimatch_export_converts_labels_that_are_not_class_ids(tmp_path):
     result = export(config, "unimatch", tmp_path / "out", warn=warnings.append)
     assert result["unlabeled"] == len(unlabeled) - 1 and "1 unlabeled images have no filtered mask" in warnings[0]
     labeled = check_pairs(root, tmp_path / "out/labeled.txt", 11)
-    assert all((np.array(Image.open(line.split(" ")[1]))[:3] == 255).all() for line in labeled[4:])  # ignore kept
+    assert all((np.array(Image.open(line.split(" ")[1]))[:3] == 255).all() for line in labeled[-3:])  # ignore kept
+    assert len(labeled) == 4 * round(len(unlabeled[1:]) / 4) + len(unlabeled) - 1
     for line in labeled[:4]:
         image, mask = line.split(" ")
         raw = np.array(Image.open(root / "trainannot" / os.path.basename(image)))
