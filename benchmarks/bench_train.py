@@ -35,6 +35,8 @@ def job(model_name: str, crop: int, batch: int, device: str, steps: int, warmup:
     fast = fast and cuda
     if cuda:
         torch.backends.cudnn.benchmark = True
+        # fp32 means fp32: no TF32 tensor-core rounding in the baseline
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = fast
     if fast:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)

@@ -15,9 +15,11 @@ def test_the_gpu_check_runs_dry_on_cpu(tmp_path):
     out = tmp_path / "gpu-check.json"
     assert gpu_check.main(["--dry", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["dry"] and set(report["checks"]) == {
-        "stage0_torchscript", "train_resume deeplabv3plus-tiny crop 48", "unimatch_stage2 deeplabv3plus-tiny",
-        "eval_sliding deeplabv3plus-tiny", "train_resume segformer-tiny crop 64"}
+    assert report["dry"] and set(report["checks"]) == {"stage0_torchscript", "stage1_masks"} | {
+        f"{check} {model}" for model in ("deeplabv3plus-tiny", "segformer-tiny")
+        for check in ("unimatch_stage2", "eval_sliding")} | {
+        "train_resume deeplabv3plus-tiny crop 48", "train_resume segformer-tiny crop 64"}
+    assert report["checks"]["unimatch_stage2 segformer-tiny"]["ema"] == 0.99
     assert all(check["ok"] for check in report["checks"].values())
     resumed = report["checks"]["train_resume segformer-tiny crop 64"]
     assert resumed["max_weight_difference_resumed_vs_straight"] == 0.0  # exact on CPU
