@@ -10,6 +10,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.errors import UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -33,3 +34,16 @@ def atomic_write(path: Path):
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(text)
+
+
+def ensure_writable(folder: Path, fix: str) -> Path:
+    """Create ``folder`` and write a probe file there, so a read-only or impossible output folder is one
+    line before any work is done, not a traceback after an epoch."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot write there ({exc.strerror or type(exc).__name__}); {fix}") from None
+    return folder

@@ -36,12 +36,9 @@ from pipeline.errors import UserError
 from pipeline.masks import IGNORE, write_palette_png
 from pipeline.metrics import confusion, iou_per_class
 from pipeline.store import LogitsStore
+from pipeline.record import CALIBRATION, HISTOGRAMS, KEY_FILE, MASKS, read_calibration
 from pipeline.ui import no_progress
 
-CALIBRATION = "calibration.json"
-HISTOGRAMS = "calibration-histograms.npz"  # the score histograms behind calibration.json (alpha sweeps)
-MASKS = "masks"
-KEY_FILE = ".key"
 
 
 @dataclass(frozen=True)
@@ -472,14 +469,3 @@ def mask_key(key: str, store: LogitsStore, unlabeled: list[Sample]) -> str:
     digest = hashlib.sha256(key.encode())
     digest.update(store_checksum(store, [s.id for s in unlabeled]).encode())
     return digest.hexdigest()
-
-
-def read_calibration(work: Path, required: bool = False) -> dict | None:
-    """The record of ``<work>/calibration.json``; None when there is none, or a clear error if ``required``."""
-    path = Path(work) / CALIBRATION
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        if required:
-            raise UserError(f"{path}: no calibration; run `conformalsam calibrate` first") from None
-        return None

@@ -158,7 +158,10 @@ class Dataset:
         return len(self.classes)
 
     def split_path(self, split: str) -> Path:
-        path = {"labeled": self.config.labeled, "unlabeled": self.config.unlabeled, "val": self.config.val}[split]
+        paths = {"labeled": self.config.labeled, "unlabeled": self.config.unlabeled, "val": self.config.val}
+        if split not in paths:
+            raise UserError(f"--split {split}: choose one of {', '.join(paths)}")
+        path = paths[split]
         if path is None:
             raise UserError(f"{self.config.source}: no '{split}' split list configured (data.{split} / --{split})")
         return path

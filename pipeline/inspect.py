@@ -15,11 +15,12 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.atomic import atomic_write
-from pipeline.calibrate import HISTOGRAMS, Settings, cross_calibrate, filtered_mask, read_calibration
+from pipeline.calibrate import Settings, cross_calibrate, filtered_mask
 from pipeline.conformal import ScoreHistogram, background_index, check_alpha, fit, to_bins
 from pipeline.datasets import Dataset, read_image
 from pipeline.errors import UserError
 from pipeline.masks import IGNORE, PALETTE
+from pipeline.record import HISTOGRAMS, read_calibration
 from pipeline.store import LogitsStore
 from trainer.augment import to_tensor
 from trainer.checkpoint import load_trained

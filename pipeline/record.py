@@ -1,13 +1,31 @@
-"""The cached filtered masks as the later stages read them: `<work>/masks/<id>.png`, valid only while
-their `.key` equals the one calibration.json records (the trainer and `export` both check it)."""
+"""The calibration record, as stage 1 writes it and the later stages read it: `<work>/calibration.json`
+(thresholds, settings, diagnostics), its histograms, and the cached filtered masks `<work>/masks/<id>.png`,
+valid only while their `.key` equals the one calibration.json records. Small on purpose: the trainer and
+`export` read the record without importing the calibration stage."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from pipeline.calibrate import CALIBRATION, KEY_FILE, MASKS, read_calibration
 from pipeline.datasets import Sample
 from pipeline.errors import UserError
+
+CALIBRATION = "calibration.json"
+HISTOGRAMS = "calibration-histograms.npz"  # the score histograms behind calibration.json (alpha sweeps)
+MASKS = "masks"
+KEY_FILE = ".key"
+
+
+def read_calibration(work: Path, required: bool = False) -> dict | None:
+    """The record of ``<work>/calibration.json``; None when there is none, or a clear error if ``required``."""
+    path = Path(work) / CALIBRATION
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        if required:
+            raise UserError(f"{path}: no calibration; run `conformalsam calibrate` first") from None
+        return None
 
 
 def cached_masks(work: Path, samples: list[Sample], allow_missing: bool, fix: str) -> tuple[list[Sample], str, int]:

@@ -1,1 +1,2 @@
-"""The lean trainer (stage I on cached filtered masks, stage II self-training): see the trainer issue."""
+"""The lean trainer: stage I on labeled images + the cached filtered masks, stage II with a semi-supervised
+method of `trainer/methods/` (self-training or UniMatch), evaluation."""

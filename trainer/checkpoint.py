@@ -8,6 +8,7 @@ import torch
 
 from pipeline.atomic import atomic_write
 from pipeline.errors import UserError
+from pipeline.torchio import torch_load
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -18,12 +19,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(Path(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: checkpoint not found") from None
-    except Exception as exc:
-        raise UserError(f"{path}: cannot read checkpoint ({exc})") from None
+    state = torch_load(path, "a checkpoint", "give a last.pt or best.pt of `conformalsam train`")
+    if not isinstance(state, dict) or not {"model", "model_name", "classes"} <= set(state):
+        raise UserError(f"{path}: not a checkpoint of `conformalsam train` (no model, model_name and classes); give "
+                        "a last.pt or best.pt from <work>/runs/<name>/stage<N>/")
+    return state
 
 
 def load_trained(path: Path, classes) -> tuple[torch.nn.Module, dict]:

@@ -8,6 +8,7 @@ at the rate meant for 8. The head (everything but the backbone) uses head_lr_mul
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -55,6 +56,14 @@ class Recipe:
             raise UserError("--ema must be in [0, 1) and --threshold in [0, 1]")
         if not (0 <= self.lambda_start <= 1 and 0 <= self.lambda_end <= 1):
             raise UserError("--lambda-start and --lambda-end must be in [0, 1]")
+        positive = {"lr": self.lr, "head_lr_mult": self.head_lr_mult, "poly_power": self.poly_power}
+        non_negative = {"weight_decay": self.weight_decay, "momentum": self.momentum}
+        for name, value in {**positive, **non_negative}.items():  # NaN fails every comparison: caught here
+            if not (math.isfinite(value) and (value > 0 if name in positive else value >= 0)):
+                raise UserError(f"--{name.replace('_', '-')} {value}: must be a finite number "
+                                f"{'> 0' if name in positive else '>= 0'}")
+        if not all(math.isfinite(v) and v > 0 for v in self.scale_range) or self.scale_range[0] > self.scale_range[1]:
+            raise UserError(f"scale_range {self.scale_range}: two finite numbers > 0, low <= high")
         return self
 
 

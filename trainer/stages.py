@@ -23,11 +23,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import distributed
-from pipeline.atomic import write_text_atomic
+from pipeline.atomic import ensure_writable, write_text_atomic
 from pipeline.config import Config
 from pipeline.datasets import Dataset
 from pipeline.errors import UserError
-from pipeline.maskset import cached_masks
+from pipeline.record import cached_masks
 from pipeline.ui import no_progress, percent
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import TrainImages, ValImages, epoch_plan
@@ -68,6 +68,8 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
     if stage not in (1, 2):
         raise UserError(f"--stage {stage}: choose 1, 2 or all")
     stage2 = get_method(method)
+    if recipe.epochs[stage - 1] < 1:
+        raise UserError(f"--epochs {recipe.epochs[stage - 1]}: stage {stage} needs at least 1 epoch")
     name = name or recipe_name
     rank, world = distributed.setup("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
     dev = resolve_device(device, world)
@@ -105,6 +107,8 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
         return {"run_dir": str(out), "stage": stage, "epochs": finished["epoch"], "epochs_run": finished["epoch"],
                 "best": finished["metrics"].get("best_miou"), "last": finished["metrics"].get("miou"),
                 "unchanged": True}
+    if rank == 0:  # before an epoch is spent
+        ensure_writable(out, "choose another --work-dir (or --name), or fix the folder's permissions")
     val = ValImages(dataset, dataset.split("val")) if config.val is not None else None
     train_l = TrainImages(dataset, labeled, "labeled", recipe)
     train_u = TrainImages(dataset, unlabeled, "cached" if stage == 1 else "unlabeled", recipe,

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from pipeline.classmap import NO_OBJECT, ClassMap, build_class_map
 from pipeline.config import Config
-from pipeline.errors import UserError, describe
+from pipeline.errors import UserError
+from pipeline.torchio import torch_load
 
 
 @dataclass(frozen=True)
@@ -197,13 +198,7 @@ def state_fit(own: dict, state: dict) -> StateFit:
 
 def read_state_dict(path: Path) -> dict:
     """A plain state dict of tensors (or one under 'state_dict'), read without unpickling anything else."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found (foundation.weights)") from None
-    except Exception as exc:  # pickle, zip and torch's own errors
-        reason = "a damaged file, or not a plain state dict of tensors" if "weights_only" in str(exc) else describe(exc)
-        raise UserError(f"{path}: cannot be read as a state dict ({reason})") from None
+    state = torch_load(path, "a state dict", "check foundation.weights (--weights)")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
+from pipeline.torchio import torch_load
 from trainer.models.deeplabv3plus import DeepLabV3Plus
 from trainer.models.segformer import SegFormer
 
@@ -37,12 +38,8 @@ def load_backbone(model: nn.Module, path: Path) -> dict:
     """Load ImageNet weights into ``model.backbone``; a file that does not fit is a one-line error naming
     the missing / unexpected / mis-shaped keys. Returns counts of what was loaded and ignored."""
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: backbone weights not found (--backbone-weights)") from None
-    except Exception as exc:
-        raise UserError(f"{path}: cannot read backbone weights ({exc})") from None
+    state = torch_load(path, "backbone weights", "--backbone-weights takes torchvision ResNet or official "
+                       "mit_b*.pth weights")
     while isinstance(state, dict) and len(state) <= 3 and any(k in state for k in WRAPPERS):
         state = next(state[k] for k in WRAPPERS if k in state)
     if not isinstance(state, dict):
