@@ -457,17 +457,20 @@ def data_check(
     with progress("checking") as update:
         report = check_dataset(dataset, update, n_jobs=jobs)
     sizes = ", ".join(f"{n} {split}" for split, n in report.images.items())
-    console.print(f"{config.format} data set at {config.root}: {sizes}; {len(dataset.classes)} classes")
+    console.print(f"{config.format} data set at {escape(str(config.root))}: {sizes}; {len(dataset.classes)} classes")
+    for title, found in (("warnings", report.warnings), ("problems", report.problems)):
+        if not found:
+            continue
+        table = Table(title=title)
+        table.add_column(title[:-1])
+        table.add_column("count", justify="right")
+        table.add_column("first examples", overflow="fold")
+        for kind, messages in sorted(found.items()):
+            table.add_row(escape(kind), str(len(messages)), escape("\n".join(messages[:examples])))
+        console.print(table)
     if report.ok:
         console.print("[green]no problems found[/green]")
         return
-    table = Table(title="problems")
-    table.add_column("problem")
-    table.add_column("count", justify="right")
-    table.add_column("first examples", overflow="fold")
-    for kind, messages in sorted(report.problems.items()):
-        table.add_row(kind, str(len(messages)), "\n".join(messages[:examples]))
-    console.print(table)
     raise typer.Exit(1)
 
 

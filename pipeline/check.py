@@ -7,17 +7,22 @@ from dataclasses import dataclass, field
 
 from joblib import Parallel, delayed
 
-from pipeline.datasets import SPLITS, Dataset, Sample, parse_split, read_image
+from pipeline.datasets import SPLITS, Dataset, Sample, exif_orientation, parse_split, read_image
 from pipeline.errors import DataProblem, UserError
+
+
+class Warned(DataProblem):
+    """Worth a look but not an error: `data check` lists it and still exits 0."""
 
 
 @dataclass
 class Report:
     images: dict[str, int] = field(default_factory=dict)  # split -> samples listed
     problems: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # kind -> messages
+    warnings: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # kind -> messages
 
     def add(self, problem: DataProblem) -> None:
-        self.problems[problem.kind].append(str(problem))
+        (self.warnings if isinstance(problem, Warned) else self.problems)[problem.kind].append(str(problem))
 
     @property
     def ok(self) -> bool:
@@ -29,6 +34,11 @@ def check_sample(dataset: Dataset, sample: Sample) -> list[DataProblem]:
     found, size = [], None
     try:
         size = read_image(sample.image).shape[:2]
+        orientation = exif_orientation(sample.image)
+        if orientation != 1:
+            found.append(Warned("EXIF orientation", f"{sample.image}: EXIF orientation {orientation}; images are "
+                                "read as stored, not rotated (as UniMatch does): its mask must match the stored "
+                                "pixels"))
     except DataProblem as problem:
         found.append(problem)
     if sample.mask is not None:

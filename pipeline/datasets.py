@@ -98,8 +98,23 @@ def _from_image(path: Path, read):
 
 
 def read_image(path: Path) -> np.ndarray:
-    """uint8 (H, W, 3) RGB, fully decoded."""
-    return _from_image(path, lambda img: np.array(img.convert("RGB")))  # writable: torch.from_numpy needs it
+    """uint8 (H, W, 3) RGB, fully decoded, as stored: an EXIF orientation tag is not applied (as UniMatch
+    and PIL do; `data check` warns about it). 16-bit grayscale is scaled to 8 bit, never clipped."""
+    return _from_image(path, _rgb)
+
+
+def _rgb(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit PNG: convert("RGB") would clip at 255
+        gray = np.round(np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if img.mode == "F":
+        raise ValueError("floating-point pixels; save the image as 8- or 16-bit")
+    return np.array(img.convert("RGB"))  # writable: torch.from_numpy needs it
+
+
+def exif_orientation(path: Path) -> int:
+    """The image's EXIF orientation tag (1 = as stored, also when there is none)."""
+    return _from_image(path, lambda img: int(img.getexif().get(0x0112, 1) or 1))
 
 
 def image_size(path: Path) -> tuple[int, int]:

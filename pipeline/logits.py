@@ -199,10 +199,26 @@ def _predict(backend: Backend, mapping: ClassMap, batch: torch.Tensor, items: li
     if not finite.all():
         bad = items[int((~finite).nonzero()[0])].sample.image
         raise UserError(f"{bad}: backend '{backend.name}' produced NaN/inf scores for this image")
+    kind = mapping.score_kind(backend.score_kind)
     out = []
     for item, image_scores in zip(items, scores):
         if scale is not None:
             size = (max(1, round(item.size[0] * scale)), max(1, round(item.size[1] * scale)))
             image_scores = F.interpolate(image_scores[None], size=size, mode="bilinear", align_corners=False)[0]
-        out.append(image_scores.half().cpu().numpy())
+        out.append(_fp16_range(image_scores, kind, item.sample.image).half().cpu().numpy())
     return out
+
+
+FP16_MAX = 65504.0
+
+
+def _fp16_range(scores: torch.Tensor, kind: str, image) -> torch.Tensor:
+    """Scores the float16 store can hold. Logits beyond its range are shifted per pixel by their maximum
+    (softmax and argmax unchanged) and floored at -65504 (where exp() is 0 either way); other score kinds
+    cannot be moved, so they are refused naming the image."""
+    if scores.abs().amax() <= FP16_MAX:
+        return scores
+    if kind == "logits":
+        return (scores - scores.amax(0, keepdim=True)).clamp_min(-FP16_MAX)
+    raise UserError(f"{image}: scores up to {float(scores.abs().amax()):.3g} exceed float16's range ({FP16_MAX:g}), "
+                    f"in which the store keeps {kind}; scale them down in the model")

@@ -81,3 +81,74 @@ def test_square_brackets_survive_in_error_lines(toy_world, calibrated, tmp_path,
     odd = tmp_path / "x [y]" / "best.pt"
     err = run_cli(monkeypatch, capsys, "eval", "--checkpoint", odd, *flags(config))
     assert f"{odd}: not found" in err
+
+
+class Huge(torch.nn.Module):
+    """Finite logits far beyond float16's range (65504), e.g. an unnormalised head."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.classes = classes
+
+    def forward(self, x):
+        pooled = torch.nn.functional.avg_pool2d(x, 4)
+        return torch.cat([pooled] * 3, 1)[:, : self.classes] * 1e6
+
+
+def test_logits_beyond_float16_are_stored_softmax_equal_and_calibrate_runs(toy_world, tmp_path):
+    from dataclasses import replace
+
+    from conftest import toy_config
+    from pipeline.calibrate import Settings, run_calibrate
+    from pipeline.datasets import Dataset, read_image
+    from pipeline.logits import run_logits
+    from pipeline.store import LogitsStore
+
+    base = toy_config(toy_world)
+    classes = Dataset(base).classes
+    path = tmp_path / "huge.pt"
+    torch.jit.script(Huge(len(classes))).save(str(path))
+    config = replace(base, backend="torchscript", weights=path, work_dir=tmp_path / "work", outputs=classes)
+    for split in ("labeled", "unlabeled"):
+        run_logits(config, split, workers=0, info=lambda m: None, warn=lambda m: None)
+    store = LogitsStore(config.work_dir / "logits.zarr")
+    sample = Dataset(base).split("labeled")[0]
+    stored = torch.from_numpy(store.read(sample.id)).float()
+    assert torch.isfinite(stored).all() and stored.max() <= 0
+    x = torch.from_numpy(read_image(sample.image)).permute(2, 0, 1)[None].float() / 255
+    expected = Huge(len(classes))(x)[0].softmax(0)
+    torch.testing.assert_close(store.probabilities(sample.id).float(), expected, atol=2e-3, rtol=0)
+    record = run_calibrate(config, Settings(alpha=0.1), jobs=1, warn=lambda m: None)
+    assert 0 < record["diagnostics"]["unlabeled"]["kept_fraction"] <= 1
+
+
+def test_16_bit_images_are_scaled_and_exif_rotation_is_warned(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from conftest import make_config, write_gray_png, write_image
+    from pipeline.check import check_dataset
+    from pipeline.datasets import Dataset, read_image
+
+    rng = np.random.default_rng(0)
+    deep = (np.arange(24 * 32).reshape(24, 32) * 85).astype(np.uint16)  # 0 .. 65195
+    (tmp_path / "images").mkdir()
+    Image.fromarray(deep).save(tmp_path / "images" / "deep.png")
+    rotated = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    rotated.save(tmp_path / "images" / "rotated.jpg", exif=exif)
+    write_image(tmp_path / "images" / "plain.jpg", rng)
+    for name in ("deep", "rotated", "plain"):
+        write_gray_png(tmp_path / "masks" / f"{name}.png", rng.integers(0, 2, (24, 32)))
+    (tmp_path / "l.txt").write_text("images/deep.png masks/deep.png\nimages/rotated.jpg masks/rotated.png\n")
+    (tmp_path / "u.txt").write_text("images/plain.jpg\n")
+    dataset = Dataset(make_config(tmp_path, "folder", tmp_path / "l.txt", tmp_path / "u.txt",
+                                  classes=("background", "thing")))
+    image = read_image(tmp_path / "images" / "deep.png")
+    assert image.dtype == np.uint8 and image.shape == (24, 32, 3)
+    np.testing.assert_array_equal(image[..., 0], np.round(deep / 257).astype(np.uint8))  # not clipped to 255
+    assert len(np.unique(image)) > 200
+    report = check_dataset(dataset, n_jobs=1)
+    assert report.ok and list(report.warnings) == ["EXIF orientation"]
+    assert "rotated.jpg: EXIF orientation 6" in report.warnings["EXIF orientation"][0]
