@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from pipeline import PROJECT_ROOT, config as cfg
 from pipeline.errors import UserError
-from pipeline.ui import console, percent, progress
+from pipeline.ui import bold, console, error, percent, progress, warn
 
 app = typer.Typer(
     help="ConformalSAM: calibrate a foundation segmentation model's pseudo-labels with conformal prediction, "
@@ -91,15 +90,14 @@ def logits(
     start = time.perf_counter()
     with progress("logits") as update:
         result = run_logits(config, split, batch_size, device, force, workers, scale, update,
-                            warn=lambda msg: console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False),
+                            warn=warn,
                             info=lambda msg: console.print(msg, style="dim", highlight=False, markup=False))
     if result["rank"] == 0:
         took = time.perf_counter() - start
         console.print(f"{result['store']}: {result['written']} images scored in {took:.1f}s "
                       f"({result['written'] / max(took, 1e-9):.1f} img/s), {result['skipped']} already there")
         if result["failed"]:
-            console.print(f"[yellow]{result['failed']} unreadable images skipped[/yellow] "
-                          "(listed in the store's 'failed' attribute)")
+            warn(f"{result['failed']} unreadable images skipped (listed in the store's 'failed' attribute)")
 
 
 @app.command("calibrate")
@@ -127,7 +125,7 @@ def calibrate(
 
     start = time.perf_counter()
     record = run_calibrate(config, Settings(alpha=alpha, mode=mode, rule=rule, folds=folds), masks, jobs,
-                           progress, warn=lambda msg: console.print(f"[yellow]warning:[/yellow] {msg}"))
+                           progress, warn=warn)
     took = time.perf_counter() - start
     path = config.work_dir / "calibration.json"
     if record["unchanged"]:
@@ -303,7 +301,7 @@ def _print_ious(title: str, classes, ious, miou: float, accuracy: float) -> None
     table.add_column("IoU %", justify="right")
     for name, iou in zip(classes, ious):
         table.add_row(name, percent(iou))
-    table.add_row("[bold]mean", f"[bold]{percent(miou)}")
+    table.add_row(bold("mean"), bold(percent(miou)))
     console.print(table)
     console.print(f"pixel accuracy {percent(accuracy)}%")
 
@@ -362,13 +360,13 @@ def export_masks(
     """The filtered masks of `calibrate` as supervision for another code base; the data set is not touched."""
     from pipeline.export import export
 
-    result = export(config, to, out, force, warn=lambda m: console.print(f"[yellow]warning:[/] {escape(m)}"))
-    console.print(f"{escape(str(result['out']))}: {', '.join(result['files'])} ({result['labeled']} labeled, "
+    result = export(config, to, out, force, warn=warn)
+    console.print(f"{result['out']}: {', '.join(result['files'])} ({result['labeled']} labeled, "
                   f"{result['unlabeled']} unlabeled images with filtered masks)")
     if to == "unimatch":
-        console.print(f"UniMatch: set data_root: {escape(str(Path(config.root).absolute()))} in its config, then "
-                      f"--labeled-id-path {escape(str(result['out'] / 'labeled.txt'))} --unlabeled-id-path "
-                      f"{escape(str(result['out'] / 'unlabeled.txt'))}; one of its epochs is now "
+        console.print(f"UniMatch: set data_root: {Path(config.root).absolute()} in its config, then "
+                      f"--labeled-id-path {result['out'] / 'labeled.txt'} --unlabeled-id-path "
+                      f"{result['out'] / 'unlabeled.txt'}; one of its epochs is now "
                       f"{result['lines'] / result['unlabeled']:.2f} passes over the unlabeled images")
 
 
@@ -457,7 +455,7 @@ def data_check(
     with progress("checking") as update:
         report = check_dataset(dataset, update, n_jobs=jobs)
     sizes = ", ".join(f"{n} {split}" for split, n in report.images.items())
-    console.print(f"{config.format} data set at {escape(str(config.root))}: {sizes}; {len(dataset.classes)} classes")
+    console.print(f"{config.format} data set at {config.root}: {sizes}; {len(dataset.classes)} classes")
     for title, found in (("warnings", report.warnings), ("problems", report.problems)):
         if not found:
             continue
@@ -466,10 +464,10 @@ def data_check(
         table.add_column("count", justify="right")
         table.add_column("first examples", overflow="fold")
         for kind, messages in sorted(found.items()):
-            table.add_row(escape(kind), str(len(messages)), escape("\n".join(messages[:examples])))
+            table.add_row(kind, str(len(messages)), "\n".join(messages[:examples]))
         console.print(table)
     if report.ok:
-        console.print("[green]no problems found[/green]")
+        console.print("no problems found", style="green")
         return
     raise typer.Exit(1)
 
@@ -566,7 +564,7 @@ def main() -> None:
     try:
         app()
     except UserError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        error(str(exc))
         sys.exit(2)
 
 

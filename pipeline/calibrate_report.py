@@ -20,11 +20,11 @@ def print_report(record: dict, console: Console) -> None:
         threshold = f"{qhat:.4f} (class kept in a set when its probability >= {1 - qhat:.4f})"
     rank = record["rank"]
     units = f"k = {rank['k']} of n = {rank['n']} labeled pixels" if rank else f"{record['n_images']} images"
-    console.print(f"[bold]{record['mode']}[/bold] mode, alpha {record['alpha']}, rule {record['rule']}: "
+    console.print(f"{record['mode']} mode, alpha {record['alpha']}, rule {record['rule']}: "
                   f"qhat {threshold} ({units})", highlight=False)
     if record["fallbacks"]:
-        console.print(f"[yellow]too few calibration pixels for a class threshold; pooled threshold used for: "
-                      f"{', '.join(record['fallbacks'])}[/yellow]")
+        console.print("too few calibration pixels for a class threshold; pooled threshold used for: "
+                      f"{', '.join(record['fallbacks'])}", style="yellow")
     console.print(f"cross-calibration ({cross['folds']} folds of labeled images): pixel coverage "
                   f"{percent(cross['pixel_coverage'])}%, mean image coverage {percent(cross['image_coverage'])}% "
                   f"(target {percent(cross['target'])}%)", highlight=False)

@@ -39,7 +39,7 @@ def print_summary(work: Path, console: Console) -> dict:
     if calibration:
         unlabeled = calibration["diagnostics"].get("unlabeled") or {}
         quality = unlabeled.get("quality")
-        console.print(f"[bold]pseudo-labels[/bold]: {calibration['mode']} mode, alpha {calibration['alpha']}, rule "
+        console.print(f"pseudo-labels: {calibration['mode']} mode, alpha {calibration['alpha']}, rule "
                       f"{calibration['rule']}, calibrated on {calibration['n_images']} labeled images; "
                       f"{unlabeled.get('images', 0)} unlabeled masks keep {percent(unlabeled.get('kept_fraction'))}% of "
                       "pixels", highlight=False)

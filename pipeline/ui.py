@@ -7,8 +7,23 @@ from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
-console = Console(stderr=True)  # progress and messages on stderr; stdout stays clean for data
+# Progress and messages on stderr (stdout stays clean for data). No markup: paths and messages such as
+# "x [y]" or "[mask_path]" print as they are; colour goes through `style` and the helpers below.
+console = Console(stderr=True, markup=False)
+
+
+def warn(message: str) -> None:
+    console.print(Text.assemble(("warning: ", "yellow"), message), highlight=False)
+
+
+def error(message: str) -> None:
+    console.print(Text.assemble(("error: ", "red"), message), highlight=False, soft_wrap=True)
+
+
+def bold(text: str) -> Text:
+    return Text(text, style="bold")
 
 
 @contextmanager
@@ -16,7 +31,7 @@ def progress(description: str, unit: str = "img"):
     """Yields ``update(advance, total)``; shows count, rate and ETA (hidden when not a terminal). The bar
     appears at the first update, so an error found while setting up stays the only line printed."""
     columns = (
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"),

@@ -182,7 +182,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
         loaders = [_loader(ds, [m[i] for m in mine], recipe, epoch) for i, ds in enumerate((train_l, train_u))]
         net.train()
         totals = torch.zeros(3)
-        with (progress or no_progress)(f"stage {stage} epoch {epoch + 1}/{epochs}") as update:
+        with (progress or no_progress)(f"stage {stage} epoch {epoch + 1}/{epochs}", "step") as update:
             update(0, len(mine))
             for batch_l, batch_u in zip(*loaders):
                 progress_t = (offset + step) / max(schedule_steps, 1)
