@@ -111,7 +111,7 @@ def calibrate(
                                       "singleton: only one-class sets kept | argmax: no filtering (the raw "
                                       "foundation masks, for ablations).")] = "paper",
     masks: Annotated[bool, typer.Option("--masks/--no-masks", help="Write the unlabeled images' filtered masks "
-                                        "(--no-masks: fit and report only).")] = True,
+                                        "(--no-masks: fit and report only, nothing written).")] = True,
     folds: Annotated[int, typer.Option(help="Folds of the cross-calibration coverage check.")] = 5,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Worker threads (default: all cores).")] = None,
     config: cfg.Config = None,
@@ -133,9 +133,11 @@ def calibrate(
     from pipeline.calibrate_report import print_report
 
     print_report(record, console)
-    if not record["unchanged"]:
-        written = f" and {record['masks']['count']} masks in {config.work_dir / 'masks'}" if record["masks"] else ""
-        console.print(f"wrote {path}{written} in {took:.1f}s")
+    if not record["unchanged"] and record["saved"]:
+        console.print(f"wrote {path} and {record['masks']['count']} masks in {config.work_dir / 'masks'} in "
+                      f"{took:.1f}s")
+    elif not record["unchanged"]:
+        console.print(f"fit and report only (--no-masks), {took:.1f}s: {path} and the masks were left as they were")
 
 
 TRAIN = "Training recipe (overrides)"

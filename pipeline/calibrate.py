@@ -61,7 +61,8 @@ class Settings:
 
 def run_calibrate(config: Config, settings: Settings, write_masks: bool = True, jobs: int | None = None,
                   progress=None, warn=print) -> dict:
-    """Fit (and write masks unless ``write_masks`` is False); returns the calibration record.
+    """Fit, write the masks, calibration.json and its histograms; returns the calibration record. With
+    ``write_masks`` False: fit and report only, nothing written (an existing record and its masks stay).
 
     ``progress(description)`` is a context manager yielding ``update(advance, total)`` (see `pipeline.ui`).
     Does nothing and returns the existing record when ``calibration.json`` already holds this fit of the
@@ -74,6 +75,8 @@ def run_calibrate(config: Config, settings: Settings, write_masks: bool = True, 
     if store.classes != dataset.classes:
         raise UserError(f"{store.path}: scores are for classes {list(store.classes)[:5]}... but the data set has "
                         f"{list(dataset.classes)[:5]}...; rerun `conformalsam logits --force`")
+    if overlap := dataset.overlap():
+        warn(overlap)
     labeled = _scored(store, dataset, "labeled", warn)
     if settings.mode == "crc":  # fail before the long pass
         require_crc_images(len(labeled), settings.alpha)
@@ -97,9 +100,11 @@ def run_calibrate(config: Config, settings: Settings, write_masks: bool = True, 
                                 progress)
         record["diagnostics"]["unlabeled"] = stats.report(dataset.classes)
         record["masks"] = {"dir": MASKS, "count": len(unlabeled), "key": masks_key}
+    else:  # fit and report only: calibration.json stays the record of the masks on disk
+        return {**record, "unchanged": False, "saved": False}
     save_histograms(work / HISTOGRAMS, hist, stats, key)
     write_text_atomic(work / CALIBRATION, json.dumps(record, indent=1) + "\n")
-    return {**record, "unchanged": False}
+    return {**record, "unchanged": False, "saved": True}
 
 
 def _scored(store: LogitsStore, dataset: Dataset, split: str, warn) -> list[Sample]:

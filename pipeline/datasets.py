@@ -72,7 +72,9 @@ def parse_split(path: Path, root: Path, need_masks: bool) -> tuple[list[Sample],
         where = f"{path}:{number}"
         if len(tokens) > 2 or (need_masks and len(tokens) < 2):
             want = "'image_path mask_path'" if need_masks else "'image_path [mask_path]'"
-            problems.append(DataProblem("bad split line", f"{where}: expected {want}, got {line.strip()!r}"))
+            spaces = (" (paths with spaces are not supported: split lines are split on spaces, as in UniMatch's "
+                      "format; rename the files)" if len(tokens) > 2 else "")
+            problems.append(DataProblem("bad split line", f"{where}: expected {want}, got {line.strip()!r}{spaces}"))
             continue
         image = root / tokens[0]
         sample = Sample(image.stem, image, root / tokens[1] if len(tokens) == 2 else None)
@@ -188,6 +190,17 @@ class Dataset:
             more = f" (and {len(problems) - 1} more problems: run `conformalsam data check`)" if len(problems) > 1 else ""
             raise DataProblem(problems[0].kind, f"{problems[0]}{more}")
         return samples
+
+    def overlap(self) -> str | None:
+        """A warning when splits share images (labeled with unlabeled or val, unlabeled with val): every stage
+        runs anyway, but the figures then mean less (`data check` counts it as a problem)."""
+        splits = {name: {s.id for s in self.split(name)} for name in SPLITS
+                  if name != "val" or self.config.val is not None}
+        shared = [(a, b, sorted(splits[a] & splits[b])) for a, b in (("labeled", "unlabeled"), ("labeled", "val"),
+                                                                     ("unlabeled", "val")) if a in splits and b in splits]
+        found = [f"{len(ids)} images are in both the {a} and the {b} split (e.g. '{ids[0]}')" for a, b, ids in shared
+                 if ids]
+        return "; ".join(found) + " (see `conformalsam data check`)" if found else None
 
     def read_mask(self, path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
         """uint8 (H, W) of class ids 0..K-1 and 255 = ignore, in the format's convention.

@@ -44,6 +44,19 @@ def cached_masks(work: Path, samples: list[Sample], allow_missing: bool, fix: st
     present = {p.stem for p in masks.glob("*.png")}
     missing = [s.id for s in samples if s.id not in present]
     if missing and not allow_missing:
+        failed = _unreadable(Path(work))
+        if missing[0] in failed:  # calibrate skipped it: rerunning calibrate cannot help
+            raise UserError(f"unlabeled image '{missing[0]}' has no mask: stage 0 could not read it "
+                            f"({failed[missing[0]]}); fix the image and rerun `logits` and `calibrate`, remove it "
+                            f"from the unlabeled split, or pass {fix} ({len(missing)} without a mask in all)")
         raise UserError(f"{masks / (missing[0] + '.png')}: cached mask missing for unlabeled image '{missing[0]}' "
                         f"({len(missing)} missing in all); rerun `conformalsam calibrate` or pass {fix}")
     return [s for s in samples if s.id in present], key, len(missing)
+
+
+def _unreadable(work: Path) -> dict[str, str]:
+    """Image id -> why stage 0 could not read it, from the score store's record."""
+    try:
+        return dict(json.loads((work / "logits.zarr" / "zarr.json").read_text())["attributes"].get("failed", {}))
+    except (OSError, ValueError, KeyError):
+        return {}

@@ -156,12 +156,17 @@ def test_banded_mask_equals_whole_image(scored):
                 assert torch.equal(a, b)
 
 
-def test_no_masks_fits_only(toy_world, scored, tmp_path):
+def test_no_masks_fits_and_reports_only(toy_world, scored, tmp_path):
     config = fresh(toy_world, scored, tmp_path)
     record = run_calibrate(config, Settings(alpha=0.1), write_masks=False)
-    assert record["masks"] is None and "unlabeled" not in record["diagnostics"]
-    assert not (config.work_dir / "masks").exists()
-    assert json.loads((config.work_dir / "calibration.json").read_text())["qhat"] == record["qhat"]
+    assert record["masks"] is None and "unlabeled" not in record["diagnostics"] and not record["saved"]
+    assert not (config.work_dir / "masks").exists() and not (config.work_dir / "calibration.json").exists()
+    full = run_calibrate(config, Settings(alpha=0.1), jobs=1)
+    before = {p: p.read_bytes() for p in config.work_dir.rglob("*") if p.is_file() and "logits.zarr" not in p.parts}
+    other = run_calibrate(config, Settings(alpha=0.3), write_masks=False)  # another fit, reported only
+    assert other["qhat"] != full["qhat"] and not other["saved"]
+    after = {p: p.read_bytes() for p in config.work_dir.rglob("*") if p.is_file() and "logits.zarr" not in p.parts}
+    assert after == before  # the record and its masks are untouched
 
 
 def test_missing_scores_and_bad_settings_are_clear_errors(toy_world, scored, tmp_path):

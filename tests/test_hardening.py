@@ -152,3 +152,43 @@ def test_16_bit_images_are_scaled_and_exif_rotation_is_warned(tmp_path):
     report = check_dataset(dataset, n_jobs=1)
     assert report.ok and list(report.warnings) == ["EXIF orientation"]
     assert "rotated.jpg: EXIF orientation 6" in report.warnings["EXIF orientation"][0]
+
+
+def test_advice_for_an_image_stage_0_could_not_read_and_split_warnings(toy_world, tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    from conftest import ANNOTATOR, toy_config
+    from pipeline.calibrate import Settings, run_calibrate
+    from pipeline.datasets import Dataset, parse_split
+    from pipeline.logits import run_logits
+
+    world = tmp_path / "toy"
+    shutil.copytree(toy_world, world)
+    config = replace(toy_config(world), weights=ANNOTATOR, work_dir=tmp_path / "work")
+    victim = Dataset(config).split("unlabeled")[5]
+    victim.image.write_bytes(b"not a jpeg")
+    for split in ("labeled", "unlabeled"):
+        run_logits(config, split, workers=0, info=lambda m: None, warn=lambda m: None)
+    warnings = []
+    run_calibrate(config, Settings(alpha=0.1), jobs=1, warn=warnings.append)
+    with pytest.raises(cli.UserError, match=f"'{victim.id}' has no mask: stage 0 could not read it.*fix the image"):
+        train_stage(config, "t", TINY, 1, name="run")
+
+    # labeled images listed as unlabeled too: every stage warns
+    first = open(config.labeled).readline()
+    with open(config.unlabeled, "a") as f:
+        f.write(first)
+    assert "1 images are in both the labeled and the unlabeled split" in Dataset(config).overlap()
+    warnings.clear()
+    try:
+        run_calibrate(config, Settings(alpha=0.1), jobs=1, warn=warnings.append)
+    except cli.UserError:
+        pass
+    assert any("both the labeled and the unlabeled split" in w for w in warnings)
+
+    # a path with a space is a bad line, and the message says why
+    spaced = tmp_path / "spaced.txt"
+    spaced.write_text("images/my image.jpg masks/my image.png\n")
+    _, problems = parse_split(spaced, world, need_masks=True)
+    assert "paths with spaces are not supported" in str(problems[0])

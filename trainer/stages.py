@@ -84,6 +84,8 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
 
     labeled = dataset.split("labeled")
     unlabeled = dataset.split("unlabeled")
+    if rank == 0 and (overlap := dataset.overlap()):
+        log(f"warning: {overlap}")
     source = Path(init or run_dir(config, name, 1) / "last.pt")
     if stage == 1:
         unlabeled, inputs, missing = cached_masks(config.work_dir, unlabeled, allow_missing_masks,
