@@ -320,7 +320,8 @@ def inspect_command(
 ):
     """Pictures in <work>/inspect/: a contact sheet per image, and coverage / kept fraction against alpha.
 
-    Sheet: image | raw foundation argmax | filtered mask (ignore in grey) | ground truth | checkpoint.
+    Sheet: image | raw foundation argmax | filtered mask | ground truth | checkpoint, and a legend;
+    ignore (255) is white.
     """
     from pipeline.inspect import run_inspect
 

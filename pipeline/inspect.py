@@ -1,9 +1,11 @@
 """`conformalsam inspect`: pictures of what calibration did, written to ``<work>/inspect/``.
 
-- one contact sheet per chosen image: image | raw foundation argmax | filtered mask (ignore in grey) |
-  ground truth (when the split has it) | a trained checkpoint's prediction (when given);
+- one contact sheet per chosen image: image | raw foundation argmax | filtered mask | ground truth (when
+  the split has it) | a trained checkpoint's prediction (when given), and a legend of the classes shown;
+  ignore (255) is white, a colour no class of the palette has;
 - ``alpha-sweep.png``: cross-calibrated coverage and the kept fraction of unlabeled pixels against alpha,
-  computed from the histograms calibrate saved (no new pass over the data, no retraining).
+  computed from the histograms calibrate saved (no new pass over the data, no retraining), with the
+  calibrated alpha marked.
 """
 
 from __future__ import annotations
@@ -25,18 +27,20 @@ from pipeline.store import LogitsStore
 from trainer.augment import to_tensor
 from trainer.checkpoint import load_trained
 
-NEUTRAL = (128, 128, 128)  # ignore (255) in pictures: grey, unlike any class colour of the VOC palette
+IGNORE_COLOUR = (255, 255, 255)  # ignore (255): white, which no palette entry 0..254 is (grey 128 is VOC's car)
+BACKGROUND = (40, 40, 40)  # the sheet's own background, so that white ignore regions read as regions
 TILE = 256  # tiles are scaled (nearest for labels) so that small images stay legible
 
 
 def colourise(mask: np.ndarray) -> np.ndarray:
     rgb = PALETTE[mask]
-    rgb[mask == IGNORE] = NEUTRAL
+    rgb[mask == IGNORE] = IGNORE_COLOUR
     return rgb
 
 
-def contact_sheet(tiles: list[tuple[str, np.ndarray]]) -> Image.Image:
-    """Tiles (caption, RGB array) side by side, scaled to a common height, captions above."""
+def contact_sheet(tiles: list[tuple[str, np.ndarray]], legend: list[tuple[str, tuple]] = ()) -> Image.Image:
+    """Tiles (caption, RGB array) side by side, scaled to a common height, captions above, and a legend
+    (name, colour) below."""
     font = ImageFont.load_default()
     height = max(TILE, max(t.shape[0] for _, t in tiles))
     pictures = []
@@ -44,16 +48,29 @@ def contact_sheet(tiles: list[tuple[str, np.ndarray]]) -> Image.Image:
         scale = height / tile.shape[0]
         size = (max(1, round(tile.shape[1] * scale)), height)
         pictures.append(Image.fromarray(np.ascontiguousarray(tile)).resize(size, Image.NEAREST))
-    gap, top = 6, 18
-    sheet = Image.new("RGB", (sum(p.width for p in pictures) + gap * (len(pictures) + 1), height + top + gap),
-                      (255, 255, 255))
+    gap, top, row = 6, 18, 16
+    width = sum(p.width for p in pictures) + gap * (len(pictures) + 1)
+    per_row = max(1, width // 150)
+    rows = -(-len(legend) // per_row)
+    sheet = Image.new("RGB", (width, height + top + gap + rows * row + (gap if rows else 0)), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     x = gap
     for (caption, _), picture in zip(tiles, pictures):
-        draw.text((x, 3), caption, fill=(0, 0, 0), font=font)
+        draw.text((x, 3), caption, fill=(255, 255, 255), font=font)
         sheet.paste(picture, (x, top))
         x += picture.width + gap
+    for i, (name, colour) in enumerate(legend):
+        x, y = gap + (i % per_row) * 150, top + height + gap + (i // per_row) * row
+        draw.rectangle([x, y + 2, x + 12, y + 12], fill=tuple(int(c) for c in colour), outline=(255, 255, 255))
+        draw.text((x + 18, y + 1), name, fill=(255, 255, 255), font=font)
     return sheet
+
+
+def legend_of(classes, masks: list[np.ndarray]) -> list[tuple[str, tuple]]:
+    """(name, colour) of every class that appears in the masks, then ignore when it does."""
+    present = np.unique(np.concatenate([m.ravel() for m in masks]))
+    entries = [(classes[c], tuple(PALETTE[c])) for c in present if c < len(classes)]
+    return entries + ([("ignore (255)", IGNORE_COLOUR)] if IGNORE in present else [])
 
 
 def save_png(image: Image.Image, path: Path) -> None:
@@ -86,9 +103,11 @@ def alpha_sweep(histograms: dict, alphas) -> list[dict]:
     return rows
 
 
-def plot_sweep(rows: list[dict], path: Path) -> None:
-    """A line chart (pillow only): coverage and kept fractions (y, 0..1) against alpha (x)."""
-    width, height, left, right, top, bottom = 640, 420, 56, 170, 20, 44
+def plot_sweep(rows: list[dict], path: Path, chosen: float | None = None, note: str = "") -> None:
+    """A line chart (pillow only): coverage and kept fractions (y, 0..1) against alpha (x), the ``chosen``
+    (calibrated) alpha marked. Wide lines are drawn first, so a line that coincides with another still
+    shows around it."""
+    width, height, left, right, top, bottom = 640, 420, 56, 170, 34, 44
     image = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
@@ -109,17 +128,25 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
         x = left + plot_w * i / 5
         draw.line([x, top + plot_h, x, top + plot_h + 4], fill=(0, 0, 0))
         draw.text((x - 12, top + plot_h + 8), f"{a:.2f}", fill=(0, 0, 0), font=font)
-    draw.text((left + plot_w / 2 - 16, height - 18), "alpha", fill=(0, 0, 0), font=font)
-    series = [("1 - alpha (target)", (150, 150, 150), lambda r: 1 - r["alpha"]),
-              ("coverage (cross-cal.)", (31, 119, 180), lambda r: r["coverage"]),
-              ("kept, paper rule", (214, 39, 40), lambda r: r.get("kept_paper")),
-              ("kept, singleton rule", (44, 160, 44), lambda r: r.get("kept_singleton"))]
-    for i, (label, colour, value) in enumerate(series):
+    draw.text((left + plot_w / 2 - 40, height - 18), "alpha (miscoverage)", fill=(0, 0, 0), font=font)
+    draw.text((4, top - 16), "fraction", fill=(0, 0, 0), font=font)
+    draw.text((left, 4), "Pooled (paper-mode) threshold against alpha: coverage of labeled pixels and unlabeled "
+              "pixels kept", fill=(0, 0, 0), font=font)
+    if chosen is not None and 0 < chosen <= x_max:
+        x = xy(chosen, 0)[0]
+        for y in range(top, top + plot_h, 8):  # dashed
+            draw.line([x, y, x, min(y + 4, top + plot_h)], fill=(0, 0, 0), width=1)
+        draw.text((x + 3, top + 2), note or f"alpha {chosen:g}", fill=(0, 0, 0), font=font)
+    series = [("1 - alpha (target)", (150, 150, 150), 8, lambda r: 1 - r["alpha"]),
+              ("coverage (cross-cal.)", (31, 119, 180), 6, lambda r: r["coverage"]),
+              ("kept, paper rule", (214, 39, 40), 4, lambda r: r.get("kept_paper")),
+              ("kept, singleton rule", (44, 160, 44), 2, lambda r: r.get("kept_singleton"))]
+    for i, (label, colour, line_width, value) in enumerate(series):
         points = [xy(r["alpha"], value(r)) for r in rows if value(r) is not None]
         if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
+            draw.line(points, fill=colour, width=line_width, joint="curve")
         y = top + 10 + 18 * i
-        draw.line([width - right + 10, y, width - right + 30, y], fill=colour, width=3)
+        draw.line([width - right + 10, y, width - right + 30, y], fill=colour, width=line_width)
         draw.text((width - right + 36, y - 6), label, fill=(0, 0, 0), font=font)
     save_png(image, path)
 
@@ -155,17 +182,20 @@ def run_inspect(config, ids: list[str] | None = None, count: int = 6, seed: int 
     for sample in chosen:
         label, raw, _, _ = filtered_mask(store, sample.id, q, record["rule"], background_index(dataset.classes))
         image = read_image(sample.image)
-        tiles = [("image", image), ("raw argmax", colourise(raw.numpy().astype(np.uint8))),
-                 (f"filtered (alpha {record['alpha']})", colourise(label.numpy()))]
+        masks = [("raw argmax", raw.numpy().astype(np.uint8)), (f"filtered (alpha {record['alpha']})",
+                                                                label.numpy().astype(np.uint8))]
         if sample.mask is not None and sample.mask.is_file():
-            tiles.append(("ground truth", colourise(dataset.read_mask(sample.mask, image.shape[:2]))))
+            masks.append(("ground truth", dataset.read_mask(sample.mask, image.shape[:2])))
         if model is not None:
-            tiles.append(("checkpoint", colourise(_predict(model, image))))
-        save_png(contact_sheet(tiles), out / f"{sample.id}.png")
+            masks.append(("checkpoint", _predict(model, image)))
+        tiles = [("image", image)] + [(caption, colourise(m)) for caption, m in masks]
+        legend = legend_of(dataset.classes, [m for _, m in masks])
+        save_png(contact_sheet(tiles, legend), out / f"{sample.id}.png")
         written.append(out / f"{sample.id}.png")
     rows = alpha_sweep(load_histograms(work / HISTOGRAMS), alphas or [a / 100 for a in range(1, 51)])
     if rows:
-        plot_sweep(rows, out / "alpha-sweep.png")
+        plot_sweep(rows, out / "alpha-sweep.png", record["alpha"], f"calibrated: alpha {record['alpha']:g}, "
+                   f"{record['mode']} mode")
     return {"sheets": written, "sweep": rows, "record": record, "sweep_png": out / "alpha-sweep.png"}
 
 

@@ -192,3 +192,28 @@ def test_advice_for_an_image_stage_0_could_not_read_and_split_warnings(toy_world
     spaced.write_text("images/my image.jpg masks/my image.png\n")
     _, problems = parse_split(spaced, world, need_masks=True)
     assert "paths with spaces are not supported" in str(problems[0])
+
+
+def test_inspect_pictures_have_an_ignore_colour_outside_the_palette_a_legend_and_a_marked_alpha(
+        toy_world, calibrated, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.inspect import IGNORE_COLOUR, legend_of, run_inspect
+    from pipeline.masks import PALETTE
+
+    assert not (PALETTE[:255] == IGNORE_COLOUR).all(1).any()  # no class is painted like ignore
+    config = fresh(toy_world, calibrated, tmp_path)
+    mask = np.array([[0, 3], [255, 3]], np.uint8)
+    assert legend_of(("a", "b", "c", "d"), [mask]) == [("a", tuple(PALETTE[0])), ("d", tuple(PALETTE[3])),
+                                                        ("ignore (255)", IGNORE_COLOUR)]
+    result = run_inspect(config, count=2)
+    sheet = np.asarray(Image.open(result["sheets"][0]))
+    swatch = tuple(PALETTE[0])  # background is in every toy mask: its legend swatch is drawn below the tiles
+    below = sheet[280:]
+    assert (below == swatch).all(2).any()
+    sweep = np.asarray(Image.open(result["sweep_png"]))
+    plain = tmp_path / "plain.png"
+    from pipeline.inspect import plot_sweep
+    plot_sweep(result["sweep"], plain)  # the same curves without the marked alpha
+    assert (np.asarray(Image.open(plain)) != sweep).any()
