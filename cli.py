@@ -14,7 +14,7 @@ from rich.table import Table
 
 from pipeline import PROJECT_ROOT, config as cfg
 from pipeline.errors import UserError
-from pipeline.ui import bold, console, error, percent, progress, warn
+from pipeline.ui import bold, console, error, one_line, percent, progress, warn
 
 app = typer.Typer(
     help="ConformalSAM: calibrate a foundation segmentation model's pseudo-labels with conformal prediction, "
@@ -78,11 +78,14 @@ def logits(
     scale: Annotated[Optional[float], typer.Option(help="Store scores at this fraction of the image size "
                                                    "instead of the model's native resolution.")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild a store made by another model or class list.")] = False,
+    verify: Annotated[bool, typer.Option(help="Read and check every stored image (CRC-32, finite values) and "
+                                         "rebuild the damaged ones; without it only missing or resized chunks "
+                                         "are found.")] = False,
     config: cfg.Config = None,
 ):
     """Stage 0: score images with the foundation model into <work>/logits.zarr (resumable).
 
-    Images already in the store are skipped, so an interrupted run just continues. Under
+    Images already in the store are skipped (damaged ones are rebuilt), so an interrupted run just continues. Under
     `torchrun --nproc_per_node N` each process scores its share of the images.
     """
     from pipeline.logits import run_logits
@@ -90,8 +93,8 @@ def logits(
     start = time.perf_counter()
     with progress("logits") as update:
         result = run_logits(config, split, batch_size, device, force, workers, scale, update,
-                            warn=warn,
-                            info=lambda msg: console.print(msg, style="dim", highlight=False, markup=False))
+                            warn=warn, info=lambda msg: console.print(msg, style="dim", highlight=False),
+                            verify=verify)
     if result["rank"] == 0:
         took = time.perf_counter() - start
         console.print(f"{result['store']}: {result['written']} images scored in {took:.1f}s "
@@ -128,15 +131,19 @@ def calibrate(
                            progress, warn=warn)
     took = time.perf_counter() - start
     path = config.work_dir / "calibration.json"
-    if record["unchanged"]:
+    if record.get("repaired"):
+        repaired = record["repaired"]
+        console.print(f"{path} is up to date; {len(repaired)} damaged masks rewritten in {config.work_dir / 'masks'} "
+                      f"(e.g. {repaired[0]})")
+    elif record["unchanged"]:
         console.print(f"{path} is up to date for these settings and inputs: nothing to do")
     from pipeline.calibrate_report import print_report
 
     print_report(record, console)
-    if not record["unchanged"] and record["saved"]:
+    if not record["unchanged"] and record.get("saved"):
         console.print(f"wrote {path} and {record['masks']['count']} masks in {config.work_dir / 'masks'} in "
                       f"{took:.1f}s")
-    elif not record["unchanged"]:
+    elif not record["unchanged"] and not record.get("repaired"):
         console.print(f"fit and report only (--no-masks), {took:.1f}s: {path} and the masks were left as they were")
 
 
@@ -567,7 +574,7 @@ def main() -> None:
     try:
         app()
     except UserError as exc:
-        error(str(exc))
+        error(one_line(str(exc)))
         sys.exit(2)
 
 

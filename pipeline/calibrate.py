@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import zlib
 from functools import lru_cache, reduce
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from pipeline.errors import UserError
 from pipeline.masks import IGNORE, write_palette_png
 from pipeline.metrics import confusion, iou_per_class
 from pipeline.store import LogitsStore
-from pipeline.record import CALIBRATION, HISTOGRAMS, KEY_FILE, MASKS, read_calibration
+from pipeline.record import CALIBRATION, HISTOGRAMS, KEY_FILE, MASKS, SUMS_FILE, read_calibration
 from pipeline.ui import no_progress
 
 
@@ -88,7 +89,8 @@ def run_calibrate(config: Config, settings: Settings, write_masks: bool = True, 
     previous = read_calibration(work)
     if previous and previous.get("key") == key and (work / HISTOGRAMS).is_file() and (not write_masks or (
             (previous.get("masks") or {}).get("key") == masks_key and _masks_current(work, masks_key, len(unlabeled)))):
-        return {**previous, "unchanged": True}
+        repaired = _repair_masks(store, dataset, unlabeled, previous, work) if write_masks else []
+        return {**previous, "unchanged": not repaired, "repaired": repaired}
 
     hist = accumulate(store, dataset, labeled, settings, jobs, progress)
     thresholds = fit(hist.total(), settings.alpha, settings.mode)
@@ -240,9 +242,39 @@ def write_all_masks(store: LogitsStore, dataset: Dataset, samples: list[Sample],
         update(0, len(samples))
         parts = _parallel(work_on, samples, jobs) if samples else [MaskStats(num_classes, with_truth)]
     stats = reduce(lambda a, b: a.merge(b), parts)
+    (staging / SUMS_FILE).write_text(json.dumps({s.id: _crc(staging / f"{s.id}.png") for s in samples}) + "\n")
     (staging / KEY_FILE).write_text(key + "\n")
     _install(work, staging)
     return stats
+
+
+def _crc(path: Path) -> int | None:
+    try:
+        return zlib.crc32(path.read_bytes())
+    except OSError:
+        return None
+
+
+def _repair_masks(store: LogitsStore, dataset: Dataset, samples: list[Sample], record: dict, work: Path) -> list[str]:
+    """Rewrite the masks of the current set whose bytes no longer match the CRC-32 recorded when they were
+    written (deleted, truncated, overwritten): the same computation, so the same bytes. Returns their ids."""
+    try:
+        sums = json.loads((work / MASKS / SUMS_FILE).read_text())
+    except (OSError, ValueError):
+        return []  # a set written before checksums were recorded: only its count is checked
+    damaged = [s for s in samples if _crc(work / MASKS / f"{s.id}.png") != sums.get(s.id)]
+    q, background = thresholds_of(record), background_index(dataset.classes)
+    for sample in damaged:
+        write_palette_png(work / MASKS / f"{sample.id}.png", filtered_mask(store, sample.id, q, record["rule"],
+                                                                           background)[0].numpy())
+    return [s.id for s in damaged]
+
+
+def thresholds_of(record: dict) -> torch.Tensor:
+    """The per-class thresholds q of a calibration record (one pooled value repeated, or one per class)."""
+    qhat = record["qhat"]
+    return torch.tensor([qhat[c] for c in record["classes"]] if isinstance(qhat, dict)
+                        else [qhat] * len(record["classes"]), dtype=torch.float32)
 
 
 def filtered_mask(store: LogitsStore, image_id: str, q: torch.Tensor, rule: str, background: int | None,
@@ -299,12 +331,14 @@ def _install(work: Path, staging: Path) -> None:
 
 
 def _masks_current(work: Path, key: str, count: int) -> bool:
-    """The masks folder holds the complete set of masks for this key (none deleted since)."""
+    """The masks folder holds the set of masks for this key: with checksums (`_repair_masks` mends damage),
+    else complete by count."""
     try:
-        return ((work / MASKS / KEY_FILE).read_text().strip() == key
-                and sum(1 for _ in (work / MASKS).glob("*.png")) == count)
+        if (work / MASKS / KEY_FILE).read_text().strip() != key:
+            return False
     except OSError:
         return False
+    return (work / MASKS / SUMS_FILE).is_file() or sum(1 for _ in (work / MASKS).glob("*.png")) == count
 
 
 def save_histograms(path: Path, hist: ScoreHistogram, stats: "MaskStats | None", key: str) -> None:

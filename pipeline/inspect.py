@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.atomic import atomic_write
-from pipeline.calibrate import Settings, cross_calibrate, filtered_mask
+from pipeline.calibrate import Settings, cross_calibrate, filtered_mask, thresholds_of
 from pipeline.conformal import ScoreHistogram, background_index, check_alpha, fit, to_bins
 from pipeline.datasets import Dataset, read_image
 from pipeline.errors import UserError
@@ -174,8 +174,7 @@ def run_inspect(config, ids: list[str] | None = None, count: int = 6, seed: int 
     else:
         order = np.random.default_rng(seed).permutation(len(samples))[:count]
         chosen = [list(samples.values())[i] for i in sorted(order)]
-    q = torch.tensor([record["qhat"][c] for c in record["classes"]] if isinstance(record["qhat"], dict)
-                     else [record["qhat"]] * len(record["classes"]), dtype=torch.float32)
+    q = thresholds_of(record)
     model = load_trained(checkpoint, dataset.classes)[0] if checkpoint else None
     out = work / "inspect"
     written = []

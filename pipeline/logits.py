@@ -24,7 +24,7 @@ from pipeline.classmap import ClassMap, unmapped
 from pipeline.config import Config
 from pipeline.datasets import SPLITS, Dataset, Sample, image_size, read_image
 from pipeline.errors import DataProblem, UserError
-from pipeline.store import check_identity, complete_ids, holds, open_for_writing, record_failures, write_scores
+from pipeline.store import check_identity, holds, intact_ids, open_for_writing, record_failures, write_scores
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,9 @@ def resolve_device(name: str | None) -> torch.device:
 
 def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: str | None = None,
                force: bool = False, workers: int | None = None, scale: float | None = None,
-               progress=None, warn=print, info=print) -> dict:
-    """Fill ``<work>/logits.zarr`` for a split; returns counts (written, skipped, failed)."""
+               progress=None, warn=print, info=print, verify: bool = False) -> dict:
+    """Fill ``<work>/logits.zarr`` for a split; returns counts (written, skipped, failed). Images already
+    there are skipped unless damaged (`store.intact_ids`; ``verify``: every chunk read and checked)."""
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     if scale is not None and not 0 < scale <= 1:
@@ -118,7 +119,7 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
                 "scale": "native" if scale is None else scale, "class_map": mapping.describe(dataset.classes)}
     if not force and (path / "zarr.json").is_file():
         check_identity(path, identity)  # refused before a model is loaded (SEEM takes a minute)
-    if holds(path, identity, [s.id for s in samples]):  # finished: no model to load
+    if holds(path, identity, [s.id for s in samples], verify):  # finished: no model to load
         return {"written": 0, "skipped": len(samples), "failed": 0, "images": len(samples), "store": path,
                 "rank": rank, "world": world}
     backend = load_backend(cls, mapping, weights, dev, config)  # before --force may remove an old store
@@ -133,7 +134,7 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     distributed.barrier()
     if rank != 0:  # rank 0 created or validated it; only check (cleaning up here could hit its writes)
         check_identity(path, identity)
-    done = set(complete_ids(path))
+    done = set(intact_ids(path, verify))
     headers = Parallel(n_jobs=8, prefer="threads")(delayed(_header)(s) for s in samples)
     unreadable = dict(f for _, f in headers if f is not None)  # every rank sees these: rank 0 reports
     batches = plan_batches([it for it, _ in headers if it is not None], backend.preprocess, batch_size)

@@ -6,6 +6,7 @@ valid only while their `.key` equals the one calibration.json records. Small on 
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 from pipeline.datasets import Sample
@@ -15,6 +16,7 @@ CALIBRATION = "calibration.json"
 HISTOGRAMS = "calibration-histograms.npz"  # the score histograms behind calibration.json (alpha sweeps)
 MASKS = "masks"
 KEY_FILE = ".key"
+SUMS_FILE = ".sums"  # id -> CRC-32 of each mask as written: damage is found and mended by `calibrate`
 
 
 def read_calibration(work: Path, required: bool = False) -> dict | None:
@@ -42,6 +44,7 @@ def cached_masks(work: Path, samples: list[Sample], allow_missing: bool, fix: st
         raise UserError(f"{masks}: the cached masks do not belong to {Path(work) / CALIBRATION} (was it run with "
                         "--no-masks?); rerun `conformalsam calibrate` without --no-masks")
     present = {p.stem for p in masks.glob("*.png")}
+    _check_sums(masks, [s.id for s in samples if s.id in present])
     missing = [s.id for s in samples if s.id not in present]
     if missing and not allow_missing:
         failed = _unreadable(Path(work))
@@ -60,3 +63,16 @@ def _unreadable(work: Path) -> dict[str, str]:
         return dict(json.loads((work / "logits.zarr" / "zarr.json").read_text())["attributes"].get("failed", {}))
     except (OSError, ValueError, KeyError):
         return {}
+
+
+def _check_sums(masks: Path, ids: list[str]) -> None:
+    """Refuse a mask whose bytes differ from those written (a read of every mask: well under a second
+    for 10,000), so training never starts on a damaged set."""
+    try:
+        sums = json.loads((masks / SUMS_FILE).read_text())
+    except (OSError, ValueError):
+        return  # a set written before checksums were recorded
+    for image_id in ids:
+        if zlib.crc32((masks / f"{image_id}.png").read_bytes()) != sums.get(image_id):
+            raise UserError(f"{masks / (image_id + '.png')}: cached mask is damaged (its bytes changed since "
+                            "calibrate wrote it); rerun `conformalsam calibrate`: it rewrites damaged masks")

@@ -6,10 +6,16 @@ Layout (zarr v3, local folder)::
                                  scale, class_map (class -> model outputs summed; null: one each),
                                  created, tool_version, failed (images that could not be read)
     logits.zarr/scores/<id>      float16 (K, h, w), one chunk, blosc-zstd + byte shuffle;
-                                 attrs: image_size [H, W]
+                                 attrs: image_size [H, W], chunk_bytes, chunk_crc32
 
 An image's array is written under a temporary name and renamed into place, so an array that exists
 under its id is complete: a killed run loses at most the images in flight, and a rerun skips the rest.
+
+Damage (a chunk deleted, truncated or overwritten later, scores that are not finite) is found where it
+costs little: every read checks the chunk's size and CRC-32 (recorded at write; about 1% of a read) and
+that the scores are finite, and refuses a damaged image in one line. A `logits` rerun rebuilds the
+images whose chunk is missing or of the wrong size (a stat per image); `logits --verify` also checks every
+CRC and value, for damage that keeps the size.
 
     >>> import zarr; zarr.open_group("work/logits.zarr")["scores/2007_000032"][:]   # (K, h, w) fp16
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +35,7 @@ from numcodecs import blosc
 from zarr.codecs import BloscCodec
 
 from pipeline import __version__
-from pipeline.errors import UserError
+from pipeline.errors import UserError, describe
 
 SCORE_KINDS = ("logits", "probabilities", "scores")  # scores: non-negative, unnormalised (SEEM's sem_seg)
 SCORES = "scores"
@@ -94,18 +101,68 @@ class LogitsStore:
 
     def read(self, image_id: str) -> np.ndarray:
         """float32 (K, h, w). Arrays in the layout this tool writes are decoded straight from their one chunk
-        file (3x faster than going through zarr's machinery); any other layout is read through zarr."""
+        file (3x faster than going through zarr's machinery); any other layout is read through zarr. A
+        damaged image is a one-line error saying how to rebuild it."""
         meta = self._meta(image_id)
-        if _single_blosc_chunk(meta):
-            raw = (self.path / SCORES / image_id / "c" / "0" / "0" / "0").read_bytes()
-            return np.frombuffer(blosc.decompress(raw), dtype="<f2").reshape(meta["shape"]).astype(np.float32)
-        return self._array(image_id)[...].astype(np.float32)
+        try:
+            if _single_blosc_chunk(meta):
+                data = _decode_chunk(self.path / SCORES / image_id, meta)
+            else:
+                data = self._array(image_id)[...]
+        except UserError:
+            raise
+        except Exception as exc:
+            raise Damaged(self.path, image_id, describe(exc)) from None
+        if not np.isfinite(data).all():
+            raise Damaged(self.path, image_id, "scores that are not finite")
+        return data.astype(np.float32)
 
     def image_size(self, image_id: str) -> tuple[int, int]:
         return tuple(self._meta(image_id)["attributes"]["image_size"])
 
     def probabilities(self, image_id: str) -> torch.Tensor:
         return to_probabilities(torch.from_numpy(self.read(image_id)), self.score_kind)
+
+
+class Damaged(UserError):
+    def __init__(self, path: Path, image_id: str, why: str):
+        super().__init__(f"{path}: the scores of image '{image_id}' are damaged ({why}); rerun `conformalsam "
+                         "logits --verify` with the same --split: it rebuilds damaged images")
+
+
+CHUNK = ("c", "0", "0", "0")  # the one chunk file of a (K, h, w) array
+
+
+def _decode_chunk(folder: Path, meta: dict) -> np.ndarray:
+    """The chunk's values, after its size and CRC-32 are checked against the record (when there is one) and
+    its blosc header against the array's shape: corrupt bytes never reach the decompressor."""
+    raw = folder.joinpath(*CHUNK).read_bytes()
+    attrs = meta.get("attributes", {})
+    if "chunk_crc32" in attrs and (len(raw) != attrs["chunk_bytes"] or zlib.crc32(raw) != attrs["chunk_crc32"]):
+        raise ValueError(f"chunk of {len(raw)} bytes does not match its recorded size and CRC-32")
+    expected = 2 * int(np.prod(meta["shape"]))
+    if len(raw) < 16 or blosc._cbuffer_sizes(raw)[:2] != (expected, len(raw)):
+        raise ValueError("chunk header does not match the array")
+    return np.frombuffer(blosc.decompress(raw), dtype="<f2").reshape(meta["shape"])
+
+
+def intact_ids(path: Path, verify: bool = False) -> list[str]:
+    """The complete ids whose chunk is there at its recorded size; with ``verify`` also its CRC-32 and
+    finite values (every chunk read: seconds per thousand images)."""
+    folder = Path(path) / SCORES
+    intact = []
+    for image_id in complete_ids(path):
+        try:
+            meta = json.loads((folder / image_id / "zarr.json").read_text())
+            recorded = meta.get("attributes", {}).get("chunk_bytes")
+            if recorded is not None and folder.joinpath(image_id, *CHUNK).stat().st_size != recorded:
+                continue
+            if verify and _single_blosc_chunk(meta) and not np.isfinite(_decode_chunk(folder / image_id, meta)).all():
+                continue
+        except Exception:  # unreadable metadata, a missing chunk, a bad CRC: to be rebuilt
+            continue
+        intact.append(image_id)
+    return intact
 
 
 def _single_blosc_chunk(meta: dict) -> bool:
@@ -149,11 +206,12 @@ def open_for_writing(path: Path, identity: dict, force: bool) -> None:
     os.replace(tmp, path)  # the group appears complete or not at all
 
 
-def holds(path: Path, identity: dict, ids: list[str]) -> bool:
-    """The store exists, was made with these settings, and has every one of these images (read-only)."""
+def holds(path: Path, identity: dict, ids: list[str], verify: bool = False) -> bool:
+    """The store exists, was made with these settings, and has every one of these images intact
+    (`intact_ids`; read-only)."""
     if not (Path(path) / "zarr.json").is_file() or _differences(path, identity):
         return False
-    done = set(complete_ids(path))
+    done = set(intact_ids(path, verify))
     return all(i in done for i in ids)
 
 
@@ -187,6 +245,8 @@ def write_scores(path: Path, image_id: str, scores: np.ndarray, image_size: tupl
     array = zarr.create_array(tmp, shape=data.shape, chunks=data.shape, dtype="float16",
                               compressors=CODEC, fill_value=0, attributes={"image_size": list(image_size)})
     array[...] = data
+    raw = tmp.joinpath(*CHUNK).read_bytes()  # just written: from the page cache
+    array.attrs.update({"chunk_bytes": len(raw), "chunk_crc32": zlib.crc32(raw)})
     final = folder / image_id
     if final.exists():  # a rerun of a partial batch: replace the old copy
         shutil.rmtree(final)

@@ -22,6 +22,15 @@ def error(message: str) -> None:
     console.print(Text.assemble(("error: ", "red"), message), highlight=False, soft_wrap=True)
 
 
+def one_line(message: str) -> str:
+    """A user error raised in a DataLoader worker comes back wrapped in the worker's traceback: keep the
+    original message, its last line."""
+    if "Original Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    return last.split("Error: ", 1)[-1] if "Error: " in last else last
+
+
 def bold(text: str) -> Text:
     return Text(text, style="bold")
 

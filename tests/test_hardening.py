@@ -217,3 +217,80 @@ def test_inspect_pictures_have_an_ignore_colour_outside_the_palette_a_legend_and
     from pipeline.inspect import plot_sweep
     plot_sweep(result["sweep"], plain)  # the same curves without the marked alpha
     assert (np.asarray(Image.open(plain)) != sweep).any()
+
+
+def test_a_damaged_store_is_refused_on_read_and_rebuilt_by_logits(toy_world, scored, tmp_path):
+    import numpy as np
+
+    from conftest import work_copy
+    from pipeline.calibrate import Settings, run_calibrate
+    from pipeline.logits import run_logits
+    from pipeline.store import CHUNK, LogitsStore, write_scores
+
+    config = work_copy(toy_world, scored, tmp_path)
+    store = LogitsStore(config.work_dir / "logits.zarr")
+    ids = store.ids()
+    chunk = {i: store.path.joinpath("scores", i, *CHUNK) for i in ids[:4]}
+    original = {i: p.read_bytes() for i, p in chunk.items()}
+    quiet = dict(workers=0, info=lambda m: None, warn=lambda m: None)
+
+    def rebuild(verify=False):
+        return sum(run_logits(config, split, verify=verify, **quiet)["written"] for split in ("labeled", "unlabeled"))
+
+    # 1. a deleted chunk: the rerun finds it (a stat) and writes exactly that image again, byte for byte
+    chunk[ids[0]].unlink()
+    with pytest.raises(cli.UserError, match=f"image '{ids[0]}' are damaged.*logits --verify"):
+        store.read(ids[0])
+    assert rebuild() == 1 and chunk[ids[0]].read_bytes() == original[ids[0]]
+
+    # 2. bytes overwritten in place (same size): every read refuses it, --verify rebuilds it
+    flipped = bytearray(original[ids[1]])
+    flipped[40:80] = bytes(b ^ 0xFF for b in flipped[40:80])
+    chunk[ids[1]].write_bytes(bytes(flipped))
+    with pytest.raises(cli.UserError, match=f"'{ids[1]}' are damaged .*CRC-32"):
+        run_calibrate(config, Settings(alpha=0.1), jobs=1, warn=lambda m: None)
+    assert rebuild() == 0  # a stat cannot see it
+    assert rebuild(verify=True) == 1 and chunk[ids[1]].read_bytes() == original[ids[1]]
+
+    # 3. a garbage header (the decompressor is never reached: no abort) and stored NaN
+    chunk[ids[2]].write_bytes(os.urandom(len(original[ids[2]])))
+    values = store.read(ids[3])
+    values[0, 0, 0] = np.nan
+    write_scores(store.path, ids[3], values, store.image_size(ids[3]))
+    for victim in ids[2:4]:
+        with pytest.raises(cli.UserError, match=f"'{victim}' are damaged"):
+            store.read(victim)
+    assert rebuild(verify=True) == 2
+    assert all(chunk[i].read_bytes() == original[i] for i in ids[:4])
+    run_calibrate(config, Settings(alpha=0.1), jobs=1, warn=lambda m: None)
+
+
+def test_damaged_masks_are_refused_before_training_and_rewritten_by_calibrate(toy_world, scored, tmp_path):
+    from PIL import Image
+
+    from conftest import work_copy
+    from pipeline.calibrate import Settings, run_calibrate
+
+    config = work_copy(toy_world, scored, tmp_path)
+    run_calibrate(config, Settings(alpha=0.1), jobs=1)
+    masks = config.work_dir / "masks"
+    original = {p.name: p.read_bytes() for p in masks.glob("*.png")}
+    names = sorted(original)
+    (masks / names[0]).unlink()
+    (masks / names[1]).write_bytes(original[names[1]][:40])  # truncated
+    Image.new("P", (5, 7)).save(masks / names[2])  # a valid PNG of the wrong size
+    with pytest.raises(cli.UserError, match=f"{names[1]}: cached mask is damaged.*rerun `conformalsam calibrate`"):
+        train_stage(config, "t", TINY, 1, name="run")
+    record = run_calibrate(config, Settings(alpha=0.1), jobs=1)
+    assert sorted(record["repaired"]) == [n[:-4] for n in names[:3]] and not record["unchanged"]
+    assert {p.name: p.read_bytes() for p in masks.glob("*.png")} == original  # byte for byte
+    assert run_calibrate(config, Settings(alpha=0.1), jobs=1)["unchanged"]
+
+
+def test_a_worker_wrapped_user_error_prints_its_own_line():
+    from pipeline.ui import one_line
+
+    wrapped = ("Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               '  File "x.py", line 1, in f\npipeline.errors.UserError: /m/a.png: cached mask is damaged; rerun')
+    assert one_line(wrapped) == "/m/a.png: cached mask is damaged; rerun"
+    assert one_line("plain message") == "plain message"

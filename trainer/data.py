@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline.datasets import Dataset, Sample, read_image
-from pipeline.errors import UserError
+from pipeline.errors import UserError, describe
 from pipeline.masks import IGNORE
 from trainer.augment import cutmix_box, geometric, photometric, to_tensor
 from trainer.recipes import Recipe
@@ -75,14 +75,17 @@ class ValImages(torch.utils.data.Dataset):
 
 
 def read_cached_mask(path: Path, size: tuple[int, int], num_classes: int) -> np.ndarray:
+    fix = "rerun `conformalsam calibrate`: it rewrites missing and damaged masks"
     try:
         with Image.open(path) as img:
             mask = np.asarray(img)
     except FileNotFoundError:
-        raise UserError(f"{path}: cached mask missing (rerun `conformalsam calibrate`)") from None
+        raise UserError(f"{path}: cached mask missing; {fix}") from None
+    except Exception as exc:  # truncated or overwritten PNG
+        raise UserError(f"{path}: cached mask is damaged ({describe(exc)}); {fix}") from None
     if mask.shape != tuple(size):
         raise UserError(f"{path}: cached mask is {mask.shape[1]}x{mask.shape[0]}, its image {size[1]}x{size[0]}; "
-                        "rerun `conformalsam calibrate`")
+                        f"{fix}")
     if mask.max(initial=0) >= num_classes and not np.isin(mask[mask >= num_classes], [IGNORE]).all():
         raise UserError(f"{path}: cached mask has values outside 0..{num_classes - 1} and {IGNORE}")
     return mask
