@@ -113,9 +113,10 @@ class LogitsStore:
             raise
         except Exception as exc:
             raise Damaged(self.path, image_id, describe(exc)) from None
-        if not np.isfinite(data).all():
+        data = data.astype(np.float32)
+        if not np.isfinite(data).all():  # on float32: 10x faster than on float16
             raise Damaged(self.path, image_id, "scores that are not finite")
-        return data.astype(np.float32)
+        return data
 
     def image_size(self, image_id: str) -> tuple[int, int]:
         return tuple(self._meta(image_id)["attributes"]["image_size"])
@@ -157,7 +158,8 @@ def intact_ids(path: Path, verify: bool = False) -> list[str]:
             recorded = meta.get("attributes", {}).get("chunk_bytes")
             if recorded is not None and folder.joinpath(image_id, *CHUNK).stat().st_size != recorded:
                 continue
-            if verify and _single_blosc_chunk(meta) and not np.isfinite(_decode_chunk(folder / image_id, meta)).all():
+            if verify and _single_blosc_chunk(meta) and not np.isfinite(
+                    _decode_chunk(folder / image_id, meta).astype(np.float32)).all():
                 continue
         except Exception:  # unreadable metadata, a missing chunk, a bad CRC: to be rebuilt
             continue
