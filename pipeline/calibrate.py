@@ -27,7 +27,7 @@ import torch
 from joblib import Parallel, delayed
 
 from pipeline import __version__
-from pipeline.atomic import atomic_write, write_text_atomic
+from pipeline.atomic import atomic_write, ensure_writable, write_text_atomic
 from pipeline.conformal import (GRID, MODES, RULES, ScoreHistogram, Thresholds, Upsampler, background_index,
                                 check_alpha, fit, nonconformity, prediction_sets, pseudo_label,
                                 require_crc_images, set_sizes, to_bins)
@@ -92,6 +92,8 @@ def run_calibrate(config: Config, settings: Settings, write_masks: bool = True, 
         repaired = _repair_masks(store, dataset, unlabeled, previous, work) if write_masks else []
         return {**previous, "unchanged": not repaired, "repaired": repaired}
 
+    if write_masks:  # before the long pass
+        ensure_writable(work, "choose another --work-dir, or fix the folder's permissions")
     hist = accumulate(store, dataset, labeled, settings, jobs, progress)
     thresholds = fit(hist.total(), settings.alpha, settings.mode)
     record = _record(key, settings, store, checksum, dataset, hist, thresholds)

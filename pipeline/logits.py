@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from joblib import Parallel, delayed
 
 from pipeline import distributed
+from pipeline.atomic import ensure_writable
 from pipeline.backends import Backend, Preprocess, load_backend, resolve_backend
 from pipeline.classmap import ClassMap, unmapped
 from pipeline.config import Config
@@ -122,6 +123,8 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     if holds(path, identity, [s.id for s in samples], verify):  # finished: no model to load
         return {"written": 0, "skipped": len(samples), "failed": 0, "images": len(samples), "store": path,
                 "rank": rank, "world": world}
+    if rank == 0:  # before a model is loaded
+        ensure_writable(config.work_dir, "choose another --work-dir, or fix the folder's permissions")
     backend = load_backend(cls, mapping, weights, dev, config)  # before --force may remove an old store
     if rank == 0:
         for note in backend.notes:

@@ -294,3 +294,28 @@ def test_a_worker_wrapped_user_error_prints_its_own_line():
                '  File "x.py", line 1, in f\npipeline.errors.UserError: /m/a.png: cached mask is damaged; rerun')
     assert one_line(wrapped) == "/m/a.png: cached mask is damaged; rerun"
     assert one_line("plain message") == "plain message"
+
+
+def test_logits_and_calibrate_refuse_an_unwritable_work_folder_before_any_work(toy_world, scored, tmp_path,
+                                                                              monkeypatch):
+    from dataclasses import replace
+
+    from conftest import work_copy
+    from pipeline.calibrate import Settings, run_calibrate
+    from pipeline.logits import run_logits
+
+    config = work_copy(toy_world, scored, tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(cli.UserError, match="a-file/work: cannot write there"):
+        run_logits(replace(config, work_dir=blocker / "work"), "labeled", workers=0, info=lambda m: None)
+    # a read-only work folder (simulated: tests run as root, whom permissions do not stop)
+    import pipeline.atomic
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(pipeline.atomic.tempfile, "NamedTemporaryFile", read_only)
+    with pytest.raises(cli.UserError, match="work: cannot write there \\(Permission denied\\)"):
+        run_calibrate(config, Settings(alpha=0.1), jobs=1, warn=lambda m: None)
+    assert not (config.work_dir / "calibration.json").exists() and not (config.work_dir / "masks").exists()
