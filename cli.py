@@ -37,7 +37,7 @@ CONFIG_OPTIONS = {
     "config": (Opt[str], "TOML config file or preset name (toy, voc-92 .. voc-1464, ade20k, camvid-1_16, "
                "camvid-1_8). "
                "Default: ./conformalsam.toml, else the toy preset."),
-    "format": (Opt[str], "Override data.format: voc | ade20k | camvid | folder."),
+    "format": (Opt[str], "Override data.format: voc | ade20k | cityscapes | coco | camvid | folder."),
     "root": (Opt[Path], "Override data.root (data set folder)."),
     "labeled": (Opt[Path], "Override data.labeled (split list)."),
     "unlabeled": (Opt[Path], "Override data.unlabeled (split list)."),
@@ -157,8 +157,9 @@ def train(
                                        "stage 1's checkpoint (--method) | all: 1 then 2.")] = "1",
     method: Annotated[str, typer.Option(help="Stage 2 method: self (self-training on the model's own "
                                         "pseudo-labels) | unimatch (UniMatch's weak-to-strong consistency).")] = "self",
-    recipe: Annotated[Optional[str], typer.Option(help="toy | voc-r101-321 | voc-r101-513 | voc-segformer-b5 | "
-                                                  "ade20k-segformer-b5 | ade20k-r101 (default: by data format)")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="toy | camvid-tiny | voc-r101-321 | voc-r101-513 | "
+                                                  "voc-segformer-b5 | ade20k-segformer-b5 | ade20k-r101 | "
+                                                  "cityscapes-r101 | coco-r101 (default: by data format)")] = None,
     name: Annotated[Optional[str], typer.Option(help="Run name: <work>/runs/<name>/ (default: the recipe).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
     allow_missing_masks: Annotated[bool, typer.Option(help="Stage 1: leave out unlabeled images without a cached "
@@ -447,6 +448,22 @@ def data_list(
     console.print(f"{write_list(lines, out, force)}: {len(lines)} images")
 
 
+@data_app.command("convert")
+@with_config
+def data_convert(
+    force: Annotated[bool, typer.Option(help="Rewrite trainIds files that already exist.")] = False,
+    config: cfg.Config = None,
+):
+    """Cityscapes: write gtFine *_labelTrainIds.png (19 classes, 255 ignore) from the official *_labelIds.png
+    beside them, for every mask the split lists name."""
+    from pipeline.convert import convert_cityscapes
+    from pipeline.datasets import Dataset
+
+    with progress("convert") as update:
+        result = convert_cityscapes(Dataset(config), force, update)
+    console.print(f"{result['written']} trainIds masks written, {result['present']} already there")
+
+
 @data_app.command("check")
 @with_config
 def data_check(
@@ -492,7 +509,8 @@ def config_show(config: cfg.Config = None):
 
 @config_app.command("init")
 def config_init(
-    preset: Annotated[str, typer.Argument(help="toy | voc-92 .. voc-1464 | ade20k | camvid-1_16 | camvid-1_8")],
+    preset: Annotated[str, typer.Argument(help="toy | voc-92 .. voc-1464 | ade20k | cityscapes-1_30 .. 1_2 | "
+                                            "coco-1_512 .. 1_32 | camvid-1_16 | camvid-1_8")],
     out: Annotated[Path, typer.Option(help="Where to write it.")] = Path(cfg.DEFAULT_FILE),
     force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
 ):

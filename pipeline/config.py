@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline import PROJECT_ROOT
 from pipeline.errors import UserError
 
-FORMATS = ("voc", "ade20k", "camvid", "folder")
+FORMATS = ("voc", "ade20k", "cityscapes", "coco", "camvid", "folder")
 BACKENDS = ("seem", "sam3", "clipseg", "pytorch", "torchscript", "toy")
 DEFAULT_FILE = "conformalsam.toml"
 
@@ -125,6 +125,27 @@ dir = "work/camvid-1_{n}"
 """
 
 
+def _unimatch_split(name: str, root: str, split: str) -> str:
+    """A preset over UniMatch's split files copied to data/splits/<name>/ and its data laid out as UniMatch
+    expects, annotated by SEEM."""
+    return f"""[data]
+format = "{name}"
+root = "{root}"
+labeled = "data/splits/{name}/{split}/labeled.txt"
+unlabeled = "data/splits/{name}/{split}/unlabeled.txt"
+val = "data/splits/{name}/val.txt"
+
+[foundation]
+backend = "seem"
+weights = "data/weights/seem_focall_v1.pt"
+code = "third_party/SEEM-v1.0"
+tokenizer = "data/weights/clip-vit-base-patch32"
+
+[work]
+dir = "work/{name}-{split}"
+"""
+
+
 PRESETS = {
     "toy": """[data]
 format = "folder"
@@ -141,6 +162,8 @@ weights = "data/toy_annotator.pt"
 dir = "work"
 """,
     **{f"voc-{n}": _voc(n) for n in (92, 183, 366, 732, 1464)},
+    **{f"cityscapes-1_{n}": _unimatch_split("cityscapes", "data/cityscapes", f"1_{n}") for n in (30, 16, 8, 4, 2)},
+    **{f"coco-1_{n}": _unimatch_split("coco", "data/coco", f"1_{n}") for n in (512, 256, 128, 64, 32)},
     **{f"camvid-1_{n}": _camvid(n) for n in (16, 8)},
     "ade20k": """[data]
 format = "ade20k"

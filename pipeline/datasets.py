@@ -1,4 +1,5 @@
-"""The dataset layer: UniMatch-format split lists over PASCAL VOC, ADE20K, CamVid and a generic folder format.
+"""The dataset layer: UniMatch-format split lists over PASCAL VOC, ADE20K, Cityscapes, COCO, CamVid and a
+generic folder format.
 
 A split list has one image per line, ``image_path [mask_path]``, relative to the data root, so the
 split files of UniMatch / SemiVL work verbatim. An image's id is its file stem. Every reader raises
@@ -47,6 +48,33 @@ ADE20K_CLASSES = (
 CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
                   "Bicyclist")
 CAMVID_VOID = 11
+
+# Cityscapes' 19 evaluation classes, in trainId order (gtFine *_labelTrainIds.png: 0..18, 255 = ignore)
+CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+                      "bicycle")
+# The official labelIds (gtFine *_labelIds.png, 0..33 and -1) -> trainIds, from Cityscapes' label table;
+# every id not listed is 255 (ignored in evaluation)
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                        26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+
+# COCO as UniMatch ships its masks (masks/<id>.png): background + COCO's 80 thing classes, in COCO's order
+COCO_CLASSES = (
+    "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep",
+    "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+)  # fmt: skip
+
+FORMAT_CLASSES = {"voc": VOC_CLASSES, "ade20k": ADE20K_CLASSES, "camvid": CAMVID_CLASSES,
+                  "cityscapes": CITYSCAPES_CLASSES, "coco": COCO_CLASSES}
+LABEL_IDS = "_gtFine_labelIds.png"
+TRAIN_IDS = "_gtFine_labelTrainIds.png"
 
 
 @dataclass(frozen=True)
@@ -149,17 +177,12 @@ class Dataset:
 
     @cached_property
     def classes(self) -> tuple[str, ...]:
-        if self.config.classes and self.format == "camvid" and len(self.config.classes) != len(CAMVID_CLASSES):
-            raise UserError(f"{self.config.source}: data.classes names {len(self.config.classes)} classes; CamVid's "
-                            f"masks have {len(CAMVID_CLASSES)} (and {CAMVID_VOID} = void)")
-        if self.config.classes:
-            return self.config.classes
-        if self.format == "voc":
-            return VOC_CLASSES
-        if self.format == "ade20k":
-            return ADE20K_CLASSES
-        if self.format == "camvid":
-            return CAMVID_CLASSES
+        builtin = FORMAT_CLASSES.get(self.format)
+        if self.config.classes and builtin and len(self.config.classes) != len(builtin):
+            raise UserError(f"{self.config.source}: data.classes names {len(self.config.classes)} classes; the "
+                            f"{self.format} format's masks have {len(builtin)} (rename them, keep the count)")
+        if self.config.classes or builtin:
+            return self.config.classes or builtin
         path = self.root / "classes.txt"
         try:
             names = tuple(n.strip() for n in path.read_text().splitlines() if n.strip())
@@ -207,6 +230,11 @@ class Dataset:
 
         ``size`` (H, W) of the image, when given, must match the mask's size.
         """
+        if self.format == "cityscapes" and path.name.endswith(TRAIN_IDS) and not path.exists():
+            official = path.with_name(path.name[: -len(TRAIN_IDS)] + LABEL_IDS)
+            if official.exists():  # never read as trainIds: the ids differ
+                raise DataProblem("labelIds, no trainIds", f"{path}: missing, but the official {official.name} is "
+                                  "there; run `conformalsam data convert` to write the trainIds beside it")
         raw = _read_index_png(path)
         if size is not None and raw.shape != tuple(size):
             raise DataProblem("mask size mismatch", f"{path}: mask is {raw.shape[1]}x{raw.shape[0]} but its image "
@@ -224,8 +252,10 @@ class Dataset:
             shown = ", ".join(map(str, values[:8])) + (" ..." if len(values) > 8 else "")
             expect = {"ade20k": f"1..{limit - 1} or 0", "camvid": f"0..{limit - 1}, {CAMVID_VOID} or {IGNORE}"}.get(
                 self.format, f"0..{limit - 1} or {IGNORE}")
+            hint = ("; labelIds in a trainIds file? convert the official *_labelIds.png with `conformalsam data "
+                    "convert`" if self.format == "cityscapes" and values.max() <= 33 else "")
             raise DataProblem("mask values out of range", f"{path}: mask has values {shown} outside {expect} "
-                              f"({self.num_classes} classes)")
+                              f"({self.num_classes} classes){hint}")
         if self.format == "ade20k":
             return np.where(valid, raw - 1, IGNORE).astype(np.uint8)
         return np.where(valid, raw, IGNORE).astype(np.uint8)

@@ -3,7 +3,9 @@
 A text-promptable backend (SEEM, CLIPSeg, SAM 3) scores one prompt per output; a class with several
 prompts gets the sum of their probabilities. `[foundation.map]` in the config overrides any entry.
 VOC's names are glued words; ADE20K's short names are the first synonym of objectInfo150's list, and
-several are ambiguous alone ("pot", "tank", "base"), so their other synonyms are added.
+several are ambiguous alone ("pot", "tank", "base"), so their other synonyms are added. A name means one
+thing in every data set here, so one table serves all (checked by a test: no entry changes another list's
+prompts).
 """
 
 from __future__ import annotations
@@ -53,7 +55,23 @@ ADE20K = {
     "chest of drawers": ("chest of drawers", "dresser"),
 }
 
-READABLE = {**VOC, **ADE20K}
+# Cityscapes' names are readable; these get the everyday word too (no other class of its list uses them).
+CITYSCAPES = {
+    "vegetation": ("vegetation", "tree"),
+    "terrain": ("terrain", "grass"),
+    "rider": ("rider", "cyclist"),
+    "traffic sign": ("traffic sign", "road sign"),
+}
+
+# COCO's thing names: a misspelling and two words that mean something else alone.
+COCO = {
+    "hair drier": ("hair dryer",),
+    "mouse": ("computer mouse",),
+    "remote": ("remote control",),
+    "tv": ("tv", "television"),
+}
+
+READABLE = {**VOC, **ADE20K, **CITYSCAPES, **COCO}
 
 
 def prompts_for(name: str) -> tuple[str, ...]:

@@ -82,8 +82,14 @@ RECIPES = {
     # ADE20K: 30 + 10 epochs, crop 512.
     "ade20k-segformer-b5": Recipe(model="segformer-b5", crop=512, epochs=(30, 10)),
     "ade20k-r101": Recipe(crop=513, epochs=(30, 10)),
+    # UniMatch's Cityscapes recipe (240 epochs, lr 0.005, head x1, crop 801; val by sliding window over the
+    # whole 1024 x 2048 images), split 3:1 into stages as on VOC. UniMatch's OHEM loss is not implemented.
+    "cityscapes-r101": Recipe(crop=801, epochs=(180, 60), lr=5e-3, head_lr_mult=1.0, eval_mode="sliding"),
+    # UniMatch's COCO recipe (30 epochs, lr 0.004, head x10, crop 513; it trains Xception-65, R101 here).
+    "coco-r101": Recipe(crop=513, epochs=(24, 6), lr=4e-3),
 }
-DEFAULT_FOR_FORMAT = {"folder": "toy", "voc": "voc-r101-321", "ade20k": "ade20k-segformer-b5", "camvid": "camvid-tiny"}
+DEFAULT_FOR_FORMAT = {"folder": "toy", "voc": "voc-r101-321", "ade20k": "ade20k-segformer-b5", "camvid": "camvid-tiny",
+                      "cityscapes": "cityscapes-r101", "coco": "coco-r101"}
 
 
 def get_recipe(name: str | None, data_format: str, **overrides) -> tuple[str, Recipe]:
