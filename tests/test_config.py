@@ -73,7 +73,7 @@ def test_voc_presets_use_unimatch_split_layout():
 
 
 @pytest.mark.parametrize(("text", "match"), [
-    (EXAMPLE.replace('format = "folder"', 'format = "coco"'), "data.format 'coco' is not one of"),
+    (EXAMPLE.replace('format = "folder"', 'format = "kitti"'), "data.format 'kitti' is not one of"),
     (EXAMPLE.replace('backend = "toy"', 'backend = "sam9"'), "foundation.backend 'sam9'"),
     (EXAMPLE + "[data2]\nx = 1\n", "unknown key 'data2.x'"),
     (EXAMPLE.replace("[work]", "[work]\nbatch = 3"), "unknown key 'work.batch'"),
