@@ -217,8 +217,9 @@ class Dataset:
     def overlap(self) -> str | None:
         """A warning when splits share images (labeled with unlabeled or val, unlabeled with val): every stage
         runs anyway, but the figures then mean less (`data check` counts it as a problem)."""
-        splits = {name: {s.id for s in self.split(name)} for name in SPLITS
-                  if name != "val" or self.config.val is not None}
+        paths = {name: getattr(self.config, name) for name in SPLITS}
+        splits = {name: {s.id for s in parse_split(path, self.root, need_masks=False)[0]}  # unreadable: no ids
+                  for name, path in paths.items() if path is not None}
         shared = [(a, b, sorted(splits[a] & splits[b])) for a, b in (("labeled", "unlabeled"), ("labeled", "val"),
                                                                      ("unlabeled", "val")) if a in splits and b in splits]
         found = [f"{len(ids)} images are in both the {a} and the {b} split (e.g. '{ids[0]}')" for a, b, ids in shared

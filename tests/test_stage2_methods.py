@@ -111,7 +111,10 @@ class Crash(Exception):
 
 @pytest.mark.parametrize("method,ema", [("self", 0.0), ("unimatch", 0.0), ("unimatch", 0.9)])
 def test_stage_two_resumes_exactly(toy_world, calibrated, tmp_path, method, ema):
-    config = fresh(toy_world, calibrated, tmp_path)
+    # the 64-labeled split: its 6 unlabeled images (masks from the 16 split's calibration) make 1 step an epoch
+    splits = toy_world / "splits" / "64"
+    config = replace(fresh(toy_world, calibrated, tmp_path), labeled=splits / "labeled.txt",
+                     unlabeled=splits / "unlabeled.txt")
     quiet = dict(log=lambda *_: None, deterministic=True)
     recipe = replace(TINY, epochs=(1, 3), threshold=0.5, ema=ema)
     train_stage(config, "t", recipe, 1, name="run", **quiet)
