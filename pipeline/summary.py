@@ -58,7 +58,8 @@ def print_summary(work: Path, console: Console) -> dict:
         table = Table(title="trained models, val mIoU")
         for column in ("run", "stage", "epochs", "best mIoU % (epoch)", "last mIoU %"):
             table.add_column(column, justify="left" if column in ("run", "stage") else "right")
-        names = {"stage1": "I: labeled + filtered masks", "stage2": "II: self-training"}
+        names = {"stage1": "I: labeled + filtered masks", "stage2": "II: self-training",
+                 "stage2-unimatch": "II: UniMatch"}
         for run, stages in found["runs"].items():
             for stage, r in sorted(stages.items()):
                 table.add_row(run, names.get(stage, stage), str(r["epochs"]), f"{percent(r['best'])} ({r['best_epoch']})",
