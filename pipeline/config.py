@@ -69,25 +69,6 @@ NAME_LISTS = {"classes": "data.classes", "outputs": "foundation.outputs"}
 BACKGROUND = ("no-object", "prompt")
 
 
-def _voc(n: int) -> str:
-    return f"""[data]
-format = "voc"
-root = "data/VOCdevkit/VOC2012"
-labeled = "data/splits/pascal/{n}/labeled.txt"
-unlabeled = "data/splits/pascal/{n}/unlabeled.txt"
-val = "data/splits/pascal/val.txt"
-
-[foundation]
-backend = "seem"
-weights = "data/weights/seem_focall_v1.pt"
-code = "third_party/SEEM-v1.0"
-tokenizer = "data/weights/clip-vit-base-patch32"
-
-[work]
-dir = "work/voc-{n}"
-"""
-
-
 def _camvid(n: int) -> str:
     return f"""[data]
 format = "camvid"
@@ -125,15 +106,15 @@ dir = "work/camvid-1_{n}"
 """
 
 
-def _unimatch_split(name: str, root: str, split: str) -> str:
-    """A preset over UniMatch's split files copied to data/splits/<name>/ and its data laid out as UniMatch
-    expects, annotated by SEEM."""
+def _seem(fmt: str, root: str, splits: str, split: str, work: str) -> str:
+    """A preset over split files laid out as UniMatch's (``<splits>/<split>/{labeled,unlabeled}.txt`` and
+    ``<splits>/val.txt``), annotated by SEEM."""
     return f"""[data]
-format = "{name}"
+format = "{fmt}"
 root = "{root}"
-labeled = "data/splits/{name}/{split}/labeled.txt"
-unlabeled = "data/splits/{name}/{split}/unlabeled.txt"
-val = "data/splits/{name}/val.txt"
+labeled = "{splits}/{split}/labeled.txt"
+unlabeled = "{splits}/{split}/unlabeled.txt"
+val = "{splits}/val.txt"
 
 [foundation]
 backend = "seem"
@@ -142,7 +123,7 @@ code = "third_party/SEEM-v1.0"
 tokenizer = "data/weights/clip-vit-base-patch32"
 
 [work]
-dir = "work/{name}-{split}"
+dir = "work/{work}"
 """
 
 
@@ -161,26 +142,14 @@ weights = "data/toy_annotator.pt"
 [work]
 dir = "work"
 """,
-    **{f"voc-{n}": _voc(n) for n in (92, 183, 366, 732, 1464)},
-    **{f"cityscapes-1_{n}": _unimatch_split("cityscapes", "data/cityscapes", f"1_{n}") for n in (30, 16, 8, 4, 2)},
-    **{f"coco-1_{n}": _unimatch_split("coco", "data/coco", f"1_{n}") for n in (512, 256, 128, 64, 32)},
+    **{f"voc-{n}": _seem("voc", "data/VOCdevkit/VOC2012", "data/splits/pascal", str(n), f"voc-{n}")
+       for n in (92, 183, 366, 732, 1464)},
+    **{f"cityscapes-1_{n}": _seem("cityscapes", "data/cityscapes", "data/splits/cityscapes", f"1_{n}",
+                                  f"cityscapes-1_{n}") for n in (30, 16, 8, 4, 2)},
+    **{f"coco-1_{n}": _seem("coco", "data/coco", "data/splits/coco", f"1_{n}", f"coco-1_{n}")
+       for n in (512, 256, 128, 64, 32)},
     **{f"camvid-1_{n}": _camvid(n) for n in (16, 8)},
-    "ade20k": """[data]
-format = "ade20k"
-root = "data/ADEChallengeData2016"
-labeled = "data/splits/ade20k/1_64/labeled.txt"
-unlabeled = "data/splits/ade20k/1_64/unlabeled.txt"
-val = "data/splits/ade20k/val.txt"
-
-[foundation]
-backend = "seem"
-weights = "data/weights/seem_focall_v1.pt"
-code = "third_party/SEEM-v1.0"
-tokenizer = "data/weights/clip-vit-base-patch32"
-
-[work]
-dir = "work/ade20k"
-""",
+    "ade20k": _seem("ade20k", "data/ADEChallengeData2016", "data/splits/ade20k", "1_64", "ade20k"),
 }
 
 
