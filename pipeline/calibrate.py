@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import zlib
 from functools import lru_cache, reduce
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,8 @@ from pipeline.errors import UserError
 from pipeline.masks import IGNORE, write_palette_png
 from pipeline.metrics import confusion, iou_per_class
 from pipeline.store import LogitsStore
-from pipeline.record import CALIBRATION, HISTOGRAMS, KEY_FILE, MASKS, SUMS_FILE, read_calibration
+from pipeline.record import (CALIBRATION, HISTOGRAMS, KEY_FILE, MASKS, SUMS_FILE, damaged_masks, file_crc,
+                             read_calibration)
 from pipeline.ui import no_progress
 
 
@@ -244,32 +244,21 @@ def write_all_masks(store: LogitsStore, dataset: Dataset, samples: list[Sample],
         update(0, len(samples))
         parts = _parallel(work_on, samples, jobs) if samples else [MaskStats(num_classes, with_truth)]
     stats = reduce(lambda a, b: a.merge(b), parts)
-    (staging / SUMS_FILE).write_text(json.dumps({s.id: _crc(staging / f"{s.id}.png") for s in samples}) + "\n")
+    (staging / SUMS_FILE).write_text(json.dumps({s.id: file_crc(staging / f"{s.id}.png") for s in samples}) + "\n")
     (staging / KEY_FILE).write_text(key + "\n")
     _install(work, staging)
     return stats
 
 
-def _crc(path: Path) -> int | None:
-    try:
-        return zlib.crc32(path.read_bytes())
-    except OSError:
-        return None
-
-
 def _repair_masks(store: LogitsStore, dataset: Dataset, samples: list[Sample], record: dict, work: Path) -> list[str]:
     """Rewrite the masks of the current set whose bytes no longer match the CRC-32 recorded when they were
     written (deleted, truncated, overwritten): the same computation, so the same bytes. Returns their ids."""
-    try:
-        sums = json.loads((work / MASKS / SUMS_FILE).read_text())
-    except (OSError, ValueError):
-        return []  # a set written before checksums were recorded: only its count is checked
-    damaged = [s for s in samples if _crc(work / MASKS / f"{s.id}.png") != sums.get(s.id)]
+    damaged = damaged_masks(work / MASKS, [s.id for s in samples]) or []  # None: a set without sums
     q, background = thresholds_of(record), background_index(dataset.classes)
-    for sample in damaged:
-        write_palette_png(work / MASKS / f"{sample.id}.png", filtered_mask(store, sample.id, q, record["rule"],
-                                                                           background)[0].numpy())
-    return [s.id for s in damaged]
+    for image_id in damaged:
+        write_palette_png(work / MASKS / f"{image_id}.png", filtered_mask(store, image_id, q, record["rule"],
+                                                                          background)[0].numpy())
+    return damaged
 
 
 def thresholds_of(record: dict) -> torch.Tensor:
