@@ -21,7 +21,6 @@ def torch_load(path: Path, what: str, fix: str):
         raise UserError(f"{path}: is a folder, not {what}; {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch's own errors
-        reason = ("damaged, or not a PyTorch file of tensors" if "weights_only" in str(exc) or "pickle" in
-                  type(exc).__name__.lower() else describe(exc))
+    except Exception as exc:  # unpickling arbitrary bytes fails in many ways (UnpicklingError, IndexError, ...)
+        reason = describe(exc) if isinstance(exc, OSError) else "damaged, or not a PyTorch file of tensors"
         raise UserError(f"{path}: cannot be read as {what} ({reason}); {fix}") from None

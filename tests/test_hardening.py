@@ -3,7 +3,6 @@ no traceback, nothing already written changed."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
@@ -28,6 +27,13 @@ def run_cli(monkeypatch, capsys, *args) -> str:
     return err
 
 
+def noise(size: int) -> bytes:
+    """Random bytes, the same in every run."""
+    import numpy as np
+
+    return np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
 def flags(config):
     return ["--root", config.root, "--labeled", config.labeled, "--unlabeled", config.unlabeled, "--val",
             config.val, "--work-dir", config.work_dir, "--format", "folder"]
@@ -42,7 +48,7 @@ def test_eval_refuses_bad_splits_and_files_that_are_no_trainer_checkpoints(toy_w
     assert "--split bogus: choose one of labeled, unlabeled, val" in err
     err = run_cli(monkeypatch, capsys, "eval", "--checkpoint", ckpt, *flags(config))
     assert f"{ckpt}: not a checkpoint of `conformalsam train`" in err and "last.pt or best.pt" in err
-    ckpt.write_bytes(os.urandom(4000))
+    ckpt.write_bytes(noise(4000))
     err = run_cli(monkeypatch, capsys, "eval", "--checkpoint", ckpt, *flags(config))
     assert "cannot be read as a checkpoint (damaged, or not a PyTorch file of tensors)" in err
     assert "weights_only" not in err
@@ -50,7 +56,7 @@ def test_eval_refuses_bad_splits_and_files_that_are_no_trainer_checkpoints(toy_w
 
 def test_random_bytes_as_backbone_weights(tmp_path):
     path = tmp_path / "resnet.pth"
-    path.write_bytes(os.urandom(3000))
+    path.write_bytes(noise(3000))
     with pytest.raises(cli.UserError, match=r"cannot be read as backbone weights \(damaged, or not a PyTorch file"):
         load_backbone(build_model("deeplabv3plus-tiny", 3), path)
 
@@ -253,7 +259,7 @@ def test_a_damaged_store_is_refused_on_read_and_rebuilt_by_logits(toy_world, sco
     assert rebuild(verify=True) == 1 and chunk[ids[1]].read_bytes() == original[ids[1]]
 
     # 3. a garbage header (the decompressor is never reached: no abort) and stored NaN
-    chunk[ids[2]].write_bytes(os.urandom(len(original[ids[2]])))
+    chunk[ids[2]].write_bytes(noise(len(original[ids[2]])))
     values = store.read(ids[3])
     values[0, 0, 0] = np.nan
     write_scores(store.path, ids[3], values, store.image_size(ids[3]))
