@@ -99,37 +99,18 @@ def parse(world: World, doc: str) -> argparse.Namespace:
 def run(world: World, args: argparse.Namespace) -> str:
     """Scores, calibrations, every training run, the table (written to <out>/<name>.md); returns it."""
     root = (args.out / world.name).resolve()  # the symlinks to the shared store must be absolute
-    root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    for split in args.splits:
-        store_config = replace(world.config(split), work_dir=root)
-        for part in ("labeled", "unlabeled"):
-            run_logits(store_config, part, scale=world.scale, warn=quiet, info=quiet)
-    masks = {}
-    for split in args.splits:
-        for variant, settings in world.variants.items():
-            record = run_calibrate(split_config(world, root, split, variant), settings, warn=quiet)
-            unlabeled = record["diagnostics"]["unlabeled"]
-            quality = unlabeled["quality"]
-            masks[split, variant] = {"kept": unlabeled["kept_fraction"], "miou_kept": quality["filtered_kept"]["miou"],
-                                     "miou_raw": quality["raw"]["miou"],
-                                     "acc_kept": quality["filtered_kept"]["pixel_accuracy"],
-                                     "per_class": {c: (unlabeled["per_class"][c]["kept_fraction"],
-                                                       quality["per_class_precision"][c],
-                                                       quality["per_class_iou"][c]["raw"],
-                                                       quality["per_class_iou"][c]["filtered_kept"])
-                                                   for c in record["classes"]}}
+    make_store(world, root, args.splits)
+    masks = {(split, variant): calibrate_variant(world, root, split, variant, settings)
+             for split in args.splits for variant, settings in world.variants.items()}
     print(f"scores and calibrations ready after {time.perf_counter() - started:.0f}s", flush=True)
 
     # Two phases, because stage II starts from stage I's checkpoint; within a phase the runs are independent.
-    # On a few CPU cores, `--jobs` runs side by side with one thread each outrun one run using every core.
     cp = [v for v in world.variants if v != "raw"]
     first, second = [], []
     for split in args.splits:
         for seed in range(args.seeds):
-            _, base = get_recipe(world.recipe, "folder", seed=seed, epochs=tuple(args.epochs), crop=args.crop,
-                                 eval_from=args.eval_from, workers=0 if args.jobs > 1 else None)
-            supervised = replace(base, lambda_start=0.0, lambda_end=0.0, lambda_schedule="constant")
+            base, supervised = recipes(world, args, seed)
             first += [(world, root, split, seed, "labeled", "raw", 1, supervised, f"labeled-only-seed{seed}", "self"),
                       (world, root, split, seed, "raw", "raw", 1, base, f"seed{seed}", "self")]
             second += [(world, root, split, seed, "raw-II", "raw", 2, base, f"seed{seed}", "self"),
@@ -140,16 +121,7 @@ def run(world: World, args: argparse.Namespace) -> str:
             for variant in cp:
                 first.append((world, root, split, seed, f"{variant}-I", variant, 1, base, f"seed{seed}", "self"))
                 second.append((world, root, split, seed, f"{variant}-II", variant, 2, base, f"seed{seed}", "self"))
-    results: dict = {}
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
-                             initargs=(threads,)) as pool:
-        for phase in (first, second):
-            for split, seed, key, best in pool.map(train_row, phase):
-                results.setdefault((split, key), []).append(best)
-                print(f"split {split} seed={seed} {key:12s} best val mIoU {100 * best:.1f} "
-                      f"({time.perf_counter() - started:.0f}s)", flush=True)
-
+    results = train_all([first, second], args.jobs, started)
     table = render(world, results, masks, args)
     took = time.perf_counter() - started
     text = table + (f"\n{args.seeds} seeds, epochs {args.epochs[0]} + {args.epochs[1]}, crop {args.crop}, "
@@ -157,6 +129,51 @@ def run(world: World, args: argparse.Namespace) -> str:
     write_text_atomic(args.out / f"{world.name}.md", text)
     print(text)
     return text
+
+
+def make_store(world: World, root: Path, splits) -> None:
+    """The one score store every split's folder links to (stage 0 skips images it already holds)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        store_config = replace(world.config(split), work_dir=root)
+        for part in ("labeled", "unlabeled"):
+            run_logits(store_config, part, scale=world.scale, warn=quiet, info=quiet)
+
+
+def calibrate_variant(world: World, root: Path, split: str, variant: str, settings: Settings) -> dict:
+    """Stage 1 for one mask variant of one split; returns what its masks are worth against the ground truth
+    of the unlabeled images (which the benchmark has and a user would not)."""
+    record = run_calibrate(split_config(world, root, split, variant), settings, warn=quiet)
+    unlabeled = record["diagnostics"]["unlabeled"]
+    quality = unlabeled["quality"]
+    return {"kept": unlabeled["kept_fraction"], "miou_kept": quality["filtered_kept"]["miou"],
+            "miou_raw": quality["raw"]["miou"], "acc_kept": quality["filtered_kept"]["pixel_accuracy"],
+            "per_class": {c: (unlabeled["per_class"][c]["kept_fraction"], quality["per_class_precision"][c],
+                              quality["per_class_iou"][c]["raw"], quality["per_class_iou"][c]["filtered_kept"])
+                          for c in record["classes"]}}
+
+
+def recipes(world: World, args: argparse.Namespace, seed: int):
+    """(the stage I recipe with the foundation masks, the same recipe with lambda = 0: labeled only)."""
+    _, base = get_recipe(world.recipe, "folder", seed=seed, epochs=tuple(args.epochs), crop=args.crop,
+                         eval_from=args.eval_from, workers=0 if args.jobs > 1 else None)
+    return base, replace(base, lambda_start=0.0, lambda_end=0.0, lambda_schedule="constant")
+
+
+def train_all(phases: list[list[tuple]], jobs: int, started: float) -> dict:
+    """Every job of every phase (a phase may start from the previous one's checkpoints); returns
+    {(split, row key): [best val mIoU per job, in job order]}. On a few CPU cores, ``jobs`` runs side by side
+    with one thread each outrun one run using every core."""
+    results: dict = {}
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
+                             initargs=(threads,)) as pool:
+        for phase in phases:
+            for split, seed, key, best in pool.map(train_row, phase):
+                results.setdefault((split, key), []).append(best)
+                print(f"split {split} seed={seed} {key:12s} best val mIoU {100 * best:.1f} "
+                      f"({time.perf_counter() - started:.0f}s)", flush=True)
+    return results
 
 
 def train_row(job) -> tuple[str, int, str, float]:

@@ -17,24 +17,25 @@ import hashlib
 import json
 import os
 import shutil
-from functools import lru_cache, reduce
+from functools import reduce
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from joblib import Parallel, delayed
 
 from pipeline import __version__
 from pipeline.atomic import atomic_write, ensure_writable, write_text_atomic
-from pipeline.conformal import (GRID, MODES, RULES, ScoreHistogram, Thresholds, Upsampler, background_index,
+from pipeline.conformal import (GRID, MODES, RULES, ScoreHistogram, Thresholds, background_index,
                                 check_alpha, fit, nonconformity, prediction_sets, pseudo_label,
-                                require_crc_images, set_sizes, to_bins)
+                                require_crc_images, set_sizes, to_bins, upsampler, bands)
 from pipeline.config import Config
 from pipeline.datasets import Dataset, Sample
 from pipeline.errors import UserError
+from pipeline.held_out import HeldOut, held_out
 from pipeline.masks import IGNORE, write_palette_png
 from pipeline.metrics import confusion, iou_per_class
+from pipeline.parallel import in_threads
 from pipeline.store import LogitsStore
 from pipeline.record import (CALIBRATION, HISTOGRAMS, KEY_FILE, MASKS, SUMS_FILE, damaged_masks, file_crc,
                              read_calibration)
@@ -90,6 +91,7 @@ def run_calibrate(config: Config, settings: Settings, write_masks: bool = True, 
     if previous and previous.get("key") == key and (work / HISTOGRAMS).is_file() and (not write_masks or (
             (previous.get("masks") or {}).get("key") == masks_key and _masks_current(work, masks_key, len(unlabeled)))):
         repaired = _repair_masks(store, dataset, unlabeled, previous, work) if write_masks else []
+        _warn_if_noop(previous, warn)
         return {**previous, "unchanged": not repaired, "repaired": repaired}
 
     if write_masks:  # before the long pass
@@ -97,18 +99,52 @@ def run_calibrate(config: Config, settings: Settings, write_masks: bool = True, 
     hist = accumulate(store, dataset, labeled, settings, jobs, progress)
     thresholds = fit(hist.total(), settings.alpha, settings.mode)
     record = _record(key, settings, store, checksum, dataset, hist, thresholds)
-    record["diagnostics"] = {"cross_calibration": cross_calibrate(hist, settings, dataset.classes)}
+    held = held_out(store, dataset, labeled, assign_folds(labeled, settings), hist, settings.mode, settings.rule,
+                    [settings.alpha], jobs, progress)
+    record["diagnostics"] = {"cross_calibration": cross_calibrate(hist, settings, dataset.classes),
+                             "held_out": held_out_report(held)}
     stats = None
     if write_masks:
         stats = write_all_masks(store, dataset, unlabeled, thresholds, settings.rule, work, masks_key, jobs,
                                 progress)
         record["diagnostics"]["unlabeled"] = stats.report(dataset.classes)
         record["masks"] = {"dir": MASKS, "count": len(unlabeled), "key": masks_key}
-    else:  # fit and report only: calibration.json stays the record of the masks on disk
+    _warn_if_noop(record, warn)
+    if not write_masks:  # fit and report only: calibration.json stays the record of the masks on disk
         return {**record, "unchanged": False, "saved": False}
     save_histograms(work / HISTOGRAMS, hist, stats, key)
     write_text_atomic(work / CALIBRATION, json.dumps(record, indent=1) + "\n")
     return {**record, "unchanged": False, "saved": True}
+
+
+NOOP_KEPT = 0.99  # above this kept fraction the filter is said to remove almost nothing
+
+
+def _warn_if_noop(record: dict, warn) -> None:
+    """Say so when the masks keep almost every pixel, and why: the annotator's top-1 accuracy against 1 - alpha."""
+    diagnostics = record.get("diagnostics") or {}
+    held = diagnostics.get("held_out")
+    unlabeled = diagnostics.get("unlabeled")
+    kept, where = ((unlabeled["kept_fraction"], "of the unlabeled pixels") if unlabeled and unlabeled["kept_fraction"]
+                   is not None else ((held or {}).get("kept_fraction"), "of the labeled pixels, held out by fold"))
+    if held is None or kept is None or kept <= NOOP_KEPT or record["rule"] == "argmax":
+        return
+    top1, target = held["top1_accuracy"], 1 - record["alpha"]
+    why = (f"it is below 1 - alpha = {target:.0%}: to cover that share of the true classes the threshold must "
+           "admit classes the annotator ranks second or lower, so nearly every set holds the most probable class"
+           if top1 < target else
+           f"it is at or above 1 - alpha = {target:.0%}: the most probable class alone already covers the target, "
+           "and the annotator is confident nearly everywhere")
+    warn(f"alpha {record['alpha']:g} keeps {kept:.1%} {where}: the filter removes almost nothing. The annotator's "
+         f"top-1 accuracy on the labeled pixels is {top1:.1%}; {why}. A larger alpha filters more "
+         "(`conformalsam inspect` sweeps alpha).")
+
+
+def held_out_report(held: HeldOut) -> dict:
+    """The record's figures of one alpha's held-out pseudo-labels (pipeline/held_out.py)."""
+    return {"top1_accuracy": held.top1_accuracy,
+            "kept_fraction": float(held.kept[0]) if held.alphas else None,
+            "kept_accuracy": _num(held.accuracy[0]) if held.alphas else None}
 
 
 def _scored(store: LogitsStore, dataset: Dataset, split: str, warn) -> list[Sample]:
@@ -133,14 +169,20 @@ def accumulate(store: LogitsStore, dataset: Dataset, samples: list[Sample], sett
     """Stream every labeled image once into per-fold, per-class score histograms."""
     if not samples:
         raise UserError(f"{dataset.split_path('labeled')}: no labeled images to calibrate on")
-    folds = min(settings.folds, len(samples))
-    order = np.random.default_rng(settings.seed).permutation(len(samples))
-    fold_of = {samples[i].id: int(rank % folds) for rank, i in enumerate(order)}
+    fold_of = assign_folds(samples, settings)
+    folds = max(fold_of.values()) + 1
     with (progress or no_progress)("labeled") as update:
         update(0, len(samples))
-        parts = _parallel(lambda share: _accumulate_share(store, dataset, share, folds, fold_of, update),
+        parts = in_threads(lambda share: _accumulate_share(store, dataset, share, folds, fold_of, update),
                           samples, jobs)
     return reduce(lambda a, b: a.merge(b), parts)
+
+
+def assign_folds(samples: list[Sample], settings: Settings) -> dict[str, int]:
+    """Image id -> cross-calibration fold: a seeded shuffle dealt round-robin, so fold sizes differ by one."""
+    folds = min(settings.folds, len(samples))
+    order = np.random.default_rng(settings.seed).permutation(len(samples))
+    return {samples[i].id: int(rank % folds) for rank, i in enumerate(order)}
 
 
 def _accumulate_share(store, dataset, share, folds, fold_of, update) -> ScoreHistogram:
@@ -158,23 +200,6 @@ def image_scores(store: LogitsStore, dataset: Dataset, sample: Sample) -> tuple[
     mask = torch.from_numpy(dataset.read_mask(sample.mask, store.image_size(sample.id))).long()
     p_true = upsampler(tuple(probs.shape[1:]), tuple(mask.shape)).at(probs, mask.masked_fill(mask == IGNORE, 0))
     return mask, to_bins(nonconformity(p_true))
-
-
-@lru_cache(maxsize=32)
-def upsampler(src: tuple[int, int], dst: tuple[int, int]) -> Upsampler:
-    """Shared per size pair: data sets have few image sizes, and the neighbour offsets are worth keeping."""
-    return Upsampler(src, dst)
-
-
-def _parallel(work, samples: list, jobs: int) -> list:
-    """Run ``work`` on ``jobs`` interleaved shares of the samples in threads (torch and zlib release the GIL)."""
-    shares = [samples[i::jobs] for i in range(min(jobs, len(samples)))]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // len(shares)))  # one level of parallelism, not two
-    try:
-        return Parallel(n_jobs=len(shares), prefer="threads")(delayed(work)(share) for share in shares)
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- diagnostics on the labeled set
@@ -242,7 +267,7 @@ def write_all_masks(store: LogitsStore, dataset: Dataset, samples: list[Sample],
 
     with (progress or no_progress)("masks") as update:
         update(0, len(samples))
-        parts = _parallel(work_on, samples, jobs) if samples else [MaskStats(num_classes, with_truth)]
+        parts = in_threads(work_on, samples, jobs) if samples else [MaskStats(num_classes, with_truth)]
     stats = reduce(lambda a, b: a.merge(b), parts)
     (staging / SUMS_FILE).write_text(json.dumps({s.id: file_crc(staging / f"{s.id}.png") for s in samples}) + "\n")
     (staging / KEY_FILE).write_text(key + "\n")
@@ -273,21 +298,14 @@ def filtered_mask(store: LogitsStore, image_id: str, q: torch.Tensor, rule: str,
     """(filtered label, raw argmax, set size, two highest probabilities (2, H, W)) of one stored image at
     full resolution, each (H, W) but the last.
 
-    Rows are processed in bands of at most ``band_elements`` class scores, so memory stays bounded for
-    many classes and large images (ADE20K: 150 classes).
+    Rows are processed in bands of at most ``band_elements`` class scores (ADE20K: 150 classes).
     """
-    probs = store.probabilities(image_id)
     height, width = store.image_size(image_id)
-    up = upsampler(tuple(probs.shape[1:]), (height, width))
-    cols = up.columns(probs)
-    step = max(1, band_elements // (probs.shape[0] * width))
     label = torch.empty(height, width, dtype=torch.uint8)
     raw = torch.empty(height, width, dtype=torch.int64)
     sizes = torch.empty(height, width, dtype=torch.int16)
     top2 = torch.empty(2, height, width)
-    for start in range(0, height, step):
-        stop = min(height, start + step)
-        full = up.rows(cols, start, stop)
+    for start, stop, full in bands(store.probabilities(image_id), (height, width), band_elements):
         sets = prediction_sets(full, q)
         label[start:stop] = pseudo_label(full, sets, rule, background)
         best = full.max(0)

@@ -28,6 +28,11 @@ def print_report(record: dict, console: Console) -> None:
     console.print(f"cross-calibration ({cross['folds']} folds of labeled images): pixel coverage "
                   f"{percent(cross['pixel_coverage'])}%, mean image coverage {percent(cross['image_coverage'])}% "
                   f"(target {percent(cross['target'])}%)", highlight=False)
+    held = record["diagnostics"].get("held_out")
+    if held and held["kept_fraction"] is not None:
+        console.print(f"held out by fold, the labeled images' masks keep {percent(held['kept_fraction'])}% of pixels, "
+                      f"{percent(held['kept_accuracy'])}% of them right (the annotator's argmax: "
+                      f"{percent(held['top1_accuracy'])}% right)", highlight=False)
 
     table = Table(title="per class")
     table.add_column("class")

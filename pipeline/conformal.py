@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from fractions import Fraction
 
 import numpy as np
@@ -108,6 +109,24 @@ class Upsampler:
         upper = tl * self.wx0 + tr * self.wx1  # the same operations, in the same order, as `full`
         lower = bl * self.wx0 + br * self.wx1
         return upper * self.wy0[:, None] + lower * self.wy1[:, None]
+
+
+@lru_cache(maxsize=32)
+def upsampler(src: tuple[int, int], dst: tuple[int, int]) -> Upsampler:
+    """Shared per size pair: data sets have few image sizes, and the neighbour offsets are worth keeping."""
+    return Upsampler(src, dst)
+
+
+def bands(probs: torch.Tensor, size: tuple[int, int], band_elements: int = 1 << 23):
+    """Yield (start, stop, probabilities of output rows start..stop-1) of (K, h, w) upsampled to ``size``, in
+    bands of at most ``band_elements`` class scores: memory stays bounded for many classes and big images."""
+    height, width = size
+    up = upsampler(tuple(probs.shape[1:]), (height, width))
+    cols = up.columns(probs)
+    step = max(1, band_elements // (probs.shape[0] * width))
+    for start in range(0, height, step):
+        stop = min(height, start + step)
+        yield start, stop, up.rows(cols, start, stop)
 
 
 def _axis(n_in: int, n_out: int):

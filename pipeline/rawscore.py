@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.calibrate import upsampler
+from pipeline.conformal import bands
 from pipeline.datasets import Dataset, Sample
 from pipeline.metrics import confusion
 from pipeline.store import LogitsStore
@@ -13,12 +13,8 @@ from pipeline.store import LogitsStore
 
 def raw_argmax(store: LogitsStore, image_id: str, band_elements: int = 1 << 23) -> torch.Tensor:
     """(H, W) class of the highest stored score, upsampled bilinearly to the image as calibration does."""
-    probs = store.probabilities(image_id)
-    height, width = store.image_size(image_id)
-    up = upsampler(tuple(probs.shape[1:]), (height, width))
-    cols = up.columns(probs)
-    step = max(1, band_elements // (probs.shape[0] * width))
-    return torch.cat([up.rows(cols, start, min(height, start + step)).argmax(0) for start in range(0, height, step)])
+    return torch.cat([full.argmax(0) for _, _, full in bands(store.probabilities(image_id), store.image_size(image_id),
+                                                             band_elements)])
 
 
 def raw_confusion(store: LogitsStore, dataset: Dataset, samples: list[Sample], progress=None) -> np.ndarray:
