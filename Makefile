@@ -11,7 +11,7 @@ WORK   ?= work
 RUN    ?= toy
 
 .PHONY: setup test demo toy toy-annotator seem-logits seem-setup test-seem bench-seem calibrate bench-logits bench-calibrate \
-	bench-train bench-quality bench-real camvid-splits gpu-check train clean
+	bench-train bench-quality bench-real bench-alpha bench-alpha-real camvid-splits gpu-check train clean
 
 setup: $(STAMP)
 
@@ -104,11 +104,25 @@ bench-train: setup
 bench-quality: toy
 	$(BIN)/python benchmarks/bench_quality.py
 
-# The ablation on real images: CamVid with a Cityscapes-trained ESPNetv2 (README 'Real images'): work/bench/real.md.
-bench-real: setup
+# The real-image benchmarks need CamVid, the Cityscapes ESPNetv2 weights and an EdgeNets checkout (README 'Real images').
+define with_camvid
 	@if [ ! -d data/CamVid/train ] || [ ! -f data/weights/espnetv2_s_2.0_city_1024x512.pth ] || [ ! -d third_party/EdgeNets ]; then \
-	echo "bench-real skipped: needs data/CamVid, data/weights/espnetv2_s_2.0_city_1024x512.pth and third_party/EdgeNets (README 'Real images')"; \
-	else $(MAKE) --no-print-directory camvid-splits && $(BIN)/python benchmarks/bench_real.py; fi
+	echo "$@ skipped: needs data/CamVid, data/weights/espnetv2_s_2.0_city_1024x512.pth and third_party/EdgeNets (README 'Real images')"; \
+	else $(MAKE) --no-print-directory camvid-splits && $(BIN)/python $(1); fi
+endef
+
+# The ablation on real images: CamVid with a Cityscapes-trained ESPNetv2: work/bench/real.md.
+bench-real: setup
+	$(call with_camvid,benchmarks/bench_real.py)
+
+# What alpha is worth to the student: stage I on each alpha of a grid (paper and crc, 3 seeds, 2 splits), and the
+# rules that choose alpha from the labeled set against it: work/bench/alpha-quality.md (toy world, ~60 min on 2
+# cores) and alpha-real.md (CamVid, ~2 h on top of bench-real's runs, which it reuses).
+bench-alpha: toy
+	$(BIN)/python benchmarks/bench_alpha.py toy
+
+bench-alpha-real: setup
+	$(call with_camvid,benchmarks/bench_alpha.py camvid)
 
 # CamVid's split files (seeded): data/splits/camvid/{1_16,1_8}/ and val.txt.
 camvid-splits: setup

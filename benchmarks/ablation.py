@@ -42,7 +42,7 @@ from pipeline.config import Config
 from pipeline.logits import run_logits
 from pipeline.ui import percent
 from trainer.recipes import get_recipe
-from trainer.stages import train_stage
+from trainer.stages import run_dir, train_stage
 
 
 @dataclass(frozen=True)
@@ -179,8 +179,11 @@ def train_all(phases: list[list[tuple]], jobs: int, started: float) -> dict:
 def train_row(job) -> tuple[str, int, str, float]:
     """One training run of the table (in a pool process); returns (split, seed, row key, best val mIoU)."""
     world, root, split, seed, key, variant, stage, recipe, run_name, method = job
-    summary = train_stage(split_config(world, root, split, variant), world.recipe, recipe, stage, name=run_name,
-                          log=quiet, method=method)
+    config = split_config(world, root, split, variant)
+    # a run an interruption cut short continues (exactly, on the CPU); a finished one is reused
+    started = (run_dir(config, run_name, stage, method) / "last.pt").exists()
+    summary = train_stage(config, world.recipe, recipe, stage, name=run_name, log=quiet, method=method,
+                          resume=started)
     return split, seed, key, summary["best"]
 
 
