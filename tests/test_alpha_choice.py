@@ -141,3 +141,63 @@ def test_without_masks_the_warning_uses_the_held_out_kept_fraction(toy_world, sc
     record = run_calibrate(config, Settings(alpha=0.01), write_masks=False, jobs=1, warn=said.append)
     kept = record["diagnostics"]["held_out"]["kept_fraction"]
     assert kept > 0.99 and any(f"keeps {kept:.1%} of the labeled pixels, held out by fold" in w for w in said)
+
+
+def synthetic_world(root, errors_confident: bool, images: int = 24, side: int = 10):
+    """Three classes; per image, 80% of pixels one kind and 20% the other: with ``errors_confident`` False the
+    annotator is sure and right on the 80% (p 0.9) and unsure and wrong on the 20% (p 0.6 on a wrong class,
+    0.3 on the true one), so the best masks drop exactly the 20%; with True it is unsure and right on the 80%
+    (p 0.6) and sure and wrong on the 20% (p 0.9), so filtering can only remove right pixels."""
+    from conftest import make_config, write_gray_png, write_image
+    from pipeline.store import open_for_writing, write_scores
+
+    rng = np.random.default_rng(0)
+    (root / "classes.txt").parent.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("a\nb\nc\n")
+    store = root / "work" / "logits.zarr"
+    open_for_writing(store, {"classes": ["a", "b", "c"], "backend": "test", "model_id": "synthetic",
+                             "weights_sha256": "", "score_kind": "probabilities", "scale": "native"}, force=False)
+    lines = []
+    for i in range(images):
+        truth = rng.integers(0, 3, (side, side))
+        wrong = np.zeros((side, side), bool)
+        wrong.flat[rng.permutation(side * side)[: side * side // 5]] = True
+        other = (truth + rng.integers(1, 3, truth.shape)) % 3
+        top, p_top = np.where(wrong, other, truth), np.where(wrong == errors_confident, 0.9, 0.6)
+        probs = np.zeros((3, side, side))
+        p_true = np.where(wrong, 0.3 if not errors_confident else 0.05, p_top)
+        for c in range(3):
+            probs[c] = np.where(top == c, p_top, np.where(truth == c, p_true, 0.0))
+        probs += (1 - probs.sum(0, keepdims=True)) * (probs == 0) / np.maximum((probs == 0).sum(0, keepdims=True), 1)
+        write_image(root / "images" / f"im{i}.png", rng, (side, side))
+        write_gray_png(root / "masks" / f"im{i}.png", truth)
+        write_scores(store, f"im{i}", probs.astype(np.float16), (side, side))
+        lines.append(f"images/im{i}.png masks/im{i}.png")
+    (root / "labeled.txt").write_text("\n".join(lines[:16]) + "\n")
+    (root / "unlabeled.txt").write_text("\n".join(lines[16:]) + "\n")
+    return replace(make_config(root, "folder", root / "labeled.txt", root / "unlabeled.txt"), backend="test")
+
+
+def held_out_of(config, alphas):
+    settings = Settings(alpha=alphas[0])
+    dataset, store = Dataset(config), LogitsStore(config.work_dir / "logits.zarr")
+    labeled = dataset.split("labeled")
+    hist = accumulate(store, dataset, labeled, settings, jobs=1)
+    return held_out(store, dataset, labeled, assign_folds(labeled, settings), hist, "paper", "paper", alphas)
+
+
+ALPHAS = [0.02 * i for i in range(1, 26)]
+
+
+def test_on_a_store_whose_errors_are_the_unsure_pixels_the_rules_drop_exactly_them(tmp_path):
+    held = held_out_of(synthetic_world(tmp_path, errors_confident=False), ALPHAS)
+    for rule in ("noise-5%", "noise-2%", "miou-ignore-miss", "miou-ignore-half", "worst-class"):
+        pick = choose(held, rule)
+        assert held.kept[pick] == pytest.approx(0.8) and held.accuracy[pick] == 1.0, rule
+    assert held.kept[0] == 1.0 and held.accuracy[0] == pytest.approx(0.8)  # the smallest alpha keeps them
+
+
+def test_on_a_store_whose_errors_are_confident_the_rules_keep_every_pixel(tmp_path):
+    held = held_out_of(synthetic_world(tmp_path, errors_confident=True), ALPHAS)
+    for rule in ("noise-5%", "miou-ignore-miss", "miou-ignore-half", "kept-correct", "worst-class"):
+        assert held.kept[choose(held, rule)] == 1.0, rule
