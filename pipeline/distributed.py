@@ -5,6 +5,7 @@ Outside torchrun every helper is a no-op for a single process.
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -19,7 +20,15 @@ def setup(backend: str = "gloo") -> tuple[int, int]:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        atexit.register(_leave)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _leave() -> None:
+    """Leave the process group before the interpreter exits: a rank whose gloo threads are still alive at
+    exit can abort ("terminate called without an active exception") after its work is done."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_device() -> torch.device:
