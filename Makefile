@@ -117,7 +117,7 @@ bench-real: setup
 
 # What alpha is worth to the student: stage I on each alpha of a grid (paper and crc, 3 seeds, 2 splits), and the
 # rules that choose alpha from the labeled set against it: work/bench/alpha-quality.md (toy world, ~60 min on 2
-# cores) and alpha-real.md (CamVid, ~2 h on top of bench-real's runs, which it reuses).
+# cores) and alpha-real.md (CamVid, ~80 min on top of bench-real's runs, which it reuses).
 bench-alpha: toy
 	$(BIN)/python benchmarks/bench_alpha.py toy
 

@@ -123,11 +123,14 @@ NOOP_KEPT = 0.99  # above this kept fraction the filter is said to remove almost
 def _warn_if_noop(record: dict, warn) -> None:
     """Say so when the masks keep almost every pixel, and why: the annotator's top-1 accuracy against 1 - alpha."""
     diagnostics = record.get("diagnostics") or {}
-    held = diagnostics.get("held_out")
+    held = diagnostics.get("held_out")  # absent from records of earlier versions
+    if held is None or record["rule"] == "argmax":
+        return
+    kept, where = held["kept_fraction"], "of the labeled pixels, held out by fold"
     unlabeled = diagnostics.get("unlabeled")
-    kept, where = ((unlabeled["kept_fraction"], "of the unlabeled pixels") if unlabeled and unlabeled["kept_fraction"]
-                   is not None else ((held or {}).get("kept_fraction"), "of the labeled pixels, held out by fold"))
-    if held is None or kept is None or kept <= NOOP_KEPT or record["rule"] == "argmax":
+    if unlabeled and unlabeled["kept_fraction"] is not None:  # the masks themselves, when written
+        kept, where = unlabeled["kept_fraction"], "of the unlabeled pixels"
+    if kept is None or kept <= NOOP_KEPT:
         return
     top1, target = held["top1_accuracy"], 1 - record["alpha"]
     why = (f"it is below 1 - alpha = {target:.0%}: to cover that share of the true classes the threshold must "

@@ -55,10 +55,11 @@ class HeldOut:
 def fold_thresholds(hist: ScoreHistogram, alphas, mode: str) -> tuple[tuple[float, ...], torch.Tensor]:
     """(the alphas with a finite threshold in every fold, their thresholds (A, folds, K)), each fold's fitted
     on the other folds. An alpha that needs more calibration data than some k-1 folds hold is left out."""
+    others = [hist.select([g for g in range(hist.folds) if g != f]) for f in range(hist.folds)]  # once, not per alpha
     kept, thresholds = [], []
     for alpha in alphas:
         try:
-            q = [fit(hist.select([g for g in range(hist.folds) if g != f]), alpha, mode).q for f in range(hist.folds)]
+            q = [fit(rest, alpha, mode).q for rest in others]
         except UserError:
             continue
         kept.append(float(alpha))
