@@ -11,7 +11,7 @@ WORK   ?= work
 RUN    ?= toy
 
 .PHONY: setup test demo toy toy-annotator seem-logits seem-setup test-seem bench-seem calibrate bench-logits bench-calibrate \
-	bench-train bench-quality bench-real bench-alpha bench-alpha-real camvid-splits gpu-check train clean
+	bench-train bench-quality bench-real bench-student bench-alpha bench-alpha-real camvid-splits gpu-check train clean
 
 setup: $(STAMP)
 
@@ -106,14 +106,22 @@ bench-quality: toy
 
 # The real-image benchmarks need CamVid, the Cityscapes ESPNetv2 weights and an EdgeNets checkout (README 'Real images').
 define with_camvid
-	@if [ ! -d data/CamVid/train ] || [ ! -f data/weights/espnetv2_s_2.0_city_1024x512.pth ] || [ ! -d third_party/EdgeNets ]; then \
-	echo "$@ skipped: needs data/CamVid, data/weights/espnetv2_s_2.0_city_1024x512.pth and third_party/EdgeNets (README 'Real images')"; \
+	@missing=""; for f in data/CamVid/train third_party/EdgeNets data/weights/espnetv2_s_2.0_city_1024x512.pth $(2); do \
+	test -e $$f || missing="$$missing $$f"; done; \
+	if [ -n "$$missing" ]; then echo "$@ skipped: missing$$missing (README 'Real images')"; \
 	else $(MAKE) --no-print-directory camvid-splits && $(BIN)/python $(1); fi
 endef
 
 # The ablation on real images: CamVid with a Cityscapes-trained ESPNetv2: work/bench/real.md.
 bench-real: setup
 	$(call with_camvid,benchmarks/bench_real.py)
+
+# The paper's regime on real images: ESPNetv2 from PASCAL VOC weights as the student, Cityscapes ESPNetv2s of three
+# widths as annotators (helpful to harmful): work/bench/student.md. Needs bench-real's inputs and the PASCAL and
+# narrower Cityscapes ESPNetv2 weights in data/weights (README 'A pretrained student'). ~90 min after the stores.
+bench-student: setup
+	$(call with_camvid,benchmarks/bench_student.py,$(foreach w,1.0 0.5,data/weights/espnetv2_s_$(w)_city_1024x512.pth) \
+	data/weights/espnetv2_s_1.0_pascal_384x384.pth)
 
 # What alpha is worth to the student: stage I on each alpha of a grid (paper and crc, 3 seeds, 2 splits), and the
 # rules that choose alpha from the labeled set against it: work/bench/alpha-quality.md (toy world, ~60 min on 2

@@ -167,8 +167,17 @@ def train(
     init: Annotated[Optional[Path], typer.Option(help="Stage 2: start from this checkpoint instead of stage 1's.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (under torchrun: LOCAL_RANK).")] = "auto",
     deterministic: Annotated[bool, typer.Option(help="Deterministic algorithms (slower; exact resume).")] = False,
-    model: Annotated[Optional[str], typer.Option(help="deeplabv3plus-r50|-r101|-tiny, segformer-b0..b5|-tiny.",
+    model: Annotated[Optional[str], typer.Option(help="deeplabv3plus-r50|-r101|-tiny, segformer-b0..b5|-tiny, or "
+                                                 "your own: file.py:function or package.module:function, called "
+                                                 "with the class count (config: train.model).",
                                                  rich_help_panel=TRAIN)] = None,
+    model_code: Annotated[Optional[Path], typer.Option(help="The folder your --model factory imports from, e.g. "
+                                                       "a checkout (config: train.code).",
+                                                       rich_help_panel=TRAIN)] = None,
+    init_weights: Annotated[Optional[Path], typer.Option(help="The whole network's starting weights (a state "
+                                                         "dict); a classifier for another class count is "
+                                                         "re-initialised (config: train.init_weights).",
+                                                         rich_help_panel=TRAIN)] = None,
     backbone_weights: Annotated[Optional[Path], typer.Option(help="ImageNet weights: torchvision ResNet .pth or "
                                                              "official mit_b*.pth.", rich_help_panel=TRAIN)] = None,
     crop: Annotated[Optional[int], typer.Option(help="Training crop size.", rich_help_panel=TRAIN)] = None,
@@ -211,7 +220,13 @@ def train(
         raise UserError(f"--stage {stage}: choose 1, 2 or all")
     if epochs is not None and len(stages) > 1:
         raise UserError("--epochs applies to one stage; with --stage all set each stage's epochs in the recipe")
-    overrides = dict(model=model, backbone_weights=backbone_weights, crop=crop, batch_size=batch_size, lr=lr,
+    from pipeline.factory import absolute_spec, is_factory
+
+    model = absolute_spec(model, Path.cwd()) if model and is_factory(model) else model or config.model
+    model_code = model_code.absolute() if model_code else config.model_code
+    init_weights = init_weights.absolute() if init_weights else config.init_weights
+    overrides = dict(model=model, model_code=model_code, init_weights=init_weights,
+                     backbone_weights=backbone_weights, crop=crop, batch_size=batch_size, lr=lr,
                      optimizer=optimizer, weight_decay=weight_decay, threshold=threshold, ema=ema,
                      lambda_start=lambda_start, lambda_end=lambda_end, lambda_schedule=lambda_schedule,
                      eval_mode=eval_mode, eval_from=eval_from, amp=amp, seed=seed, workers=workers)

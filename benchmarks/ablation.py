@@ -27,7 +27,7 @@ import argparse
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
@@ -60,6 +60,7 @@ class World:
     crop: int
     eval_from: float
     scale: float | None = None  # stored score resolution (`logits --scale`); None: the model's own
+    student: dict = field(default_factory=dict)  # recipe fields over the named recipe's (e.g. model, init_weights)
 
 
 def row_name(settings: Settings) -> str:
@@ -155,36 +156,39 @@ def calibrate_variant(world: World, root: Path, split: str, variant: str, settin
 
 def recipes(world: World, args: argparse.Namespace, seed: int):
     """(the stage I recipe with the foundation masks, the same recipe with lambda = 0: labeled only)."""
-    _, base = get_recipe(world.recipe, "folder", seed=seed, epochs=tuple(args.epochs), crop=args.crop,
-                         eval_from=args.eval_from, workers=0 if args.jobs > 1 else None)
+    _, base = get_recipe(world.recipe, "folder", **{**world.student, "seed": seed, "epochs": tuple(args.epochs),
+                         "crop": args.crop, "eval_from": args.eval_from, "workers": 0 if args.jobs > 1 else None})
     return base, replace(base, lambda_start=0.0, lambda_end=0.0, lambda_schedule="constant")
 
 
-def train_all(phases: list[list[tuple]], jobs: int, started: float) -> dict:
+def train_all(phases: list[list[tuple]], jobs: int, started: float, last: dict | None = None) -> dict:
     """Every job of every phase (a phase may start from the previous one's checkpoints); returns
-    {(split, row key): [best val mIoU per job, in job order]}. On a few CPU cores, ``jobs`` runs side by side
-    with one thread each outrun one run using every core."""
+    {(split, row key): [best val mIoU per job, in job order]} and fills ``last`` alike with the last epoch's.
+    On a few CPU cores, ``jobs`` runs side by side with one thread each outrun one run using every core."""
     results: dict = {}
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
                              initargs=(threads,)) as pool:
         for phase in phases:
-            for split, seed, key, best in pool.map(train_row, phase):
+            for split, seed, key, best, final in pool.map(train_row, phase):
                 results.setdefault((split, key), []).append(best)
+                if last is not None:
+                    last.setdefault((split, key), []).append(final)
                 print(f"split {split} seed={seed} {key:12s} best val mIoU {100 * best:.1f} "
                       f"({time.perf_counter() - started:.0f}s)", flush=True)
     return results
 
 
-def train_row(job) -> tuple[str, int, str, float]:
-    """One training run of the table (in a pool process); returns (split, seed, row key, best val mIoU)."""
+def train_row(job) -> tuple[str, int, str, float, float]:
+    """One training run of the table (in a pool process); returns (split, seed, row key, best val mIoU, the last
+    epoch's)."""
     world, root, split, seed, key, variant, stage, recipe, run_name, method = job
     config = split_config(world, root, split, variant)
     # a run an interruption cut short continues (exactly, on the CPU); a finished one is reused
     started = (run_dir(config, run_name, stage, method) / "last.pt").exists()
     summary = train_stage(config, world.recipe, recipe, stage, name=run_name, log=quiet, method=method,
                           resume=started)
-    return split, seed, key, summary["best"]
+    return split, seed, key, summary["best"], summary["last"]
 
 
 def render(world: World, results: dict, masks: dict, args) -> str:

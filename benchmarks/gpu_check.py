@@ -37,10 +37,9 @@ from pipeline.datasets import Dataset  # noqa: E402
 from pipeline.logits import run_logits  # noqa: E402
 from pipeline.store import LogitsStore  # noqa: E402
 from pipeline.toy.world import WorldSpec, generate  # noqa: E402
-from trainer.checkpoint import load_checkpoint  # noqa: E402
+from trainer.checkpoint import load_checkpoint, load_trained  # noqa: E402
 from trainer.data import ValImages  # noqa: E402
 from trainer.evaluate import evaluate  # noqa: E402
-from trainer.models import build_model  # noqa: E402
 from trainer.recipes import Recipe  # noqa: E402
 from trainer.stages import run_dir, train_stage  # noqa: E402
 
@@ -122,11 +121,8 @@ def unimatch(config: Config, recipe: Recipe, device: str) -> dict:
 
 
 def sliding(config: Config, recipe: Recipe, device: str) -> dict:
-    state = load_checkpoint(run_dir(config, f"{recipe.model}-straight", 1) / "best.pt")
     dataset = Dataset(config)
-    model = build_model(state["model_name"], dataset.num_classes)
-    model.load_state_dict(state["model"])
-    model.to(device).eval()
+    model = load_trained(run_dir(config, f"{recipe.model}-straight", 1) / "best.pt", dataset.classes)[0].to(device)
     val = ValImages(dataset, dataset.split("val"))
     window = max(32, dataset.load(dataset.split("val")[0])[0].shape[0] * 2 // 3)  # several windows per image
     started = time.perf_counter()

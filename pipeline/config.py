@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline import PROJECT_ROOT
 from pipeline.errors import UserError
+from pipeline.factory import absolute_spec, is_factory
 
 FORMATS = ("voc", "ade20k", "cityscapes", "coco", "camvid", "folder")
 BACKENDS = ("seem", "sam3", "clipseg", "pytorch", "torchscript", "toy")
@@ -41,6 +42,9 @@ class Config:
     resize: int | tuple[int, int] | None = None  # pytorch backend: shorter side, or (H, W); None: as is
     mean: tuple[float, float, float] | None = None  # pytorch backend: normalisation of RGB in [0, 1]
     std: tuple[float, float, float] | None = None
+    model: str | None = None  # [train] the student network: a built-in name or "file.py:function" (None: recipe's)
+    model_code: Path | None = None  # [train] the folder that factory imports from
+    init_weights: Path | None = None  # [train] the student's starting weights (a whole-network state dict)
 
 
 # (table, key) of each TOML field -> Config attribute
@@ -62,9 +66,12 @@ FIELDS = {
     ("foundation", "resize"): "resize",
     ("foundation", "mean"): "mean",
     ("foundation", "std"): "std",
+    ("train", "model"): "model",
+    ("train", "code"): "model_code",
+    ("train", "init_weights"): "init_weights",
     ("work", "dir"): "work_dir",
 }
-PATHS = {"root", "labeled", "unlabeled", "val", "weights", "work_dir", "code", "tokenizer"}
+PATHS = {"root", "labeled", "unlabeled", "val", "weights", "work_dir", "code", "tokenizer", "model_code", "init_weights"}
 NAME_LISTS = {"classes": "data.classes", "outputs": "foundation.outputs"}
 BACKGROUND = ("no-object", "prompt")
 
@@ -162,7 +169,8 @@ def parse(text: str, base: Path, source: str) -> Config:
     values: dict = {}
     for table, body in doc.items():
         if not isinstance(body, dict):
-            raise UserError(f"{source}: top-level key '{table}' must be a table like [data], [foundation] or [work]")
+            raise UserError(f"{source}: top-level key '{table}' must be a table like [data], [foundation], [train] or "
+                            "[work]")
         for key, value in body.items():
             if (table, key) not in FIELDS:
                 known = ", ".join(f"{t}.{k}" for t, k in FIELDS)
@@ -184,8 +192,9 @@ def parse(text: str, base: Path, source: str) -> Config:
         elif not isinstance(value, str):
             raise UserError(f"{source}: '{name}' must be a string, got {type(value).__name__}")
     resolved = {k: (base / v if k in PATHS else v) for k, v in values.items()}
-    if "factory" in values and values["factory"].rsplit(":", 1)[0].endswith(".py"):  # a file beside the config
-        resolved["factory"] = str(base / values["factory"])
+    for name in ("factory", "model"):  # a factory file is found beside the config
+        if is_factory(values.get(name) or ""):
+            resolved[name] = absolute_spec(values[name], base)
     resolved.setdefault("work_dir", base / "work")
     defaults = {f.name: None if f.default is MISSING else f.default for f in fields(Config) if f.name != "source"}
     config = Config(**{name: resolved.get(name, default) for name, default in defaults.items()}, source=source)

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from pipeline.atomic import atomic_write
-from pipeline.errors import UserError
+from pipeline.errors import UserError, describe
+from pipeline.factory import difference
 from pipeline.torchio import torch_load
 
 
@@ -26,14 +27,42 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
+def model_code(state: dict) -> Path | None:
+    """The code folder a checkpoint's factory network imports from."""
+    code = (state.get("recipe") or {}).get("model_code")
+    return Path(code) if code else None
+
+
+def check_factory(state: dict, path: Path, current: dict | None = None) -> None:
+    """A checkpoint of a factory network is used only with the factory code it was trained with; ``current``:
+    that code's fingerprint now (computed when not given)."""
+    recorded = state.get("factory")
+    if recorded is None:
+        return
+    if current is None:
+        from trainer.models import factory_record
+
+        current = factory_record(state["model_name"], model_code(state))
+    changed = difference(recorded, current)
+    if changed:
+        raise UserError(f"{path}: the network's factory {state['model_name']} is not the code it was trained with: "
+                        f"{changed}. Restore that file, or train a new run (--name)")
+
+
 def load_trained(path: Path, classes) -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode, checkpoint) of a `conformalsam train` checkpoint made for these classes."""
-    from trainer.models import build_model
+    """(the network of a `conformalsam train` checkpoint made for these classes, rebuilt and in eval mode,
+    behind the trainer's `Segmenter` forward; the checkpoint)."""
+    from trainer.models import Segmenter, build_model
 
     state = load_checkpoint(path)
     if state.get("classes") != list(classes):
         raise UserError(f"{path}: trained for classes {state.get('classes', [])[:4]}..., the data set has "
                         f"{list(classes)[:4]}...")
-    model = build_model(state["model_name"], len(classes))
-    model.load_state_dict(state["model"])
-    return model.eval(), state
+    check_factory(state, path)
+    model = build_model(state["model_name"], len(classes), model_code(state))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise UserError(f"{path}: its weights do not fit the network {state['model_name']} builds now "
+                        f"({describe(exc)})") from None
+    return Segmenter(model, len(classes), state["model_name"]).eval(), state

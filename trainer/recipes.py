@@ -19,7 +19,7 @@ REFERENCE_BATCH = 8
 
 @dataclass(frozen=True)
 class Recipe:
-    model: str = "deeplabv3plus-r101"
+    model: str = "deeplabv3plus-r101"  # a built-in name, or a factory: "file.py:function" / "package.module:function"
     crop: int = 321
     batch_size: int = 8  # labeled images per step, all processes together; as many unlabeled
     epochs: tuple[int, int] = (60, 20)  # stage I, stage II (an epoch = one pass over the unlabeled set)
@@ -37,7 +37,9 @@ class Recipe:
     lambda_schedule: str = "exp"  # exp | linear | constant
     eval_mode: str = "whole"  # whole | sliding
     eval_from: float = 0.0  # validate only after this fraction of the stage's epochs (and always at the end)
-    backbone_weights: Path | None = None
+    backbone_weights: Path | None = None  # ImageNet weights of the backbone
+    init_weights: Path | None = None  # the whole network's weights (a classifier for another class count is redone)
+    model_code: Path | None = None  # the folder a factory network (model = "file.py:function") imports from
     amp: str = "bf16"  # on GPU: bf16 | fp16 | none (CPU always runs fp32)
     seed: int = 0
     workers: int = 4
@@ -50,6 +52,8 @@ class Recipe:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: choose one of {', '.join(allowed)}")
         if self.crop < 32 or self.batch_size < 1 or min(self.epochs) < 0:
             raise UserError("--crop must be >= 32, --batch-size >= 1 and epochs >= 0")
+        if self.init_weights and self.backbone_weights:
+            raise UserError("--init-weights loads the whole network, --backbone-weights its backbone: give one")
         if not 0 <= self.eval_from < 1:
             raise UserError(f"--eval-from {self.eval_from}: a fraction of the epochs in [0, 1)")
         if not 0 <= self.ema < 1 or not 0 <= self.threshold <= 1:

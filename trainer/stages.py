@@ -29,12 +29,12 @@ from pipeline.datasets import Dataset
 from pipeline.errors import UserError
 from pipeline.record import cached_masks
 from pipeline.ui import no_progress, percent
-from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.checkpoint import check_factory, load_checkpoint, save_checkpoint
 from trainer.data import TrainImages, ValImages, epoch_plan
 from trainer.evaluate import evaluate
 from trainer.losses import ce
 from trainer.methods import get_method
-from trainer.models import build_model, load_backbone
+from trainer.models import Segmenter, build_model, factory_record, load_backbone, load_init, missing_protocol
 from trainer.recipes import Recipe, effective_lr
 from trainer.schedule import poly, unlabeled_weight
 
@@ -77,6 +77,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
     if recipe.batch_size % world:
         raise UserError(f"--batch-size {recipe.batch_size}: must be divisible by the {world} processes")
     dataset = Dataset(config)
+    factory = factory_record(recipe.model, recipe.model_code)  # a factory network's code, as it is now
     out = run_dir(config, name, stage, method)
     last, best_path = out / "last.pt", out / "best.pt"
     if resume and not last.exists():
@@ -101,7 +102,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
     result_fields = {k: v for k, v in asdict(recipe).items() if k not in ("workers", "eval_mode")}
     identity = {"recipe": _plain(result_fields), "classes": list(dataset.classes), "inputs": inputs,
                 "unlabeled": len(unlabeled)}
-    finished = _finished_run(last, identity, recipe.epochs[stage - 1], resume)
+    finished = _finished_run(last, identity, recipe.epochs[stage - 1], resume, factory)
     if finished:
         if rank == 0:
             log(f"{out}: already trained with this recipe and these inputs (best val mIoU "
@@ -117,26 +118,40 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
                           masks_dir=config.work_dir / "masks", strong_views=stage2.STRONG_VIEWS)
 
     torch.manual_seed(recipe.seed)
-    model = build_model(recipe.model, dataset.num_classes)
+    model = build_model(recipe.model, dataset.num_classes, recipe.model_code)
+    if stage == 2 and stage2.PERTURBS_FEATURES and (lacking := missing_protocol(model)):
+        raise UserError(f"--method {method}: the network of --model {recipe.model} has no {' / '.join(lacking)} "
+                        "method; UniMatch's feature perturbation needs encode(images) -> features and "
+                        "decode(features) -> logits (README 'Bring your own network'), or use --method self")
     start = load_checkpoint(source) if stage == 2 else None
     if resume:
         checkpoint = load_checkpoint(last)
-        _check_compatible(checkpoint, recipe, dataset, last)
+        _check_compatible(checkpoint, recipe, dataset, last, factory)
         model.load_state_dict(checkpoint["student"] or checkpoint["model"])
     elif stage == 2:
-        _check_compatible(start, recipe, dataset, source)
+        _check_compatible(start, recipe, dataset, source, factory)
         model.load_state_dict(start["model"])
+    elif recipe.init_weights:
+        loaded = load_init(model, recipe.init_weights, dataset.num_classes)
+        if rank == 0:
+            fresh = loaded["reinitialised"]
+            log(f"init weights: {loaded['loaded']} tensors from {recipe.init_weights}" + (
+                f"; re-initialised for {dataset.num_classes} classes (the file's are for {loaded['file_classes']}):"
+                f" {', '.join(fresh)}" if fresh else ""))
     elif recipe.backbone_weights:
         loaded = load_backbone(model, recipe.backbone_weights)
         if rank == 0:
             log(f"backbone: {loaded['loaded']} tensors from {recipe.backbone_weights}")
-    model.to(dev)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        if world > 1:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 else model
-    teacher = copy.deepcopy(model).eval() if stage == 2 and recipe.ema > 0 else None
+    # channels-last on every device: faster convolutions on GPUs (tensor cores) and on CPUs (oneDNN), there
+    # measured 20-30% per training step for the tiny DeepLabV3+ and for ESPNetv2's grouped convolutions
+    model = model.to(dev, memory_format=torch.channels_last)
+    if dev.type == "cuda" and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    segmenter = Segmenter(model, dataset.num_classes, recipe.model)
+    net = DistributedDataParallel(segmenter, device_ids=[dev.index] if dev.type == "cuda" else None) \
+        if world > 1 else segmenter
+    teacher = Segmenter(copy.deepcopy(model), dataset.num_classes, recipe.model).eval() \
+        if stage == 2 and recipe.ema > 0 else None
     if stage == 2 and recipe.batch_size // world < 2:
         raise UserError(f"--batch-size {recipe.batch_size}: stage II mixes (CutMix) the unlabeled images of each "
                         f"process, so it needs at least 2 per process ({2 * world} in all)")
@@ -158,7 +173,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         if teacher is not None:
-            teacher.load_state_dict(checkpoint["model"])
+            teacher.model.load_state_dict(checkpoint["model"])
         epoch, step, best = checkpoint["epoch"], checkpoint["step"], checkpoint["best"]
         rng = checkpoint["rng"][str(rank)]
         torch.set_rng_state(rng["cpu"])
@@ -203,7 +218,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
                 scaler.step(optimizer)
                 scaler.update()
                 if teacher is not None:
-                    _ema_update(teacher, model, recipe.ema)
+                    _ema_update(teacher.model, model, recipe.ema)
                 totals += torch.tensor([loss.item(), sup.item(), unsup.item()])
                 step += 1
                 update(1)
@@ -214,7 +229,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
                   "seconds": seconds, "images_per_s": 2 * recipe.batch_size * len(mine) / seconds}
         scored = val is not None and (epoch > recipe.eval_from * epochs or epoch == epochs)
         if scored:
-            eval_model = teacher if teacher is not None else model
+            eval_model = teacher if teacher is not None else segmenter
             with (progress or no_progress)("val") as update:
                 update(0, len(range(rank, len(val), world)))
                 record.update(evaluate(eval_model, val, dataset.num_classes, dev, recipe.eval_mode, recipe.crop,
@@ -227,7 +242,8 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
             {"cuda": torch.cuda.get_rng_state(dev)} if dev.type == "cuda" else {})}})
         if rank == 0:
             # "model" holds the weights that were scored (the EMA teacher when there is one)
-            state = {"model": (teacher or model).state_dict(), "model_name": recipe.model,
+            state = {"model": (teacher.model if teacher is not None else model).state_dict(),
+                     "model_name": recipe.model, "factory": factory,
                      "classes": list(dataset.classes), "identity": identity, "recipe": _plain(asdict(recipe)),
                      "stage": stage, "epoch": epoch, "step": step, "best": best,
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -243,12 +259,13 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
     return summary
 
 
-def _finished_run(last: Path, identity: dict, epochs: int, resume: bool) -> dict | None:
+def _finished_run(last: Path, identity: dict, epochs: int, resume: bool, factory: dict | None) -> dict | None:
     """The checkpoint of a finished run with this identity (to reuse), None when there is work to do;
     a run that exists but may not be continued or reused is an error."""
     if not last.exists():
         return None
     done = load_checkpoint(last)
+    check_factory(done, last, factory)
     same = done.get("identity") == identity
     if same and done["epoch"] == epochs:
         return done
@@ -263,12 +280,15 @@ def _finished_run(last: Path, identity: dict, epochs: int, resume: bool) -> dict
 
 
 def _optimizer(model: torch.nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
-    """Backbone at lr, everything else (the head) at lr x head_lr_mult; ``base_lr`` kept for the schedule."""
-    backbone = list(model.backbone.parameters())
-    ids = {id(p) for p in backbone}
-    head = [p for p in model.parameters() if id(p) not in ids]
-    head_lr = lr * recipe.head_lr_mult
-    groups = [{"params": backbone, "lr": lr, "base_lr": lr}, {"params": head, "lr": head_lr, "base_lr": head_lr}]
+    """Backbone at lr, everything else (the head) at lr x head_lr_mult; ``base_lr`` kept for the schedule. A
+    network without a ``backbone`` module is one part: all of it at lr."""
+    if isinstance(getattr(model, "backbone", None), torch.nn.Module):
+        ids = {id(p) for p in model.backbone.parameters()}
+        head_lr = lr * recipe.head_lr_mult
+        groups = [{"params": list(model.backbone.parameters()), "lr": lr, "base_lr": lr},
+                  {"params": [p for p in model.parameters() if id(p) not in ids], "lr": head_lr, "base_lr": head_lr}]
+    else:
+        groups = [{"params": list(model.parameters()), "lr": lr, "base_lr": lr}]
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=recipe.weight_decay)
@@ -289,7 +309,8 @@ def _ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float
         t.copy_(s)
 
 
-def _check_compatible(checkpoint: dict, recipe: Recipe, dataset: Dataset, path: Path) -> None:
+def _check_compatible(checkpoint: dict, recipe: Recipe, dataset: Dataset, path: Path, factory: dict | None) -> None:
+    check_factory(checkpoint, path, factory)
     if checkpoint.get("model_name") != recipe.model or checkpoint.get("classes") != list(dataset.classes):
         raise UserError(f"{path}: checkpoint is a {checkpoint.get('model_name')} for classes "
                         f"{checkpoint.get('classes', [])[:4]}...; this run wants {recipe.model} for "
@@ -306,7 +327,7 @@ def _loader(dataset, batches: list, recipe: Recipe, epoch: int):
 def _to(batch: dict, device: torch.device) -> dict:
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     for key in ("image", "strong", "strong_2"):
-        if key in out and device.type == "cuda":
+        if key in out:
             out[key] = out[key].contiguous(memory_format=torch.channels_last)
     return out
 

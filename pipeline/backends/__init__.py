@@ -18,8 +18,6 @@ never imports a specific backend.
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,43 +155,6 @@ def probe_outputs(backend: "Backend", device: torch.device) -> None:
     except Exception:
         return
     checked_output(out, blank, backend.outputs, getattr(backend, "factory", None) or str(backend.weights))
-
-
-@contextlib.contextmanager
-def on_path(code: Path | None):
-    """A third-party checkout first on sys.path while its modules are imported, and off it afterwards: its
-    top-level names (SEEM v1.0's 'utils', EdgeNets' 'model') must win over installed packages of those
-    names, and must not shadow later imports (SEEM v1.0 also has top-level 'pipeline' and 'trainer')."""
-    if code is None:
-        yield
-        return
-    sys.path.insert(0, str(code))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(code))
-
-
-@dataclass(frozen=True)
-class StateFit:
-    """How a checkpoint's tensors fit a model's state dict."""
-
-    fits: dict  # name -> tensor of the model's shape
-    other_shape: list[str]
-    missing: list[str]  # the model's tensors not in the checkpoint
-    unexpected: list[str]  # the checkpoint's tensors the model does not have
-
-    def example(self, state: dict, own: dict) -> str:
-        if self.other_shape:
-            k = self.other_shape[0]
-            return f"e.g. {k}: {tuple(state[k].shape)} in the checkpoint, {tuple(own[k].shape)} in the model"
-        return f"e.g. {self.missing[0]} missing" if self.missing else f"e.g. {self.unexpected[0]} unexpected"
-
-
-def state_fit(own: dict, state: dict) -> StateFit:
-    fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-    return StateFit(fits, [k for k in state if k in own and state[k].shape != own[k].shape],
-                    [k for k in own if k not in fits and k not in state], [k for k in state if k not in own])
 
 
 def read_state_dict(path: Path) -> dict:

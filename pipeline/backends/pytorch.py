@@ -9,44 +9,16 @@ channel per ``foundation.outputs`` entry; ``foundation.weights`` is loaded into 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from pathlib import Path
 
 import torch
 
-from pipeline.backends import Backend, Preprocess, checked_output, on_path, probe_outputs, read_state_dict, state_fit
+from pipeline.backends import Backend, Preprocess, checked_output, probe_outputs, read_state_dict
 from pipeline.store import file_sha256
 from pipeline.config import Config
-from pipeline.errors import UserError, describe
-
-
-def load_factory(spec: str | None, code: Path | None):
-    """The factory function named by ``module:function`` or ``file.py:function``."""
-    if not spec or ":" not in spec:
-        raise UserError(f"foundation.factory {spec!r}: give 'module:function' or 'path/to/file.py:function' (the "
-                        "function returns the model)")
-    if code is not None and not Path(code).is_dir():
-        raise UserError(f"foundation.code {code}: no such folder (the checkout the factory imports from)")
-    where, name = spec.rsplit(":", 1)
-    try:
-        with on_path(code):
-            if where.endswith(".py"):
-                if not Path(where).is_file():
-                    raise UserError(f"foundation.factory: {where} not found")
-                module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
-                module = importlib.util.module_from_spec(module_spec)
-                module_spec.loader.exec_module(module)
-            else:
-                module = importlib.import_module(where)
-    except UserError:
-        raise
-    except Exception as exc:  # the user's module: any error while importing it
-        raise UserError(f"foundation.factory {spec}: importing {where} failed ({describe(exc)})") from None
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise UserError(f"foundation.factory {spec}: {where} has no function '{name}'")
-    return factory
+from pipeline.errors import UserError
+from pipeline.factory import call_factory, load_factory
+from pipeline.torchio import state_fit
 
 
 class PyTorchBackend(Backend):
@@ -56,14 +28,8 @@ class PyTorchBackend(Backend):
     autocast = True
 
     def __init__(self, weights: Path, outputs: tuple[str, ...], device: torch.device, config: Config):
-        factory = load_factory(config.factory, config.code)
-        try:
-            with on_path(config.code):
-                model = factory()
-        except Exception as exc:
-            hint = (f"; is foundation.code ({config.code}) the checkout that provides it?"
-                    if isinstance(exc, ModuleNotFoundError) else "")
-            raise UserError(f"foundation.factory {config.factory}: calling it failed ({describe(exc)}){hint}") from None
+        factory = load_factory(config.factory, config.code, "foundation.factory")
+        model = call_factory(factory, config.factory, config.code, "foundation.factory")
         if not isinstance(model, torch.nn.Module):
             raise UserError(f"foundation.factory {config.factory}: returned a {type(model).__name__}, not a "
                             "torch.nn.Module")

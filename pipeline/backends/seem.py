@@ -39,7 +39,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from pipeline.backends import Backend, Preprocess, on_path, read_state_dict, require_file, state_fit
+from pipeline.backends import Backend, Preprocess, read_state_dict, require_file
+from pipeline.factory import on_path
+from pipeline.torchio import state_fit
 from pipeline.config import Config
 from pipeline.errors import UserError, describe
 

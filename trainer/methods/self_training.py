@@ -12,6 +12,7 @@ import torch
 from trainer.losses import ce, confident_ce, neighbour_mix
 
 STRONG_VIEWS = 1
+PERTURBS_FEATURES = False
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from trainer.losses import ce, confident_ce, neighbour_mix
 from trainer.methods.self_training import weak_labels
 
 STRONG_VIEWS = 2
+PERTURBS_FEATURES = True  # the network must have encode / decode (trainer.models.student)
 WEIGHTS = {"strong_1": 0.25, "strong_2": 0.25, "feature": 0.5}  # UniMatch's
 
 

@@ -41,14 +41,16 @@ class DeepLabV3Plus(nn.Module):
         self.fuse = nn.Sequential(conv_bn_relu(channels + low, channels, 3), conv_bn_relu(channels, channels, 3))
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
-    def forward(self, x: torch.Tensor, perturb: bool = False):
-        """Logits at the input size; with ``perturb`` also those decoded from the same encoder features with
-        channel dropout (p 0.5) on both the features the head reads (UniMatch's feature perturbation)."""
-        low, high = self.backbone(x)
-        if perturb:
-            low, high = torch.cat([low, F.dropout2d(low, 0.5, self.training)]), torch.cat(
-                [high, F.dropout2d(high, 0.5, self.training)])
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two features the head reads: low level (1/4) and high level (1/16)."""
+        return tuple(self.backbone(x))
+
+    def decode(self, features) -> torch.Tensor:
+        """Logits at 1/4 of the input size."""
+        low, high = features
         high = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
-        out = self.classifier(self.fuse(torch.cat([high, self.reduce(low)], 1)))
-        out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return out.chunk(2) if perturb else out
+        return self.classifier(self.fuse(torch.cat([high, self.reduce(low)], 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits at the input size."""
+        return F.interpolate(self.decode(self.encode(x)), size=x.shape[-2:], mode="bilinear", align_corners=False)

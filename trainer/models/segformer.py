@@ -19,15 +19,17 @@ class SegFormer(nn.Module):
         self.dropout = nn.Dropout2d(0.1)
         self.classifier = nn.Conv2d(embed, num_classes, 1)
 
-    def forward(self, x: torch.Tensor, perturb: bool = False):
-        """Logits at the input size; with ``perturb`` also those decoded from the same encoder features with
-        channel dropout (p 0.5) on every stage's features (UniMatch's feature perturbation)."""
-        feats = self.backbone(x)
-        if perturb:
-            feats = [torch.cat([f, F.dropout2d(f, 0.5, self.training)]) for f in feats]
-        size = feats[0].shape[-2:]
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four stages' features (1/4 .. 1/32)."""
+        return list(self.backbone(x))
+
+    def decode(self, features) -> torch.Tensor:
+        """Logits at 1/4 of the input size."""
+        size = features[0].shape[-2:]
         fused = [F.interpolate(p(f), size=size, mode="bilinear", align_corners=False) if i else p(f)
-                 for i, (p, f) in enumerate(zip(self.project, feats))]
-        out = self.classifier(self.dropout(self.fuse(torch.cat(fused[::-1], 1))))
-        out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return out.chunk(2) if perturb else out
+                 for i, (p, f) in enumerate(zip(self.project, features))]
+        return self.classifier(self.dropout(self.fuse(torch.cat(fused[::-1], 1))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits at the input size."""
+        return F.interpolate(self.decode(self.encode(x)), size=x.shape[-2:], mode="bilinear", align_corners=False)

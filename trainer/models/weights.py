@@ -1,0 +1,91 @@
+"""Starting weights from a local file: ImageNet weights for a backbone (`--backbone-weights`), or a whole
+network's state dict (`--init-weights`) whose classifier may be for another class count."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.torchio import state_fit, torch_load
+
+# Keys an ImageNet checkpoint carries that a segmentation backbone has no use for (the classifier).
+EXTRA_PREFIXES = ("fc.", "head.")
+WRAPPERS = ("state_dict", "model", "module")
+PREFIXES = ("module.", "backbone.", "encoder.")
+
+
+def read_weights(path: Path, flag: str, fix: str) -> dict:
+    """The state dict of ``path``, out of ``{"state_dict": ...}``-style wrappers and without a prefix that
+    every key shares (``module.`` of DataParallel, ``backbone.`` / ``encoder.``)."""
+    state = torch_load(path, f"{flag} weights", fix)
+    while isinstance(state, dict) and len(state) <= 3 and any(k in state for k in WRAPPERS):
+        state = next(state[k] for k in WRAPPERS if k in state)
+    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise UserError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}; {fix}")
+    for prefix in PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_backbone(model: nn.Module, path: Path) -> dict:
+    """Load ImageNet weights into ``model.backbone``; a file that does not fit is a one-line error naming
+    the missing / unexpected / mis-shaped keys. Returns counts of what was loaded and ignored."""
+    path = Path(path)
+    if not isinstance(getattr(model, "backbone", None), nn.Module):
+        raise UserError(f"--backbone-weights {path}: the model has no `backbone` module to load them into; give "
+                        "the whole network's weights with --init-weights instead")
+    state = read_weights(path, "--backbone-weights", "--backbone-weights takes torchvision ResNet or official "
+                         "mit_b*.pth weights")
+    own = model.backbone.state_dict()
+    ignored = [k for k in state if k not in own and k.startswith(EXTRA_PREFIXES)]
+    unexpected = [k for k in state if k not in own and k not in ignored]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(v)} {what} (first: {', '.join(v[:4])})" for what, v in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if v]
+        raise UserError(f"{path}: does not fit the {type(model.backbone).__name__} backbone: {'; '.join(parts)}. "
+                        "Use torchvision ResNet weights for deeplabv3plus-r*, official mit_b*.pth for segformer-b*")
+    model.backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return {"loaded": len(own), "ignored": len(ignored)}
+
+
+def load_init(model: nn.Module, path: Path, num_classes: int) -> dict:
+    """Load a whole network's state dict into ``model``. Tensors whose shape differs only in dimensions
+    where the model has ``num_classes`` and the file one other count (the classifier of a network trained
+    on another label set) keep the model's fresh initialisation; anything else that does not fit is a
+    one-line error. Returns {"loaded": count, "reinitialised": [names], "file_classes": count or None}."""
+    path = Path(path)
+    state = read_weights(path, "--init-weights", "--init-weights takes a state dict of the whole network (e.g. "
+                         "its published segmentation weights)")
+    own = model.state_dict()
+    fit = state_fit(own, state)
+    counts = {_class_dims(own[k].shape, state[k].shape, num_classes) for k in fit.other_shape}
+    classifier = fit.other_shape if len(counts) == 1 and None not in counts else []
+    missing = [k for k in fit.missing if not k.endswith("num_batches_tracked")]
+    misfits = [k for k in fit.other_shape if k not in classifier]
+    if misfits or missing or fit.unexpected:
+        example = fit.example(state, own) if misfits or not fit.other_shape else \
+            f"e.g. {(missing or fit.unexpected)[0]} {'missing' if missing else 'unexpected'}"
+        raise UserError(f"{path}: does not fit the model: {len(fit.fits):,} of its {len(own):,} tensors fit, "
+                        f"{len(fit.other_shape)} of another shape ({len(classifier)} of them only by the class "
+                        f"count), {len(missing)} missing, {len(fit.unexpected)} unexpected ({example}); give the "
+                        "weights of the same architecture")
+    model.load_state_dict({**own, **fit.fits})
+    return {"loaded": len(fit.fits), "reinitialised": classifier, "file_classes": counts.pop() if classifier else None}
+
+
+def _class_dims(mine: torch.Size, theirs: torch.Size, num_classes: int) -> int | None:
+    """The file's class count when the shapes differ only where the model has ``num_classes`` (all such
+    dimensions of the file holding one count), else None."""
+    if len(mine) != len(theirs):
+        return None
+    other = {t for m, t in zip(mine, theirs) if m != t}
+    if len(other) != 1 or any(m != num_classes for m, t in zip(mine, theirs) if m != t):
+        return None
+    return other.pop()
