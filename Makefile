@@ -120,7 +120,7 @@ bench-real: setup
 # widths as annotators (helpful to harmful): work/bench/student.md. Needs bench-real's inputs and the PASCAL and
 # narrower Cityscapes ESPNetv2 weights in data/weights (README 'A pretrained student'). ~90 min after the stores.
 bench-student: setup
-	$(call with_camvid,benchmarks/bench_student.py,$(foreach w,1.0 0.5,data/weights/espnetv2_s_$(w)_city_1024x512.pth) \
+	$(call with_camvid,benchmarks/bench_student.py,$(foreach w,1.5 1.0,data/weights/espnetv2_s_$(w)_city_1024x512.pth) \
 	data/weights/espnetv2_s_1.0_pascal_384x384.pth)
 
 # What alpha is worth to the student: stage I on each alpha of a grid (paper and crc, 3 seeds, 2 splits), and the

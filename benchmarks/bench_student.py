@@ -105,14 +105,14 @@ def paper_alpha(world: World, root: Path, split: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--annotators", nargs="+", default=["s2.0", "s1.0", "s0.5"], choices=sorted(ANNOTATORS))
+    parser.add_argument("--annotators", nargs="+", default=["s2.0", "s1.5", "s1.0"], choices=sorted(ANNOTATORS))
     parser.add_argument("--splits", nargs="+", default=["1_16"])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, nargs=2, default=[4, 2], help="stage I and II epochs")
+    parser.add_argument("--epochs", type=int, nargs=2, default=[3, 1], help="stage I and II epochs")
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--eval-from", type=float, default=0.0, help="validate only after this fraction of epochs")
     parser.add_argument("--student-width", default="1.0", choices=["0.5", "1.0", "2.0"])
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW, at a batch of 8")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW, at a batch of 8")
     parser.add_argument("--head-lr-mult", type=float, default=1.0)
     parser.add_argument("--stage1-only", action="store_true", help="no stage II rows (a pilot)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings run side by side (one thread each)")

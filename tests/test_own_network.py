@@ -153,6 +153,8 @@ def test_a_changed_factory_is_refused_with_the_difference(toy_world, calibrated,
     last = Path(one["run_dir"]) / "last.pt"
     classes = load_checkpoint(last)["classes"]
     load_trained(last, classes)  # unchanged: fine
+    with pytest.raises(UserError, match="a run is already there, with other settings"):  # another network
+        train_stage(config, "t", recipe_of(own, "build_split", epochs=(2, 1)), 1, name="run", **QUIET)
     factory, _ = own
     factory.write_text(FACTORY.replace("return Net(classes)", "return Net(classes, width=16)"))
     changed = r"nets.py changed since \(sha256 \w+ -> \w+\): '-    return Net\(classes\)'; '\+    return Net\(classes, width=16\)'"

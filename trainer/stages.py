@@ -265,7 +265,8 @@ def _finished_run(last: Path, identity: dict, epochs: int, resume: bool, factory
     if not last.exists():
         return None
     done = load_checkpoint(last)
-    check_factory(done, last, factory)
+    if done.get("model_name") == identity["recipe"]["model"]:  # the same factory, but is its code the same?
+        check_factory(done, last, factory)
     same = done.get("identity") == identity
     if same and done["epoch"] == epochs:
         return done
@@ -310,11 +311,11 @@ def _ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float
 
 
 def _check_compatible(checkpoint: dict, recipe: Recipe, dataset: Dataset, path: Path, factory: dict | None) -> None:
-    check_factory(checkpoint, path, factory)
     if checkpoint.get("model_name") != recipe.model or checkpoint.get("classes") != list(dataset.classes):
         raise UserError(f"{path}: checkpoint is a {checkpoint.get('model_name')} for classes "
                         f"{checkpoint.get('classes', [])[:4]}...; this run wants {recipe.model} for "
                         f"{list(dataset.classes)[:4]}...")
+    check_factory(checkpoint, path, factory)
 
 
 def _loader(dataset, batches: list, recipe: Recipe, epoch: int):
