@@ -222,9 +222,13 @@ def train(
         raise UserError("--epochs applies to one stage; with --stage all set each stage's epochs in the recipe")
     from pipeline.factory import absolute_spec, is_factory
 
+    # flags win: a --model flag takes its code folder and weights from flags too, not from the config's [train];
+    # a --backbone-weights flag replaces the config's init_weights
+    configured = model is None
     model = absolute_spec(model, Path.cwd()) if model and is_factory(model) else model or config.model
-    model_code = model_code.absolute() if model_code else config.model_code
-    init_weights = init_weights.absolute() if init_weights else config.init_weights
+    model_code = model_code.absolute() if model_code else config.model_code if configured else None
+    init_weights = init_weights.absolute() if init_weights else \
+        config.init_weights if configured and backbone_weights is None else None
     overrides = dict(model=model, model_code=model_code, init_weights=init_weights,
                      backbone_weights=backbone_weights, crop=crop, batch_size=batch_size, lr=lr,
                      optimizer=optimizer, weight_decay=weight_decay, threshold=threshold, ema=ema,

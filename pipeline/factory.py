@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 from pathlib import Path
 
@@ -25,9 +26,10 @@ def is_factory(spec: str) -> bool:
 
 
 def absolute_spec(spec: str, base: Path) -> str:
-    """``file.py:function`` with the file taken relative to ``base``; a ``module:function`` as it is."""
+    """``file.py:function`` with the file taken relative to ``base`` (normalised: one file, one spec); a
+    ``module:function`` as it is."""
     where, name = spec.rsplit(":", 1)
-    return f"{(Path(base) / where).absolute()}:{name}" if where.endswith(".py") else spec
+    return f"{os.path.abspath(Path(base) / where)}:{name}" if where.endswith(".py") else spec
 
 
 @contextlib.contextmanager
@@ -67,7 +69,7 @@ def load_factory(spec: str | None, code: Path | None, flag: str):
     except UserError:
         raise
     except Exception as exc:  # the user's module: any error while importing it
-        raise UserError(f"{flag} {spec}: importing {where} failed ({describe(exc)})") from None
+        raise UserError(f"{flag} {spec}: importing {where} failed ({describe(exc)}){_hint(exc, code)}") from None
     factory = getattr(module, name, None)
     if not callable(factory):
         raise UserError(f"{flag} {spec}: {where} has no function '{name}'")
@@ -82,9 +84,13 @@ def call_factory(factory, spec: str, code: Path | None, flag: str, *args):
     except UserError:
         raise
     except Exception as exc:
-        hint = (f"; is {code} the checkout that provides it?" if code is not None else
-                "; name the folder it imports from") if isinstance(exc, ModuleNotFoundError) else ""
-        raise UserError(f"{flag} {spec}: calling it failed ({describe(exc)}){hint}") from None
+        raise UserError(f"{flag} {spec}: calling it failed ({describe(exc)}){_hint(exc, code)}") from None
+
+
+def _hint(exc: Exception, code: Path | None) -> str:
+    if not isinstance(exc, ModuleNotFoundError):
+        return ""
+    return f"; is {code} the folder that provides it?" if code is not None else "; name the folder it imports from (--model-code, foundation.code)"
 
 
 def fingerprint(factory, spec: str) -> dict:

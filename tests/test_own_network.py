@@ -55,6 +55,28 @@ class SplitNet(Net):
         return self.classifier(features[0])
 
 
+class Halves(nn.Module):  # the backbone a property (as EdgeNets' base_net); encode only, to a dict of features
+    def __init__(self, classes):
+        super().__init__()
+        self.base = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU())
+        self.head = nn.Conv2d(8, classes, 1)
+
+    @property
+    def backbone(self):
+        return self.base
+
+    def forward(self, x):
+        return self.head(self.base(x))
+
+    def encode(self, x):
+        return {"x": self.base(x)}
+
+
+class Whole(Halves):
+    def decode(self, features):
+        return self.head(features["x"])
+
+
 class Flat(nn.Module):  # no backbone: one parameter group
     def __init__(self, classes):
         super().__init__()
@@ -77,6 +99,16 @@ def build_split(classes):
 def build_flat(classes):
     from ownnet import Flat
     return Flat(classes)
+
+
+def build_halves(classes):
+    from ownnet import Halves
+    return Halves(classes)
+
+
+def build_whole(classes):
+    from ownnet import Whole
+    return Whole(classes)
 
 
 def wrong_classes(classes):
@@ -137,7 +169,7 @@ def test_a_factory_network_trains_both_stages_resumes_exactly_and_is_rebuilt_in_
 
 
 def test_the_network_s_backbone_gets_the_base_rate_and_a_network_without_one_is_one_part(own):
-    for function, groups in (("build", [1e-3, 1e-2]), ("build_flat", [1e-3])):
+    for function, groups in (("build", [1e-3, 1e-2]), ("build_halves", [1e-3, 1e-2]), ("build_flat", [1e-3])):
         recipe = recipe_of(own, function, head_lr_mult=10.0, optimizer="sgd")
         model = build_model(recipe.model, 3, recipe.model_code)
         optimizer = _optimizer(model, recipe, 1e-3)
@@ -193,6 +225,11 @@ def test_init_weights_reinitialise_exactly_the_classifier_for_another_class_coun
     assert said == [f"init weights: 14 tensors from {path}; re-initialised for 8 classes (the file's are for 21): "
                     "classifier.weight, classifier.bias"]
 
+    # a checkpoint of this trainer (the network under "model", beside the optimiser and the rest) loads too
+    trained = run_dir(config, "init", 1) / "last.pt"
+    assert load_init(build_model(recipe.model, 8, recipe.model_code), trained, 8) == {
+        "loaded": 16, "reinitialised": [], "file_classes": None}
+
     # the same class count: everything loads, nothing is re-initialised
     torch.save(build_model(recipe.model, 8, recipe.model_code).state_dict(), path)
     assert load_init(build_model(recipe.model, 8, recipe.model_code), path, 8)["reinitialised"] == []
@@ -210,9 +247,9 @@ def test_weights_that_do_not_fit_are_one_line_with_counts_and_an_example(tmp_pat
         sys.path.remove(str(own[1]))
     extra = {**model.state_dict(), "aux.weight": torch.zeros(3)}
     missing = {k: v for k, v in model.state_dict().items() if k != "backbone.0.weight"}
-    cases = [(wider, r"does not fit the model: 2 of its 16 tensors fit, 14 of another shape \(0 of them only by the "
-                     r"class count\), 0 missing, 0 unexpected \(e.g. backbone.0.weight: \(16, 3, 3, 3\) in the "
-                     r"checkpoint, \(8, 3, 3, 3\) in the model\)"),
+    cases = [(wider, r"does not fit the model: 2 of its 16 tensors fit, 14 of another shape \(12 of them only by the "
+                     r"class count\), 0 missing, 0 unexpected \(e.g. backbone.3.weight: \(16, 16, 3, 3\) in the "
+                     r"file, \(8, 8, 3, 3\) in the model\)"),
              (extra, r"16 of its 16 tensors fit, 0 of another shape .* 0 missing, 1 unexpected \(e.g. aux.weight "),
              (missing, r"1 missing, 0 unexpected \(e.g. backbone.0.weight missing\)"),
              ({"a": 1}, "expected a state dict")]
@@ -222,6 +259,10 @@ def test_weights_that_do_not_fit_are_one_line_with_counts_and_an_example(tmp_pat
         with pytest.raises(UserError, match=match) as err:
             load_init(build_model(recipe.model, 8, recipe.model_code), path, 8)
         assert "\n" not in str(err.value)
+    # a width that equals the class count is not taken for a classifier: the 8 -> 8 convolution differs twice
+    with pytest.raises(UserError, match=r"2 of its 16 tensors fit, 14 of another shape"):
+        torch.save(wider, path)
+        load_init(build_model(recipe.model, 8, recipe.model_code), path, 8)
     with pytest.raises(UserError, match="give one"):
         get_recipe("toy", "folder", init_weights=path, backbone_weights=path)
     with pytest.raises(UserError, match="no `backbone` module.*--init-weights"):
@@ -244,13 +285,21 @@ def test_unimatch_needs_encode_and_decode(toy_world, calibrated, tmp_path, own):
     done = train_stage(config, "t", split, 2, name="split", method="unimatch", **QUIET)
     assert done["epochs_run"] == 1 and 0 <= done["best"] <= 1
 
-    # the perturbed branch decodes dropped-out features, only in training mode, at the input size
-    net = Segmenter(build_model(split.model, 4, split.model_code), 4, split.model).train()
-    x = torch.randn(2, 3, 20, 28)
-    clean, perturbed = net(x, perturb=True)
-    assert clean.shape == perturbed.shape == (2, 4, 20, 28) and not torch.allclose(clean, perturbed)
-    clean, perturbed = net.eval()(x, perturb=True)
-    torch.testing.assert_close(clean, perturbed)
+    halves = recipe_of(own, "build_halves", epochs=(1, 1), threshold=0.5)
+    train_stage(config, "t", halves, 1, name="halves", **QUIET)
+    with pytest.raises(UserError, match=r"has no decode method"):
+        train_stage(config, "t", halves, 2, name="halves", method="unimatch", **QUIET)
+
+    # the perturbed branch decodes dropped-out features (a list or a dict of them), only in training mode, at the
+    # input size
+    for function in ("build_split", "build_whole"):
+        spec = f"{own[0]}:{function}"
+        net = Segmenter(build_model(spec, 4, own[1]), 4, spec).train()
+        x = torch.randn(2, 3, 20, 28)
+        clean, perturbed = net(x, perturb=True)
+        assert clean.shape == perturbed.shape == (2, 4, 20, 28) and not torch.allclose(clean, perturbed)
+        clean, perturbed = net.eval()(x, perturb=True)
+        torch.testing.assert_close(clean, perturbed)
 
 
 def test_factory_mistakes_are_one_line(toy_world, calibrated, tmp_path, own):
@@ -310,3 +359,59 @@ def test_torchrun_two_processes_run_unimatch_on_a_factory_network(toy_world, cal
     run = run_dir(config, "ddp", 2, "unimatch")
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     assert load_checkpoint(run / "last.pt")["step"] == len(Dataset(config).split("unlabeled")) // 4
+
+
+def test_a_package_module_factory_and_relative_paths_from_the_command_line(toy_world, calibrated, tmp_path, own,
+                                                                          monkeypatch, capsys):
+    config = fresh(toy_world, calibrated, tmp_path)
+    factory, code = own
+    (code / "studentpkg").mkdir()
+    (code / "studentpkg" / "__init__.py").write_text("")
+    (code / "studentpkg" / "nets.py").write_text(FACTORY)
+    flags = ["--config", "toy", "--root", str(config.root), "--labeled", str(config.labeled), "--unlabeled",
+             str(config.unlabeled), "--val", str(config.val), "--work-dir", str(config.work_dir)]
+    train = ["train", "--stage", "1", "--epochs", "1", "--crop", "32", "--batch-size", "4", "--workers", "0"]
+    monkeypatch.chdir(tmp_path)  # relative paths, taken from the current folder
+    torch.manual_seed(3)
+    torch.save(build_model(f"{factory}:build", 21, code).state_dict(), tmp_path / "w.pth")
+    for name, model in (("file", "nets.py:build"), ("package", "studentpkg.nets:build")):
+        result = CliRunner().invoke(app, [*train, "--name", name, "--model", model, "--model-code", "checkout",
+                                          "--init-weights", "w.pth", *flags], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        state = load_checkpoint(run_dir(config, name, 1) / "last.pt")
+        assert state["factory"]["sha256"] and Path(state["factory"]["file"]).name == "nets.py"
+        assert state["recipe"]["model_code"] == str(code) and state["recipe"]["init_weights"] == str(tmp_path / "w.pth")
+    assert load_checkpoint(run_dir(config, "file", 1) / "last.pt")["model_name"] == f"{factory}:build"
+    sys.modules.pop("studentpkg.nets", None)
+    sys.modules.pop("studentpkg", None)
+    (code / "studentpkg" / "nets.py").write_text(FACTORY + "\n# tuned\n")
+    said = run_cli(monkeypatch, capsys, "eval", "--checkpoint", run_dir(config, "package", 1) / "last.pt", *flags)
+    assert "studentpkg/nets.py changed since" in said and "'+# tuned'" in said
+    with pytest.raises(UserError, match="importing no_such_pkg.nets failed .*name the folder it imports from"):
+        build_model("no_such_pkg.nets:build", 8)
+
+
+def test_runs_of_the_previous_version_are_still_reused_resumed_and_evaluated(toy_world, calibrated, tmp_path):
+    config = fresh(toy_world, calibrated, tmp_path)
+
+    def crash_after_first(record):
+        if record["epoch"] == 1:
+            raise Crash
+
+    def as_before(path):  # what the previous version wrote: no factory, no model_code / init_weights
+        state = load_checkpoint(path)
+        del state["factory"]
+        for key in ("model_code", "init_weights"):
+            del state["recipe"][key]
+            assert key not in state["identity"]["recipe"]
+        torch.save(state, path)
+        return state
+
+    one = train_stage(config, "t", TINY, 1, name="old", **QUIET)
+    state = as_before(Path(one["run_dir"]) / "last.pt")
+    assert train_stage(config, "t", TINY, 1, name="old", **QUIET)["unchanged"]
+    load_trained(Path(one["run_dir"]) / "last.pt", state["classes"])
+    with pytest.raises(Crash):
+        train_stage(config, "t", TINY, 1, name="cut", on_epoch=crash_after_first, **QUIET)
+    as_before(run_dir(config, "cut", 1) / "last.pt")
+    assert train_stage(config, "t", TINY, 1, name="cut", resume=True, **QUIET)["best"] == one["best"]

@@ -42,7 +42,7 @@ def check_factory(state: dict, path: Path, current: dict | None = None) -> None:
     if current is None:
         from trainer.models import factory_record
 
-        current = factory_record(state["model_name"], model_code(state))
+        current = factory_record(state["model_name"], model_code(state), f"{path}: its network")
     changed = difference(recorded, current)
     if changed:
         raise UserError(f"{path}: the network's factory {state['model_name']} is not the code it was trained with: "
@@ -59,10 +59,16 @@ def load_trained(path: Path, classes) -> tuple[torch.nn.Module, dict]:
         raise UserError(f"{path}: trained for classes {state.get('classes', [])[:4]}..., the data set has "
                         f"{list(classes)[:4]}...")
     check_factory(state, path)
-    model = build_model(state["model_name"], len(classes), model_code(state))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise UserError(f"{path}: its weights do not fit the network {state['model_name']} builds now "
-                        f"({describe(exc)})") from None
+    model = build_model(state["model_name"], len(classes), model_code(state), f"{path}: its network")
+    load_weights(model, state["model"], path, state["model_name"])
     return Segmenter(model, len(classes), state["model_name"]).eval(), state
+
+
+def load_weights(model: torch.nn.Module, weights: dict, path: Path, name: str) -> None:
+    """``model.load_state_dict(weights)`` of a checkpoint; a misfit (the code that builds the network, e.g. the
+    checkout a factory imports, changed since) is one line."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: its weights do not fit the network {name} builds now ({describe(exc)}); "
+                        "restore the code it was trained with") from None

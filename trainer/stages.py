@@ -29,7 +29,7 @@ from pipeline.datasets import Dataset
 from pipeline.errors import UserError
 from pipeline.record import cached_masks
 from pipeline.ui import no_progress, percent
-from trainer.checkpoint import check_factory, load_checkpoint, save_checkpoint
+from trainer.checkpoint import check_factory, load_checkpoint, load_weights, save_checkpoint
 from trainer.data import TrainImages, ValImages, epoch_plan
 from trainer.evaluate import evaluate
 from trainer.losses import ce
@@ -37,6 +37,11 @@ from trainer.methods import get_method
 from trainer.models import Segmenter, build_model, factory_record, load_backbone, load_init, missing_protocol
 from trainer.recipes import Recipe, effective_lr
 from trainer.schedule import poly, unlabeled_weight
+
+
+# Recipe fields added after runs were made: left out of a run's identity while unset, so those runs are still
+# reused and resumed.
+LATER_FIELDS = ("init_weights", "model_code")
 
 
 def run_dir(config: Config, name: str, stage: int, method: str = "self") -> Path:
@@ -99,7 +104,8 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
     else:
         inputs = {"start": _fingerprint(source), "method": method}
     # what the run's result depends on: a finished run with the same identity is reused, not redone
-    result_fields = {k: v for k, v in asdict(recipe).items() if k not in ("workers", "eval_mode")}
+    result_fields = {k: v for k, v in asdict(recipe).items() if k not in ("workers", "eval_mode")
+                     and not (k in LATER_FIELDS and v is None)}
     identity = {"recipe": _plain(result_fields), "classes": list(dataset.classes), "inputs": inputs,
                 "unlabeled": len(unlabeled)}
     finished = _finished_run(last, identity, recipe.epochs[stage - 1], resume, factory)
@@ -127,10 +133,10 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
     if resume:
         checkpoint = load_checkpoint(last)
         _check_compatible(checkpoint, recipe, dataset, last, factory)
-        model.load_state_dict(checkpoint["student"] or checkpoint["model"])
+        load_weights(model, checkpoint["student"] or checkpoint["model"], last, recipe.model)
     elif stage == 2:
         _check_compatible(start, recipe, dataset, source, factory)
-        model.load_state_dict(start["model"])
+        load_weights(model, start["model"], source, recipe.model)
     elif recipe.init_weights:
         loaded = load_init(model, recipe.init_weights, dataset.num_classes)
         if rank == 0:
@@ -144,7 +150,10 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
             log(f"backbone: {loaded['loaded']} tensors from {recipe.backbone_weights}")
     # channels-last on every device: faster convolutions on GPUs (tensor cores) and on CPUs (oneDNN), there
     # measured 20-30% per training step for the tiny DeepLabV3+ and for ESPNetv2's grouped convolutions
-    model = model.to(dev, memory_format=torch.channels_last)
+    try:
+        model = model.to(dev, memory_format=torch.channels_last)
+    except RuntimeError:  # a network with 5-D weights (Conv3d) has no channels-last layout
+        model = model.to(dev)
     if dev.type == "cuda" and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     segmenter = Segmenter(model, dataset.num_classes, recipe.model)
@@ -173,7 +182,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         if teacher is not None:
-            teacher.model.load_state_dict(checkpoint["model"])
+            load_weights(teacher.model, checkpoint["model"], last, recipe.model)
         epoch, step, best = checkpoint["epoch"], checkpoint["step"], checkpoint["best"]
         rng = checkpoint["rng"][str(rank)]
         torch.set_rng_state(rng["cpu"])
@@ -183,9 +192,11 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
             _truncate_metrics(out / "metrics.jsonl", epoch)
             log(f"resuming {out} after epoch {epoch} (step {step}, best mIoU {percent(best)})")
     if rank == 0:
+        rates = (f"head x{recipe.head_lr_mult:g}" if len(optimizer.param_groups) > 1 else
+                 "the network has no backbone: one rate for all of it")
         log(f"stage {stage}: {recipe.model}, {len(labeled)} labeled + {len(unlabeled)} unlabeled images, "
             f"{epochs} epochs x {steps_per_epoch} steps, batch {recipe.batch_size} ({world} process(es)), "
-            f"crop {recipe.crop}, lr {lr:.2e} (= {recipe.lr:g} x {recipe.batch_size}/8), device {dev}")
+            f"crop {recipe.crop}, lr {lr:.2e} (= {recipe.lr:g} x {recipe.batch_size}/8; {rates}), device {dev}")
 
     per_process = recipe.batch_size // world
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp else None

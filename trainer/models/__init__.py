@@ -25,10 +25,10 @@ SEGFORMER = {f"segformer-b{i}": f"mit-b{i}" for i in range(6)} | {"segformer-tin
 MODELS = (*DEEPLAB, *SEGFORMER)
 
 
-def build_model(name: str, num_classes: int, code: Path | None = None) -> nn.Module:
-    """The network ``name`` (built in, or a factory spec whose code folder is ``code``)."""
+def build_model(name: str, num_classes: int, code: Path | None = None, flag: str = "--model") -> nn.Module:
+    """The network ``name`` (built in, or a factory spec whose code folder is ``code``); errors name ``flag``."""
     if is_factory(name):
-        return build_factory(name, num_classes, code)[0]
+        return build_factory(name, num_classes, code, flag)[0]
     if code is not None:
         raise UserError(f"--model-code {code}: only a factory (--model file.py:function) imports code; "
                         f"{name} is built in")
@@ -40,15 +40,15 @@ def build_model(name: str, num_classes: int, code: Path | None = None) -> nn.Mod
                     "file.py:function or package.module:function")
 
 
-def build_factory(spec: str, num_classes: int, code: Path | None) -> tuple[nn.Module, dict]:
+def build_factory(spec: str, num_classes: int, code: Path | None, flag: str = "--model") -> tuple[nn.Module, dict]:
     """(the network the factory returns for ``num_classes``, its fingerprint for the checkpoint)."""
-    factory = load_factory(spec, code, "--model")
-    model = call_factory(factory, spec, code, "--model", num_classes)
+    factory = load_factory(spec, code, flag)
+    model = call_factory(factory, spec, code, flag, num_classes)
     if not isinstance(model, nn.Module):
-        raise UserError(f"--model {spec}: returned a {type(model).__name__}, not a torch.nn.Module")
+        raise UserError(f"{flag} {spec}: returned a {type(model).__name__}, not a torch.nn.Module")
     return model, fingerprint(factory, spec)
 
 
-def factory_record(name: str, code: Path | None) -> dict | None:
+def factory_record(name: str, code: Path | None, flag: str = "--model") -> dict | None:
     """What a checkpoint records of a factory network's code (None for a built-in one)."""
-    return fingerprint(load_factory(name, code, "--model"), name) if is_factory(name) else None
+    return fingerprint(load_factory(name, code, flag), name) if is_factory(name) else None

@@ -4,7 +4,7 @@ A network maps normalised images (N, 3, H, W) to logits (N, K, h, w) at any outp
 resizes them to (H, W). UniMatch's feature perturbation needs the network split in two, the smallest
 protocol that allows it:
 
-    encode(images) -> features          a tensor, or a list / tuple of tensors (N, C_i, h_i, w_i)
+    encode(images) -> features          a tensor, or a list, tuple or dict of tensors (N, C_i, h_i, w_i)
     decode(features) -> logits          the same structure in, (N, K, h, w) out
 
 `Segmenter(x, perturb=True)` decodes the features twice, once as they are and once with channel dropout
@@ -40,11 +40,7 @@ class Segmenter(nn.Module):
         if not perturb:
             return self._logits(self.model(x), x)
         features = self.model.encode(x)
-        many = isinstance(features, (list, tuple))
-        parts = list(features) if many else [features]
-        doubled = [torch.cat([f, F.dropout2d(f, 0.5, self.training)]) for f in parts]
-        out = self._logits(self.model.decode((tuple(doubled) if isinstance(features, tuple) else doubled) if many
-                                             else doubled[0]), x, 2)
+        out = self._logits(self.model.decode(_doubled(features, self.training, self.name)), x, 2)
         return out.chunk(2)
 
     def _logits(self, out, x: torch.Tensor, copies: int = 1) -> torch.Tensor:
@@ -57,3 +53,19 @@ class Segmenter(nn.Module):
         if out.shape[-2:] != x.shape[-2:]:
             out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return out
+
+
+def _doubled(features, training: bool, name: str):
+    """Each feature tensor as [itself; itself with channel dropout], in the structure ``encode`` returned."""
+    def double(f: torch.Tensor) -> torch.Tensor:
+        return torch.cat([f, F.dropout2d(f, 0.5, training)])
+
+    if isinstance(features, torch.Tensor):
+        return double(features)
+    if isinstance(features, dict):
+        return type(features)((k, double(f)) for k, f in features.items())
+    if isinstance(features, (list, tuple)):
+        doubled = [double(f) for f in features]
+        return features._make(doubled) if hasattr(features, "_make") else type(features)(doubled)  # namedtuples
+    raise UserError(f"--model {name}: encode() returned a {type(features).__name__}; it must return a tensor, or a "
+                    "list, tuple or dict of tensors")

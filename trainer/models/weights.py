@@ -17,18 +17,27 @@ WRAPPERS = ("state_dict", "model", "module")
 PREFIXES = ("module.", "backbone.", "encoder.")
 
 
-def read_weights(path: Path, flag: str, fix: str) -> dict:
-    """The state dict of ``path``, out of ``{"state_dict": ...}``-style wrappers and without a prefix that
-    every key shares (``module.`` of DataParallel, ``backbone.`` / ``encoder.``)."""
-    state = torch_load(path, f"{flag} weights", fix)
-    while isinstance(state, dict) and len(state) <= 3 and any(k in state for k in WRAPPERS):
-        state = next(state[k] for k in WRAPPERS if k in state)
-    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise UserError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}; {fix}")
+def read_weights(path: Path, what: str, fix: str, own: set[str]) -> dict:
+    """The state dict of ``path``: out of wrappers (``{"state_dict": ...}``, a `conformalsam train` checkpoint's
+    ``{"model": ...}``, whatever else the file holds beside it) and without a prefix that every key shares
+    (``module.`` of DataParallel, ``backbone.`` / ``encoder.``) unless the model's own keys ``own`` share it too."""
+    state = torch_load(path, what, fix)
+    while isinstance(state, dict) and not _tensors(state):
+        inner = next((state[k] for k in WRAPPERS if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            break
+        state = inner
+    if not (isinstance(state, dict) and state and _tensors(state)):
+        raise UserError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}"
+                        f"{' of ' + ', '.join(map(str, list(state)[:4])) if isinstance(state, dict) else ''}; {fix}")
     for prefix in PREFIXES:
-        if all(k.startswith(prefix) for k in state):
+        if all(k.startswith(prefix) for k in state) and not all(k.startswith(prefix) for k in own):
             state = {k[len(prefix):]: v for k, v in state.items()}
     return state
+
+
+def _tensors(state: dict) -> bool:
+    return bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
 
 
 def load_backbone(model: nn.Module, path: Path) -> dict:
@@ -38,9 +47,9 @@ def load_backbone(model: nn.Module, path: Path) -> dict:
     if not isinstance(getattr(model, "backbone", None), nn.Module):
         raise UserError(f"--backbone-weights {path}: the model has no `backbone` module to load them into; give "
                         "the whole network's weights with --init-weights instead")
-    state = read_weights(path, "--backbone-weights", "--backbone-weights takes torchvision ResNet or official "
-                         "mit_b*.pth weights")
     own = model.backbone.state_dict()
+    state = read_weights(path, "backbone weights", "--backbone-weights takes torchvision ResNet or official "
+                         "mit_b*.pth weights", set(own))
     ignored = [k for k in state if k not in own and k.startswith(EXTRA_PREFIXES)]
     unexpected = [k for k in state if k not in own and k not in ignored]
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
@@ -56,36 +65,38 @@ def load_backbone(model: nn.Module, path: Path) -> dict:
 
 
 def load_init(model: nn.Module, path: Path, num_classes: int) -> dict:
-    """Load a whole network's state dict into ``model``. Tensors whose shape differs only in dimensions
-    where the model has ``num_classes`` and the file one other count (the classifier of a network trained
-    on another label set) keep the model's fresh initialisation; anything else that does not fit is a
+    """Load a whole network's state dict into ``model``. Tensors whose shape differs in one dimension only, where
+    the model has ``num_classes`` and the file one other count throughout (the classifier of a network trained
+    on another label set), keep the model's fresh initialisation; anything else that does not fit is a
     one-line error. Returns {"loaded": count, "reinitialised": [names], "file_classes": count or None}."""
     path = Path(path)
-    state = read_weights(path, "--init-weights", "--init-weights takes a state dict of the whole network (e.g. "
-                         "its published segmentation weights)")
     own = model.state_dict()
+    state = read_weights(path, "a network's weights", "--init-weights takes a state dict of the whole network (e.g. "
+                         "its published segmentation weights)", set(own))
     fit = state_fit(own, state)
-    counts = {_class_dims(own[k].shape, state[k].shape, num_classes) for k in fit.other_shape}
-    classifier = fit.other_shape if len(counts) == 1 and None not in counts else []
+    counts = {k: _class_count(own[k].shape, state[k].shape, num_classes) for k in fit.other_shape}
+    by_class = [k for k, c in counts.items() if c is not None]
+    classifier = by_class if len(set(counts.values())) == 1 and by_class and fit.fits else []
     missing = [k for k in fit.missing if not k.endswith("num_batches_tracked")]
     misfits = [k for k in fit.other_shape if k not in classifier]
     if misfits or missing or fit.unexpected:
-        example = fit.example(state, own) if misfits or not fit.other_shape else \
-            f"e.g. {(missing or fit.unexpected)[0]} {'missing' if missing else 'unexpected'}"
+        wrong = [k for k in misfits if k not in by_class] or misfits  # the most telling example first
+        example = (f"e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} in the file, {tuple(own[wrong[0]].shape)} in "
+                   "the model" if wrong else f"e.g. {(missing or fit.unexpected)[0]} "
+                   f"{'missing' if missing else 'unexpected'}")
         raise UserError(f"{path}: does not fit the model: {len(fit.fits):,} of its {len(own):,} tensors fit, "
-                        f"{len(fit.other_shape)} of another shape ({len(classifier)} of them only by the class "
+                        f"{len(fit.other_shape)} of another shape ({len(by_class)} of them only by the class "
                         f"count), {len(missing)} missing, {len(fit.unexpected)} unexpected ({example}); give the "
                         "weights of the same architecture")
     model.load_state_dict({**own, **fit.fits})
-    return {"loaded": len(fit.fits), "reinitialised": classifier, "file_classes": counts.pop() if classifier else None}
+    return {"loaded": len(fit.fits), "reinitialised": classifier,
+            "file_classes": counts[classifier[0]] if classifier else None}
 
 
-def _class_dims(mine: torch.Size, theirs: torch.Size, num_classes: int) -> int | None:
-    """The file's class count when the shapes differ only where the model has ``num_classes`` (all such
-    dimensions of the file holding one count), else None."""
+def _class_count(mine: torch.Size, theirs: torch.Size, num_classes: int) -> int | None:
+    """The file's class count when the shapes differ in exactly one dimension, where the model has
+    ``num_classes``; else None (another architecture or width)."""
     if len(mine) != len(theirs):
         return None
-    other = {t for m, t in zip(mine, theirs) if m != t}
-    if len(other) != 1 or any(m != num_classes for m, t in zip(mine, theirs) if m != t):
-        return None
-    return other.pop()
+    differ = [(m, t) for m, t in zip(mine, theirs) if m != t]
+    return differ[0][1] if len(differ) == 1 and differ[0][0] == num_classes else None
