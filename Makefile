@@ -108,7 +108,7 @@ bench-quality: toy
 define with_camvid
 	@missing=""; for f in data/CamVid/train third_party/EdgeNets data/weights/espnetv2_s_2.0_city_1024x512.pth $(2); do \
 	test -e $$f || missing="$$missing $$f"; done; \
-	if [ -n "$$missing" ]; then echo "$@ skipped: missing$$missing (README 'Real images')"; \
+	if [ -n "$$missing" ]; then echo "$@ skipped: missing$$missing (README 'Real images', 'Getting the material')"; \
 	else $(MAKE) --no-print-directory camvid-splits && $(BIN)/python $(1); fi
 endef
 
@@ -117,8 +117,8 @@ bench-real: setup
 	$(call with_camvid,benchmarks/bench_real.py)
 
 # The paper's regime on real images: ESPNetv2 from PASCAL VOC weights as the student, Cityscapes ESPNetv2s of three
-# widths as annotators (helpful to harmful): work/bench/student.md. Needs bench-real's inputs and the PASCAL and
-# narrower Cityscapes ESPNetv2 weights in data/weights (README 'A pretrained student'). ~90 min after the stores.
+# widths as annotators: work/bench/student.md. Needs bench-real's inputs and the PASCAL and narrower Cityscapes
+# ESPNetv2 weights in data/weights (README 'A pretrained student, and annotators ...'). ~80 min on 2 cores after the stores.
 bench-student: setup
 	$(call with_camvid,benchmarks/bench_student.py,$(foreach w,1.5 1.0,data/weights/espnetv2_s_$(w)_city_1024x512.pth) \
 	data/weights/espnetv2_s_1.0_pascal_384x384.pth)
