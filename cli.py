@@ -3,6 +3,7 @@
 import functools
 import inspect
 import os
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -606,13 +607,45 @@ def toy_evaluate(
                 mean_iou(conf), pixel_accuracy(conf))
 
 
+class Interrupted(BaseException):
+    """Ctrl-C, raised past click (which turns KeyboardInterrupt into "Aborted!" and exit 1)."""
+
+
+def _interrupt(signum, frame):
+    raise Interrupted
+
+
 def main() -> None:
-    """Entry point: user errors end in one line on stderr and exit code 2, never a traceback."""
+    """Entry point: user errors end in one line on stderr and exit code 2, Ctrl-C in one line and exit code
+    130, never a traceback."""
+    signal.signal(signal.SIGINT, _interrupt)
+    code = 0
     try:
         app()
+    except SystemExit as exc:  # click's own exit: usage errors 2, --help 0
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     except UserError as exc:
         error(one_line(str(exc)))
-        sys.exit(2)
+        code = 2
+    except Interrupted:
+        error("interrupted (Ctrl-C); finished files are kept: run the same command again to continue "
+              "(train: add --resume)")
+        code = 130
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    """Under torchrun a rank leaves the process group, then ends without the interpreter's teardown: gloo's
+    threads can still hold tensors then, and releasing them at teardown aborts the rank (SIGABRT) after its
+    work is done. Elsewhere a normal exit."""
+    from pipeline import distributed
+
+    if not distributed.active():
+        sys.exit(code)
+    distributed.leave()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

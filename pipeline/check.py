@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from joblib import Parallel, delayed
-
 from pipeline.datasets import SPLITS, Dataset, Sample, exif_orientation, parse_split, read_image
 from pipeline.errors import DataProblem, UserError
+from pipeline.parallel import thread_map
 
 
 class Warned(DataProblem):
@@ -72,10 +71,14 @@ def check_dataset(dataset: Dataset, progress=None, n_jobs: int = 4) -> Report:
             report.add(DataProblem("split overlap", f"id '{shared}' is in both the {a} and the {b} split"))
     # an image listed in several splits is checked once
     unique = list({(s.image, s.mask): s for samples in per_split.values() for s in samples}.values())
-    tasks = (delayed(check_sample)(dataset, s) for s in unique)
-    for found in Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(tasks):
-        for problem in found:
-            report.add(problem)
+
+    def checked(sample: Sample) -> list[DataProblem]:
+        found = check_sample(dataset, sample)
         if progress is not None:
             progress(1, len(unique))
+        return found
+
+    for found in thread_map(checked, unique, n_jobs):
+        for problem in found:
+            report.add(problem)
     return report

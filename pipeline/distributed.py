@@ -20,14 +20,18 @@ def setup(backend: str = "gloo") -> tuple[int, int]:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
-        atexit.register(_leave)
+        atexit.register(leave)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _leave() -> None:
-    """Leave the process group before the interpreter exits: a rank whose gloo threads are still alive at
-    exit can abort ("terminate called without an active exception") after its work is done."""
-    if dist.is_initialized():
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def leave() -> None:
+    """Leave the process group (the command line's exit does it, then skips the interpreter's teardown;
+    atexit covers library use)."""
+    if active():
         dist.destroy_process_group()
 
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from joblib import Parallel, delayed
 
 from pipeline import distributed
 from pipeline.atomic import ensure_writable
@@ -25,6 +24,7 @@ from pipeline.classmap import ClassMap, unmapped
 from pipeline.config import Config
 from pipeline.datasets import SPLITS, Dataset, Sample, image_size, read_image
 from pipeline.errors import DataProblem, UserError
+from pipeline.parallel import thread_map
 from pipeline.store import check_identity, holds, intact_ids, open_for_writing, record_failures, write_scores
 
 
@@ -138,7 +138,7 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     if rank != 0:  # rank 0 created or validated it; only check (cleaning up here could hit its writes)
         check_identity(path, identity)
     done = set(intact_ids(path, verify))
-    headers = Parallel(n_jobs=8, prefer="threads")(delayed(_header)(s) for s in samples)
+    headers = thread_map(_header, samples, 8)
     unreadable = dict(f for _, f in headers if f is not None)  # every rank sees these: rank 0 reports
     batches = plan_batches([it for it, _ in headers if it is not None], backend.preprocess, batch_size)
     mine = batches[rank::world]

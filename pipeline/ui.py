@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -50,13 +51,15 @@ def progress(description: str, unit: str = "img"):
     )
     bar = Progress(*columns, console=console, transient=False)
     task = bar.add_task(description, total=None, rate="")
+    lock = threading.Lock()  # worker threads update one bar
 
     def update(advance: int, total: int | None = None) -> None:
-        if not bar.live.is_started:
-            bar.start()
-        bar.update(task, advance=advance, total=total)
-        speed = bar.tasks[task].speed
-        bar.update(task, rate=f"{speed:.1f} {unit}/s" if speed else "")
+        with lock:
+            if not bar.live.is_started:
+                bar.start()
+            bar.update(task, advance=advance, total=total)
+            speed = bar.tasks[task].speed
+            bar.update(task, rate=f"{speed:.1f} {unit}/s" if speed else "")
 
     try:
         yield update
