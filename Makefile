@@ -61,21 +61,27 @@ train: calibrate
 	$(CLI) train --stage 1 $(CFG)
 	$(CLI) train --stage 2 $(CFG)
 
-# SEEM, the default annotator (GPU machine): its packages and detectron2 fork into .venv; SEEM_SRC, a
-# checkout (branch v1.0 or package) or git URL@branch, is what foundation.code then names. README 'SEEM'.
-D2_SRC   ?= https://github.com/MaureenZOU/detectron2-xyz.git
-SEEM_SRC ?=
-SEEM_GIT := https://github.com/UX-Decoder/Segment-Everything-Everywhere-All-At-Once.git@v1.0
+# SEEM, the default annotator (GPU machine): its packages and detectron2 fork into .venv, SEEM into SEEM_DIR
+# (what the presets' foundation.code names). Pinned to the commits and versions tested (README 'SEEM'); override
+# SEEM_SRC / D2_SRC with a checkout or URL@ref, SEEM_PINS= for the newest packages.
+SEEM_GIT  := https://github.com/UX-Decoder/Segment-Everything-Everywhere-All-At-Once.git
+SEEM_REF  ?= 7b2e76dbb17d0b7831c6813a921fe2bc8de22926
+D2_REF    ?= 42121d75e10d9f858f3a91b6a39f5722c02868f0
+D2_SRC    ?= https://github.com/MaureenZOU/detectron2-xyz.git@$(D2_REF)
+SEEM_SRC  ?=
+SEEM_DIR  ?= third_party/SEEM-v1.0
+SEEM_PINS ?= scripts/seem-pins.txt
+export SEEM_PINS
 seem-setup: setup
-	bash scripts/seem_setup.sh $(VENV) "$(D2_SRC)" "$(or $(SEEM_SRC),$(SEEM_GIT))"
+	bash scripts/seem_setup.sh $(VENV) "$(D2_SRC)" "$(or $(SEEM_SRC),$(SEEM_GIT)@$(SEEM_REF))" $(if $(SEEM_SRC),,$(SEEM_DIR))
 
 # The SEEM backend against the real SEEM code (CPU, random weights, shrunk layers) in its own .venv-seem:
 # make test-seem SEEM_SRC=<SEEM checkout, v1.0 or package> D2_SRC=<detectron2-xyz checkout>. ~1 min + setup.
 SEEM_VENV  := .venv-seem
 SEEM_STAMP := $(SEEM_VENV)/.installed
-$(SEEM_STAMP): pyproject.toml scripts/seem_setup.sh
+$(SEEM_STAMP): pyproject.toml scripts/seem_setup.sh $(SEEM_PINS)
 	$(call new_venv,$(SEEM_VENV))
-	bash scripts/seem_setup.sh $(SEEM_VENV) "$(D2_SRC)"
+	SEEM_CPU_TEST=1 bash scripts/seem_setup.sh $(SEEM_VENV) "$(D2_SRC)"
 	touch $@
 
 test-seem:
@@ -87,7 +93,7 @@ test-seem:
 bench-seem:
 	@if [ -z "$(SEEM_SRC)" ] || [ ! -f $(SEEM_STAMP) ]; then \
 	echo "bench-seem skipped: run make test-seem first, then give SEEM_SRC=<SEEM checkout>"; \
-	else SEEM_SRC="$(abspath $(SEEM_SRC))" HF_HUB_OFFLINE=1 $(SEEM_VENV)/bin/python benchmarks/bench_seem.py; fi
+	else SEEM_SRC="$(abspath $(SEEM_SRC))" HF_HUB_OFFLINE=1 $(SEEM_VENV)/bin/python benchmarks/bench_seem.py $(BENCH_ARGS); fi
 
 bench-logits: setup
 	$(BIN)/python benchmarks/bench_logits.py
