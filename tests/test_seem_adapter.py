@@ -209,6 +209,14 @@ def test_pillow_removed_names_are_aliased_and_other_breaks_reported(world):
     broken = {"detectron2/data/__init__.py": "from PIL import Image\nMetadataCatalog = Image.NEAREST_EXACT_2\n"}
     message = _fails(world(detectron2=broken), "importing SEEM failed in detectron2/data/__init__.py:2")
     assert "AttributeError" in message and "Pillow" in message
+    assert "detectron2 uses a name that Pillow" in message and "a release of it" not in message
+
+
+def test_a_code_folder_that_does_not_exist_names_seem_setup(world, tmp_path):
+    config = world()
+    config.weights.write_bytes(b"checked later")
+    message = _fails(replace(config, code=tmp_path / "third_party" / "SEEM-v1.0"), "SEEM-v1.0: no such folder")
+    assert "make seem-setup" in message
 
 
 def test_tokenizer_not_cached_stub_or_empty_folder_are_refused(world, tmp_path):

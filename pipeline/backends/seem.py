@@ -59,6 +59,7 @@ CONFIGS = {"seem_focall_v1": "focall_unicl_lang_v1.yaml", "seem_focalt_v1": "foc
 PIP_NAMES = {"cv2": "opencv-python-headless", "yaml": "pyyaml", "PIL": "pillow", "skimage": "scikit-image",
              "sklearn": "scikit-learn", "mpi4py": "mpi4py mpich"}
 README = "README 'SEEM'"
+D2_TESTED = "42121d7"  # the detectron2-xyz commit make seem-setup pins
 DOWNLOAD = ("hf download openai/clip-vit-base-patch32 vocab.json merges.txt tokenizer_config.json "
             "special_tokens_map.json --local-dir data/weights/clip-vit-base-patch32")
 
@@ -93,6 +94,9 @@ def _locate(code: Path | None) -> tuple[str, Path]:
                             f"or package), see {README}")
         return "seem.", Path(spec.submodule_search_locations[0])
     code = Path(code)
+    if not code.is_dir():
+        raise UserError(f"foundation.code {code}: no such folder; `make seem-setup` fetches the tested SEEM there "
+                        f"(third_party/SEEM-v1.0), or give the folder of your SEEM clone ({README})")
     if (code / "modeling" / "__init__.py").is_file():
         prefix, root = "", code  # v1.0: modeling/, utils/ at the top
     elif (code / "seem" / "modeling" / "__init__.py").is_file():
@@ -131,6 +135,17 @@ def _where(exc: BaseException) -> str:
     return f" in {short}:{frame.lineno}"
 
 
+def _package(exc: BaseException) -> str:
+    """The top-level package of the innermost frame outside torch (where the failing code lives)."""
+    tb, name = exc.__traceback__, "SEEM"
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if module and module.split(".")[0] not in ("torch", "importlib", "pipeline"):
+            name = module.split(".")[0]
+        tb = tb.tb_next
+    return name
+
+
 def _import_hint(exc: BaseException) -> str:
     text, where = str(exc), _where(exc)
     if isinstance(exc, ModuleNotFoundError) and exc.name:
@@ -147,8 +162,10 @@ def _import_hint(exc: BaseException) -> str:
     if isinstance(exc, AttributeError) and ("PIL" in text or "Image" in text):
         from PIL import __version__ as pillow
 
-        return (f"that code uses a Pillow name that Pillow {pillow} no longer has; install a release of it that "
-                "supports Pillow >= 10")
+        package = _package(exc)
+        return (f"{package} uses a name that Pillow {pillow} no longer has, and this tool needs Pillow >= 10: use a "
+                f"{package} that does not use it (make seem-setup builds the tested detectron2-xyz {D2_TESTED}, "
+                "whose one such name, Image.LINEAR, is aliased here)")
     if "torchvision" in where or "torchvision" in text:
         from importlib.metadata import PackageNotFoundError, version
 
