@@ -1,7 +1,9 @@
 """`make bench-seem`: SEEM's own `evaluate` against the backend's computation of the same scores.
 
-The real SEEM architecture at full size (focal-T v1 config, random weights: speed and memory do not depend
-on the values), one image size (375x500 VOC photo -> 512x683 model input), two vocabulary sizes: VOC's
+The real SEEM architecture at full size (focal-T or focal-L v1 config, `--model`; random weights: speed and
+memory do not depend on the values), one image size (375x500 VOC photo -> 512x683 model input, the presets'
+size), `--batch` images per call, fp32 or fp16 autocast (`--amp`, CUDA; what stage 0 uses on a GPU), two
+vocabulary sizes (`--vocab`): VOC's
 (22 prompts + no-object, built through SEEM's text encoder: its time is reported) and ADE20K's (171 +
 no-object, random embeddings: 81 templates x 12 text layers per prompt take ~15 s each on 2 CPU cores,
 milliseconds on a GPU). Paths, all giving scores at 1/4 of the input:
@@ -15,7 +17,8 @@ milliseconds on a GPU). Paths, all giving scores at 1/4 of the input:
   SEEM's numbers; its deviation from `evaluate` is printed, which is why the backend does not use it.
 
 Prints images/s and the peak memory each path adds above the loaded model (CPU: sampled RSS; CUDA:
-torch's peak allocation), and writes them to work/bench/seem.json.
+torch's peak allocation), what the backend's speed means for stage 0 of VOC train_aug (10,582 images) and
+COCO train2017 (118,287), and writes them to work/bench/seem.json (--out).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import fake_seem  # noqa: E402  (a CLIP-format tokenizer, offline)
 from conftest import make_config  # noqa: E402
 from pipeline.backends import build_backend  # noqa: E402
 from pipeline.backends.seem import import_seem  # noqa: E402
-from pipeline.datasets import ADE20K_CLASSES, VOC_CLASSES  # noqa: E402
+from pipeline.datasets import ADE20K_CLASSES, COCO_CLASSES, VOC_CLASSES  # noqa: E402
 from pipeline.logits import resolve_device  # noqa: E402
 
 H, W = 512, 683  # a 375x500 image at SEEM's shorter side 512
@@ -83,16 +86,21 @@ class PeakRSS:
         return (self.peak - self.start) / 2**20
 
 
-def ade_entries() -> int:
-    """ADE20K's 150 classes as prompts (readable synonyms included) + SEEM's no-object entry."""
+VOCABULARIES = {"voc": ("voc-92", VOC_CLASSES), "coco": ("coco-1_32", COCO_CLASSES), "ade20k": ("ade20k", ADE20K_CLASSES)}
+STAGE0 = {"voc": ("VOC train_aug", 10_582), "coco": ("COCO train2017", 118_287)}  # images a store holds
+
+
+def entries(vocabulary: str) -> int:
+    """The preset's classes as prompts (readable synonyms included) + SEEM's no-object entry."""
     from pipeline.classmap import build_class_map
     from pipeline.config import load
 
-    config = replace(load("ade20k"), classes=ADE20K_CLASSES)
-    return len(build_class_map(ADE20K_CLASSES, config, prompted=True, no_object=True).outputs)
+    preset, classes = VOCABULARIES[vocabulary]
+    config = replace(load(preset), classes=classes)
+    return len(build_class_map(classes, config, prompted=True, no_object=True).outputs)
 
 
-def measure(run, device: torch.device, repeats: int) -> dict:
+def measure(run, device: torch.device, repeats: int, batch: int) -> dict:
     run()  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -104,7 +112,7 @@ def measure(run, device: torch.device, repeats: int) -> dict:
             run()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        took = (time.perf_counter() - start) / repeats
+        took = (time.perf_counter() - start) / repeats / batch  # per image
     memory = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else rss.added_mb
     return {"seconds_per_image": took, "images_per_s": 1 / took, "peak_mb_added": memory}
 
@@ -112,23 +120,30 @@ def measure(run, device: torch.device, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", choices=("focalt", "focall"), default="focalt", help="SEEM's v1 config")
+    parser.add_argument("--vocab", nargs="+", choices=tuple(VOCABULARIES), default=["voc", "ade20k"])
+    parser.add_argument("--batch", type=int, default=1, help="images per call")
+    parser.add_argument("--amp", action="store_true", help="fp16 autocast (CUDA), as stage 0 runs on a GPU")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "work" / "bench" / "seem.json")
     args = parser.parse_args()
     code = Path(os.environ["SEEM_SRC"]).resolve()
     device = resolve_device(args.device)
+    if args.amp and device.type != "cuda":
+        parser.error("--amp is fp16 autocast on CUDA (stage 0 runs fp32 on a CPU)")
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), __import__("pytest").MonkeyPatch.context() as patch:
-        seem_cpu.redirect_cuda_build(patch)
+        if device.type != "cuda":
+            seem_cpu.redirect_cuda_build(patch)
         tmp = Path(tmp)
         seem = import_seem(code)
         root = code / "seem" if (code / "seem" / "modeling").is_dir() else code
-        config_path = root / "configs" / "seem" / "focalt_unicl_lang_v1.yaml"
+        config_path = root / "configs" / "seem" / f"{args.model}_unicl_lang_v1.yaml"
         tokenizer = fake_seem.write_clip_tokenizer(tmp / "tokenizer")
         opt = seem.load_opt([str(config_path)])
         opt["MODEL"]["TEXT"]["PRETRAINED_TOKENIZER"] = str(tokenizer)
         torch.manual_seed(0)
-        weights = tmp / "seem_focalt_v1.pt"
+        weights = tmp / f"seem_{args.model}_v1.pt"
         model = seem.build_model(opt)
         params = sum(p.numel() for p in model.parameters())
         torch.save(model.state_dict(), weights)
@@ -140,62 +155,80 @@ def main() -> None:
         start = time.perf_counter()
         backend, mapping = build_backend(config, VOC_CLASSES, device)
         built = time.perf_counter() - start
-        for name, entries in (("VOC", len(mapping.outputs)), ("ADE20K", ade_entries())):
-            if name != "VOC":  # same model, a bigger vocabulary: random unit embeddings
-                lang = backend.core.sem_seg_head.predictor.lang_encoder
-                lang.default_text_embeddings = F.normalize(torch.randn(entries, lang.default_text_embeddings.shape[1],
+        lang = backend.core.sem_seg_head.predictor.lang_encoder
+        voc_embeddings, voc_outputs = lang.default_text_embeddings, backend.outputs
+        core = backend.core
+        torch.manual_seed(1)
+        coarse = torch.randint(0, 256, (args.batch, 3, H // 16, W // 16)).float()
+        images = F.interpolate(coarse, size=(H, W), mode="bilinear").round().to(torch.uint8).to(device)
+        h4, w4 = math.ceil(H / 4), math.ceil(W / 4)
+        inputs = [{"image": image, "height": h4, "width": w4} for image in images]
+        for name in args.vocab:
+            size = len(mapping.outputs) if name == "voc" else entries(name)
+            if name == "voc":  # VOC's prompts through SEEM's text encoder; other vocabularies: random unit vectors
+                lang.default_text_embeddings = voc_embeddings
+                backend.outputs = voc_outputs
+            else:
+                lang.default_text_embeddings = F.normalize(torch.randn(size, voc_embeddings.shape[1],
                                                                        device=device), dim=-1)
-                backend.outputs = tuple(f"p{i}" for i in range(entries - 1))
-            core = backend.core
-            torch.manual_seed(1)
-            coarse = torch.randint(0, 256, (1, 3, H // 16, W // 16)).float()
-            image = F.interpolate(coarse, size=(H, W), mode="bilinear").round().to(torch.uint8)[0].to(device)
-            h4, w4 = math.ceil(H / 4), math.ceil(W / 4)
+                backend.outputs = tuple(f"p{i}" for i in range(size - 1))
             outputs = {}
 
             def evaluate():
-                outputs["evaluate"] = core.evaluate([{"image": image, "height": h4, "width": w4}])[0]["sem_seg"]
+                outputs["evaluate"] = core.evaluate(inputs)[0]["sem_seg"]
 
             def heads_off():
                 core.sem_seg_postprocess_before_inference = False  # what building with panoptic/instance off sets
-                outputs["heads off"] = core.evaluate([{"image": image, "height": h4, "width": w4}])[0]["sem_seg"]
+                outputs["heads off"] = core.evaluate(inputs)[0]["sem_seg"]
                 core.sem_seg_postprocess_before_inference = True
 
             def adapter():
-                outputs["backend"] = backend.predict(image[None])[0]
+                outputs["backend"] = backend.predict(images)[0]
 
             def mask_res():
-                images = seem.ImageList.from_tensors([(image - core.pixel_mean) / core.pixel_std],
-                                                     core.size_divisibility)
-                out = core.sem_seg_head(core.backbone(images.tensor), target_queries=None)
+                batch = seem.ImageList.from_tensors([(image - core.pixel_mean) / core.pixel_std for image in images],
+                                                    core.size_divisibility)
+                out = core.sem_seg_head(core.backbone(batch.tensor), target_queries=None)
                 outputs["mask-res"] = torch.einsum("qe,qhw->ehw", out["pred_logits"][0].float().softmax(-1),
                                                    out["pred_masks"][0].float().sigmoid())[:, :h4, :w4]
 
-            row = {"vocabulary": name, "entries": entries, "build_s": built if name == "VOC" else None}
+            row = {"vocabulary": name, "entries": size, "build_s": built if name == "voc" else None}
             runs = {"evaluate": evaluate, "heads off": heads_off, "backend": adapter, "mask-res": mask_res}
             for path in PATHS:
-                row[path] = measure(runs[path], device, args.repeats)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=args.amp):
+                    row[path] = measure(runs[path], device, args.repeats, args.batch)
             ref = outputs["evaluate"].float()
             scale = float(ref.abs().max())
-            row["max_rel_diff"] = {path: float((outputs[path][: ref.shape[0]] - ref).abs().max()) / scale
+            row["max_rel_diff"] = {path: float((outputs[path][: ref.shape[0]].float() - ref).abs().max()) / scale
                                    for path in ("heads off", "backend", "mask-res")}
             rows.append(row)
     threads = torch.get_num_threads()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} threads"
-    print(f"SEEM focal-T v1 architecture ({params / 1e6:.1f} M parameters, random weights), input {H}x{W}, "
-          f"scores at {math.ceil(H / 4)}x{math.ceil(W / 4)}, {device_name}, torch {torch.__version__}")
+    precision = "fp16 autocast" if args.amp else "fp32"
+    print(f"SEEM {args.model} v1 architecture ({params / 1e6:.1f} M parameters, random weights), input {H}x{W}, "
+          f"scores at {h4}x{w4}, batch {args.batch}, {precision}, {device_name}, torch {torch.__version__}")
     print(f"{'vocabulary':<18}{'path':<11}{'s/image':>9}{'img/s':>8}{'peak MB added':>15}{'max |diff| / max':>18}")
     for row in rows:
         for path in PATHS:
             diff = f"{row['max_rel_diff'][path]:.1e}" if path in row["max_rel_diff"] else "-"
             m = row[path]
-            print(f"{row['vocabulary'] + ' (' + str(row['entries']) + ')':<18}{path:<11}{m['seconds_per_image']:>9.2f}"
+            print(f"{row['vocabulary'] + ' (' + str(row['entries']) + ')':<18}{path:<11}{m['seconds_per_image']:>9.3f}"
                   f"{m['images_per_s']:>8.2f}{m['peak_mb_added']:>15.0f}{diff:>18}")
         if row["build_s"] is not None:
             print(f"{'':<18}(backend build incl. checkpoint load and vocabulary: {row['build_s']:.1f} s)")
+    estimates = []
+    for row in rows:
+        if row["vocabulary"] in STAGE0:
+            label, count = STAGE0[row["vocabulary"]]
+            hours = count * row["backend"]["seconds_per_image"] / 3600
+            store_gb = count * row["entries"] * h4 * w4 * 2 / 1e9  # fp16 scores, before compression
+            estimates.append({"data": label, "images": count, "hours": hours, "store_gb_uncompressed": store_gb})
+            print(f"stage 0 of {label} ({count:,} images at this size): {hours:.2f} h of model time on this device "
+                  f"(backend path, image decoding and writes overlap it), store {store_gb:.0f} GB before compression")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "input": [H, W],
-                                    "parameters": params, "rows": rows}, indent=2))
+    args.out.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "model": args.model,
+                                    "precision": precision, "batch": args.batch, "input": [H, W],
+                                    "parameters": params, "rows": rows, "stage0": estimates}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -239,3 +239,20 @@ def test_mpi4py_missing_is_one_line_on_the_real_code(data, monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)
     message = _fails(data, r"importing SEEM failed in \S*utils/distributed.py:\d+: ModuleNotFoundError")
     assert "pip install mpi4py mpich" in message
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (scripts/gpu_seem.sh runs it there)")
+def test_logits_on_cuda_store_the_cpu_scores(seem, data, tmp_path):
+    """Stage 0 on the GPU (fp16 autocast, as `conformalsam logits` runs there) against the CPU's fp32 run."""
+    from typer.testing import CliRunner
+
+    stores = {}
+    for device in ("cpu", "cuda"):
+        toml = write_toml(data, tmp_path / device / "exp.toml")
+        result = CliRunner().invoke(app, ["logits", "--config", str(toml), "--split", "labeled", "--device", device,
+                                          "--workers", "0", "--batch-size", "2"])
+        assert result.exit_code == 0, result.output
+        stores[device] = LogitsStore(tmp_path / device / "work" / "logits.zarr")
+    for i in range(3):
+        cpu, gpu = (torch.from_numpy(stores[d].read(f"im{i}")).float() for d in ("cpu", "cuda"))
+        torch.testing.assert_close(gpu, cpu, atol=3e-2 * float(cpu.abs().max()), rtol=0)  # fp16 arithmetic
