@@ -236,12 +236,19 @@ def train(
                      lambda_start=lambda_start, lambda_end=lambda_end, lambda_schedule=lambda_schedule,
                      eval_mode=eval_mode, eval_from=eval_from, amp=amp, seed=seed, workers=workers)
     recipe_name, base = get_recipe(recipe, config.format, **overrides)
-    for number in stages:
+    run_name = name or recipe_name
+    checkpoints = [run_dir(config, run_name, number, method) / "last.pt" for number in stages]
+    if resume and not any(path.exists() for path in checkpoints):
+        runs = sorted({path.parent.parent.name for path in (config.work_dir / "runs").glob("*/*/last.pt")})
+        there = f"runs there: {', '.join(runs)}" if runs else f"no runs in {config.work_dir / 'runs'} yet"
+        raise UserError(f"--resume: {checkpoints[0].parent} has no checkpoint to continue ({there}); give the run's "
+                        "--name, or drop --resume to start a new run")
+    for number, last in zip(stages, checkpoints):
         chosen = base
         if epochs is not None:
             chosen = replace(base, epochs=tuple(epochs if i == number - 1 else e for i, e in enumerate(base.epochs)))
         # --resume continues whichever stage has a checkpoint (with --stage all: a finished stage I is kept)
-        resuming = resume and (run_dir(config, name or recipe_name, number, method) / "last.pt").exists()
+        resuming = resume and last.exists()
         summary = train_stage(config, recipe_name, chosen, number, name, resuming,
                               allow_missing_masks, device, deterministic, init, progress, console.print,
                               on_epoch=_print_epoch, method=method)

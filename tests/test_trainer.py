@@ -294,8 +294,32 @@ def test_kill_and_resume_gives_the_parameters_of_an_uninterrupted_run(toy_world,
     assert a["epoch"] == b["epoch"] == 4 and a["step"] == b["step"]
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
-    lines = (last.parent / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4]
+    timing = ("seconds", "images_per_s")
+
+    def log(run):
+        lines = (config.work_dir / "runs" / run / "stage1" / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k not in timing} for x in lines]
+
+    assert [x["epoch"] for x in log("killed")] == [1, 2, 3, 4]
+    assert log("killed") == log("straight")  # the resumed run's log is the uninterrupted run's
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_clean_and_resume_needs_a_run(toy_world, calibrated,
+                                                                                      tmp_path, monkeypatch, capsys):
+    from test_hardening import run_cli
+
+    config = fresh(toy_world, calibrated, tmp_path)
+    out = config.work_dir / "runs" / "early" / "stage1"
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "loss": 9.0}) + "\n")  # killed before last.pt
+    train_stage(config, "t", TINY, 1, name="early", log=lambda *_: None)
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    flags = ["--config", "toy", "--root", str(config.root), "--labeled", str(config.labeled), "--unlabeled",
+             str(config.unlabeled), "--val", str(config.val), "--work-dir", str(config.work_dir)]
+    for stage in ("1", "2", "all"):
+        line = run_cli(monkeypatch, capsys, "train", "--stage", stage, "--resume", "--name", "erly", *flags)
+        assert "--resume:" in line and "runs there: early" in line
+    assert not (config.work_dir / "runs" / "erly").exists()
 
 
 def test_torchrun_two_processes_train_an_epoch(toy_world, calibrated, tmp_path):

@@ -118,6 +118,9 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
                 "unchanged": True}
     if rank == 0:  # before an epoch is spent
         ensure_writable(out, "choose another --work-dir (or --name), or fix the folder's permissions")
+        if not resume:  # a run killed before its first checkpoint may have left its first epoch's lines
+            for stale in (out / "metrics.jsonl", best_path):
+                stale.unlink(missing_ok=True)
     val = ValImages(dataset, dataset.split("val")) if config.val is not None else None
     train_l = TrainImages(dataset, labeled, "labeled", recipe)
     train_u = TrainImages(dataset, unlabeled, "cached" if stage == 1 else "unlabeled", recipe,
