@@ -256,7 +256,7 @@ def load(path: str | Path | None = None) -> Config:
         presets = ", ".join(PRESETS)
         raise UserError(f"--config {path}: no such file (give a TOML file or a preset: {presets})")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"--config {path}: cannot read it ({exc})")
     return parse(text, path.resolve().parent, str(path))

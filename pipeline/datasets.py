@@ -87,7 +87,7 @@ class Sample:
 def parse_split(path: Path, root: Path, need_masks: bool) -> tuple[list[Sample], list[DataProblem]]:
     """The samples of a split list and every problem found in it (bad lines, duplicates, emptiness)."""
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # -sig: a Windows editor's BOM
     except FileNotFoundError:
         return [], [DataProblem("missing split file", f"{path}: split list not found")]
     except (OSError, UnicodeDecodeError) as exc:
@@ -185,7 +185,7 @@ class Dataset:
             return self.config.classes or builtin
         path = self.root / "classes.txt"
         try:
-            names = tuple(n.strip() for n in path.read_text().splitlines() if n.strip())
+            names = tuple(n.strip() for n in path.read_text(encoding="utf-8-sig").splitlines() if n.strip())
         except OSError:
             raise UserError(f"{path}: class list not found (folder format: one class name per line, "
                             "background first; or set data.classes / --classes)") from None

@@ -39,7 +39,8 @@ def source_lines(source: Path, root: Path, masks: Path | None) -> list[str]:
         if masks is not None:
             raise UserError(f"--masks: a split list ({source}) names its masks itself")
         try:
-            lines = [" ".join(line.split()) for line in source.read_text().splitlines() if line.strip()]
+            lines = [" ".join(line.split()) for line in source.read_text(encoding="utf-8-sig").splitlines()
+                     if line.strip()]  # -sig: a byte-order mark is not part of the first path
         except (OSError, UnicodeDecodeError) as exc:
             raise UserError(f"{source}: cannot read split list ({exc})") from None
         if not lines:

@@ -325,3 +325,41 @@ def test_logits_and_calibrate_refuse_an_unwritable_work_folder_before_any_work(t
     with pytest.raises(cli.UserError, match="work: cannot write there \\(Permission denied\\)"):
         run_calibrate(config, Settings(alpha=0.1), jobs=1, warn=lambda m: None)
     assert not (config.work_dir / "calibration.json").exists() and not (config.work_dir / "masks").exists()
+
+
+def test_a_byte_order_mark_in_split_lists_classes_and_config_is_read_everywhere(toy_world, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """Windows editors start UTF-8 files with U+FEFF: invisible, and not part of the first path."""
+    import shutil
+    from dataclasses import replace
+
+    from conftest import ANNOTATOR, toy_config
+    from pipeline.config import load
+    from pipeline.datasets import Dataset
+    from pipeline.logits import run_logits
+
+    world = tmp_path / "toy"
+    shutil.copytree(toy_world, world)
+    config = replace(toy_config(world), weights=ANNOTATOR, work_dir=tmp_path / "work")
+    bom = "\ufeff"
+    for path in (config.labeled, config.unlabeled, config.root / "classes.txt"):
+        path.write_text(bom + path.read_text(), encoding="utf-8")
+    dataset = Dataset(config)
+    first = dataset.split("labeled")[0]
+    assert not first.id.startswith(bom) and first.image.is_file() and dataset.classes[0] == "background"
+    result = run_logits(config, "labeled", workers=0, info=lambda m: None, warn=lambda m: None)
+    assert result["failed"] == 0 and result["written"] == len(dataset.split("labeled"))
+
+    out = tmp_path / "split"
+    monkeypatch.setattr(sys, "argv", ["conformalsam", "data", "split", str(config.unlabeled), "--out", str(out),
+                                      "--labeled", "3", "--root", str(config.root)])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code in (0, None), capsys.readouterr().err
+    for name in ("labeled.txt", "unlabeled.txt"):
+        assert bom not in (out / name).read_text(encoding="utf-8")
+
+    toml = tmp_path / "exp.toml"
+    toml.write_text(bom + f'[data]\nformat = "folder"\nroot = "{config.root}"\nlabeled = "{config.labeled}"\n'
+                    f'unlabeled = "{config.unlabeled}"\n[foundation]\nbackend = "toy"\n', encoding="utf-8")
+    assert load(toml).format == "folder"
