@@ -625,7 +625,7 @@ def _interrupt(signum, frame):
 def main() -> None:
     """Entry point: user errors end in one line on stderr and exit code 2, Ctrl-C in one line and exit code
     130, never a traceback."""
-    signal.signal(signal.SIGINT, _interrupt)
+    previous = signal.signal(signal.SIGINT, _interrupt)
     code = 0
     try:
         app()
@@ -638,6 +638,8 @@ def main() -> None:
         error("interrupted (Ctrl-C); finished files are kept: run the same command again to continue "
               "(train: add --resume)")
         code = 130
+    finally:
+        signal.signal(signal.SIGINT, previous)  # for a caller in the same process (tests)
     _exit(code)
 
 

@@ -26,6 +26,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.atomic import atomic_write, ensure_writable, write_text_atomic
+from pipeline.locks import locked
 from pipeline.conformal import (GRID, MODES, RULES, ScoreHistogram, Thresholds, background_index,
                                 check_alpha, fit, nonconformity, prediction_sets, pseudo_label,
                                 require_crc_images, set_sizes, to_bins, upsampler, bands)
@@ -61,6 +62,12 @@ class Settings:
             raise UserError(f"--folds {self.folds}: cross-calibration needs at least 2 folds")
 
 
+def _locks(write_masks, **_):
+    """calibrate reads the store and writes calibration.json and masks/ (with --no-masks: only reads them)."""
+    return (["masks"], ["scores"]) if write_masks else ([], ["scores", "masks"])
+
+
+@locked("calibrate", _locks)
 def run_calibrate(config: Config, settings: Settings, write_masks: bool = True, jobs: int | None = None,
                   progress=None, warn=print) -> dict:
     """Fit, write the masks, calibration.json and its histograms; returns the calibration record. With

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from pipeline import distributed
 from pipeline.atomic import ensure_writable
+from pipeline.locks import locked
 from pipeline.backends import Backend, Preprocess, load_backend, resolve_backend
 from pipeline.classmap import ClassMap, unmapped
 from pipeline.config import Config
@@ -99,6 +100,7 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+@locked("logits", lambda **_: (["scores"], []))
 def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: str | None = None,
                force: bool = False, workers: int | None = None, scale: float | None = None,
                progress=None, warn=print, info=print, verify: bool = False) -> dict:

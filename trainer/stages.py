@@ -27,6 +27,7 @@ from pipeline.atomic import ensure_writable, write_text_atomic
 from pipeline.config import Config
 from pipeline.datasets import Dataset
 from pipeline.errors import UserError
+from pipeline.locks import locked
 from pipeline.record import cached_masks
 from pipeline.ui import no_progress, percent
 from trainer.checkpoint import check_factory, load_checkpoint, load_weights, save_checkpoint
@@ -61,6 +62,13 @@ def resolve_device(name: str, world: int) -> torch.device:
     return device
 
 
+def _run_locks(config, recipe_name, stage, name, method, **_):
+    """A run writes its own folder; stage I reads the cached masks."""
+    run = f"runs--{name or recipe_name}--{run_dir(config, name or recipe_name, stage, method).name}"
+    return [run], ["masks"] if stage == 1 else []
+
+
+@locked("train", _run_locks)
 def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, name: str | None = None,
                 resume: bool = False, allow_missing_masks: bool = False, device: str = "auto",
                 deterministic: bool = False, init: Path | None = None, progress=None, log=print,
