@@ -10,12 +10,33 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
-from rich.table import Table
 
-from pipeline import PROJECT_ROOT, config as cfg
-from pipeline.errors import UserError
-from pipeline.ui import bold, console, error, one_line, percent, progress, warn
+
+def _check_own_packages() -> None:
+    """This project's packages are named pipeline and trainer, generic names (SEEM v1.0 ships both): the ones
+    Python finds must be those installed beside this file, or a command would run another project's code."""
+    import importlib.util
+
+    here = Path(__file__).resolve().parent
+    for name in ("pipeline", "trainer"):
+        spec = importlib.util.find_spec(name)
+        origin = Path(spec.origin).resolve() if spec and spec.origin else None
+        if origin != here / name / "__init__.py":
+            print(f"error: the '{name}' package Python finds ({origin.parent if origin else 'none'}) is not "
+                  f"conformalsam's ({here / name}): a folder on PYTHONPATH or another installed package shadows "
+                  "it; remove that from the path, or install conformalsam in its own virtual environment",
+                  file=sys.stderr)
+            sys.exit(2)
+
+
+_check_own_packages()
+
+import typer  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from pipeline import PROJECT_ROOT, config as cfg  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
+from pipeline.ui import bold, console, error, one_line, percent, progress, warn  # noqa: E402
 
 app = typer.Typer(
     help="ConformalSAM: calibrate a foundation segmentation model's pseudo-labels with conformal prediction, "
