@@ -94,6 +94,8 @@ def run_calibrate(config: Config, settings: Settings, write_masks: bool = True, 
     unlabeled = _scored(store, dataset, "unlabeled", warn) if write_masks else []
     masks_key = mask_key(key, store, unlabeled) if write_masks else None
     work = config.work_dir
+    if write_masks:  # a killed run's staging folder goes even when this run has nothing to write
+        _clean_staging(work, _staging(work, masks_key))
     previous = read_calibration(work)
     if previous and previous.get("key") == key and (work / HISTOGRAMS).is_file() and (not write_masks or (
             (previous.get("masks") or {}).get("key") == masks_key and _masks_current(work, masks_key, len(unlabeled)))):
@@ -256,7 +258,7 @@ def cross_calibrate(hist: ScoreHistogram, settings: Settings, classes) -> dict:
 def write_all_masks(store: LogitsStore, dataset: Dataset, samples: list[Sample], thresholds: Thresholds,
                     rule: str, work: Path, key: str, jobs: int, progress=None) -> "MaskStats":
     """Write every unlabeled image's filtered mask, then move the finished folder to ``<work>/masks``."""
-    staging = work / f".masks-{key[:16]}"
+    staging = _staging(work, key)
     _clean_staging(work, staging)
     staging.mkdir(parents=True, exist_ok=True)
     num_classes = dataset.num_classes
@@ -324,6 +326,11 @@ def filtered_mask(store: LogitsStore, image_id: str, q: torch.Tensor, rule: str,
         top2[0, start:stop] = best.values
         top2[1, start:stop] = full.scatter(0, best.indices[None], -1.0).amax(0).clamp_min(0)
     return label, raw, sizes, top2
+
+
+def _staging(work: Path, masks_key: str) -> Path:
+    """Where the masks of this key are written before they replace masks/ (a killed run resumes there)."""
+    return work / f".masks-{masks_key[:16]}"
 
 
 def _clean_staging(work: Path, staging: Path) -> None:

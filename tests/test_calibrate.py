@@ -291,3 +291,20 @@ def test_inspect_writes_contact_sheets_and_the_sweep(toy_world, scored, tmp_path
         assert img.size == (640, 420)
     result = CliRunner().invoke(app, ["inspect", "--ids", "nope", *flags])
     assert isinstance(result.exception, UserError) and "nope" in str(result.exception)
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_calibrate_even_with_nothing_to_do(toy_world,
+                                                                                               calibrated, tmp_path):
+    from conftest import fresh
+
+    config = fresh(toy_world, calibrated, tmp_path)
+    stale = config.work_dir / ".masks-0123456789abcdef"  # what a calibrate killed in its masks pass leaves
+    stale.mkdir()
+    (stale / "train_00001.png").write_bytes(b"partial")
+    masks = {p.name: p.read_bytes() for p in (config.work_dir / "masks").iterdir()}
+    again = run_calibrate(config, Settings(alpha=0.1), jobs=1)  # the same fit: nothing to write
+    assert again["unchanged"] and not stale.exists()
+    assert {p.name: p.read_bytes() for p in (config.work_dir / "masks").iterdir()} == masks
+    stale.mkdir()
+    run_calibrate(config, Settings(alpha=0.1), write_masks=False, jobs=1)  # fit and report only: writes nothing
+    assert stale.exists()
