@@ -38,6 +38,15 @@ from pipeline import PROJECT_ROOT, config as cfg  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.ui import bold, console, error, one_line, percent, progress, warn  # noqa: E402
 
+
+def _usage_name(argument) -> str:
+    """A required argument as click writes it (DIR; typer >= 0.2x writes {DIR}, which reads as a literal)."""
+    return argument.display_name_raw if argument.required else f"[{argument.display_name_raw}]"
+
+
+if hasattr(typer.core.TyperArgument, "_usage_display_name"):
+    typer.core.TyperArgument._usage_display_name = _usage_name
+
 app = typer.Typer(
     help="ConformalSAM: calibrate a foundation segmentation model's pseudo-labels with conformal prediction, "
     "then train a segmentation model on labeled data + the filtered masks.",
@@ -56,8 +65,7 @@ app.add_typer(toy_app, name="toy")
 
 Opt = Optional
 CONFIG_OPTIONS = {
-    "config": (Opt[str], "TOML config file or preset name (toy, voc-92 .. voc-1464, ade20k, camvid-1_16, "
-               "camvid-1_8). "
+    "config": (Opt[str], f"TOML config file or preset name ({cfg.preset_names()}). "
                "Default: ./conformalsam.toml, else the toy preset."),
     "format": (Opt[str], "Override data.format: voc | ade20k | cityscapes | coco | camvid | folder."),
     "root": (Opt[Path], "Override data.root (data set folder)."),
@@ -410,7 +418,7 @@ def inspect_command(
 @app.command("export")
 @with_config
 def export_masks(
-    out: Annotated[Path, typer.Argument(help="The folder to write (built beside it, then renamed into place).")],
+    out: Annotated[Path, typer.Argument(metavar="DIR", help="The folder to write (built beside it, then renamed into place).")],
     to: Annotated[str, typer.Option(help="unimatch: UniMatch / AllSpark split files (labeled.txt = ground truth + "
                                     "filtered masks, unlabeled.txt) | list: absolute 'image mask' lines.")] = "unimatch",
     force: Annotated[bool, typer.Option(help="Replace an existing export folder.")] = False,
@@ -427,6 +435,9 @@ def export_masks(
                       f"--labeled-id-path {result['out'] / 'labeled.txt'} --unlabeled-id-path "
                       f"{result['out'] / 'unlabeled.txt'}; one of its epochs is now "
                       f"{result['lines'] / result['unlabeled']:.2f} passes over the unlabeled images")
+        if "val.txt" in result["files"]:
+            console.print(f"and copy {result['out'] / 'val.txt'} over its splits/<dataset>/val.txt (it always "
+                          "reads its val list there; README 'Plug-in')")
 
 
 @app.command("summary")
@@ -450,7 +461,7 @@ def _split_source(source: Path, masks: Optional[Path], root: Optional[Path], con
     return source_lines(find(source), root, find(masks) if masks is not None else None)
 
 
-SOURCE = Annotated[Path, typer.Argument(help="A folder of images (with --masks) or a split list; relative to the "
+SOURCE = Annotated[Path, typer.Argument(metavar="SOURCE", help="A folder of images (with --masks) or a split list; relative to the "
                                         "current folder or to the data root.")]
 MASKS = Annotated[Optional[Path], typer.Option(help="The folder of the images' masks (<stem>.png).")]
 ROOT = Annotated[Optional[Path], typer.Option(help="The data set folder the lines are relative to (default: "
@@ -557,8 +568,7 @@ def config_show(config: cfg.Config = None):
 
 @config_app.command("init")
 def config_init(
-    preset: Annotated[str, typer.Argument(help="toy | voc-92 .. voc-1464 | ade20k | cityscapes-1_30 .. 1_2 | "
-                                            "coco-1_512 .. 1_32 | camvid-1_16 | camvid-1_8")],
+    preset: Annotated[str, typer.Argument(metavar="PRESET", help=f"One of: {cfg.preset_names()}.")],
     out: Annotated[Path, typer.Option(help="Where to write it.")] = Path(cfg.DEFAULT_FILE),
     force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
 ):

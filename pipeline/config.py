@@ -242,6 +242,15 @@ def validate(config: Config) -> Config:
     return config
 
 
+def preset_names() -> str:
+    """The presets for help texts, runs of one data set shortened: 'toy, voc-92 .. voc-1464, ...'."""
+    groups: dict[str, list[str]] = {}
+    for name in PRESETS:
+        groups.setdefault(name.split("-")[0], []).append(name)
+    return ", ".join(names[0] if len(names) == 1 else ", ".join(names) if len(names) == 2 else
+                     f"{names[0]} .. {names[-1]}" for names in groups.values())
+
+
 def load(path: str | Path | None = None) -> Config:
     """The config named by ``path`` (a file or a preset name), or the default lookup."""
     if path is None:
@@ -253,8 +262,7 @@ def load(path: str | Path | None = None) -> Config:
         return parse(PRESETS[str(path)], PROJECT_ROOT, f"preset '{path}'")
     path = Path(path)
     if not path.is_file():
-        presets = ", ".join(PRESETS)
-        raise UserError(f"--config {path}: no such file (give a TOML file or a preset: {presets})")
+        raise UserError(f"--config {path}: no such file (give a TOML file or a preset: {preset_names()})")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:

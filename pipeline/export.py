@@ -12,6 +12,8 @@ drops the root before an absolute path), so the masks can live in the export fol
                         which UniMatch's reader opens for its size only
     DIR/masks/<id>.png  the filtered masks (copies of <work>/masks)
     DIR/labels/<id>.png the ground truth as class ids + 255, for formats whose files are not (camvid, ade20k)
+    DIR/val.txt         the val split in the same form (converted labels in DIR/val-labels/), to replace
+                        UniMatch's own splits/<dataset>/val.txt, which its SemiDataset always reads
 
 Why the repeats: UniMatch cuts its labeled list to as many lines as the unlabeled list has
 (``nsample``), keeping the first ones. Equal lengths keep every line, and the labeled stream then learns
@@ -72,6 +74,9 @@ def export(config: Config, target: str, out: Path, force: bool = False, warn=pri
             labeled_lines = gt * repeats + pseudo
             lines = {"labeled.txt": labeled_lines,
                      "unlabeled.txt": [pseudo[i % len(pseudo)] for i in range(len(labeled_lines))]}
+            if config.val is not None and Path(config.val).is_file():
+                lines["val.txt"] = [(_relative(s.image, root), _ground_truth(dataset, s, root, staging, out,
+                                                                             "val-labels")) for s in dataset.split("val")]
         _no_spaces([str(p) for content in lines.values() for pair in content for p in pair])
         for name, content in lines.items():
             write_text_atomic(staging / name, "".join(f"{image} {mask}\n" for image, mask in content))
@@ -98,15 +103,16 @@ def _safe_destination(out: Path, config: Config, force: bool) -> None:
         raise UserError(f"{out} exists: pass --force to replace it, or choose another folder")
 
 
-def _ground_truth(dataset: Dataset, sample: Sample, root: Path, staging: Path, out: Path) -> str:
-    """The labeled mask's path in the line: the user's own file when it already holds class ids and 255,
-    else a converted copy under DIR/labels/."""
+def _ground_truth(dataset: Dataset, sample: Sample, root: Path, staging: Path, out: Path,
+                  folder: str = "labels") -> str:
+    """A ground-truth mask's path in the line: the user's own file when it already holds class ids and 255,
+    else a converted copy under DIR/<folder>/ (ids of different splits may coincide: one folder each)."""
     if dataset.format in NATIVE_LABELS:
         dataset.read_mask(sample.mask)  # values checked: class ids and 255 only
         return _relative(sample.mask, root)
-    (staging / "labels").mkdir(exist_ok=True)
-    write_palette_png(staging / "labels" / f"{sample.id}.png", dataset.read_mask(sample.mask))
-    return str(out / "labels" / f"{sample.id}.png")
+    (staging / folder).mkdir(exist_ok=True)
+    write_palette_png(staging / folder / f"{sample.id}.png", dataset.read_mask(sample.mask))
+    return str(out / folder / f"{sample.id}.png")
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -50,8 +50,11 @@ def test_unimatch_export_of_a_calibrated_toy_world(toy_world, calibrated, tmp_pa
     dataset = Dataset(config)
     result = CliRunner().invoke(app, ["export", str(tmp_path / "out"), "--root", str(config.root), "--labeled",
                                       str(config.labeled), "--unlabeled", str(config.unlabeled), "--work-dir",
-                                      str(config.work_dir), "--format", "folder"], terminal_width=300)
+                                      str(config.work_dir), "--format", "folder", "--val", str(config.val)],
+                                terminal_width=300)
     assert result.exit_code == 0, result.output
+    val = check_pairs(config.root, tmp_path / "out/val.txt", dataset.num_classes)  # for UniMatch's splits/
+    assert val == [f"{s.image.relative_to(config.root)} {s.mask.relative_to(config.root)}" for s in dataset.split("val")]
     assert "--labeled-id-path" in result.output
     labeled = check_pairs(config.root, tmp_path / "out/labeled.txt", dataset.num_classes)
     unlabeled = check_pairs(config.root, tmp_path / "out/unlabeled.txt", dataset.num_classes)
@@ -116,3 +119,19 @@ def test_unimatch_export_converts_labels_that_are_not_class_ids(tmp_path):
     (work / "masks" / ".key").write_text("stale\n")
     with pytest.raises(UserError, match="do not belong"):
         export(config, "unimatch", tmp_path / "again")
+
+
+def test_the_readmes_export_example_is_accepted(toy_world, calibrated, tmp_path, monkeypatch):
+    """The README's command, run where its config's work folder is ./work (the presets' layout)."""
+    import re
+
+    from pipeline import PROJECT_ROOT
+
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    destinations = re.findall(r"^conformalsam export --to unimatch (\S+)", readme, flags=re.M)
+    assert destinations
+    config = fresh(toy_world, calibrated, tmp_path)
+    monkeypatch.chdir(config.work_dir.parent)
+    for destination in destinations:
+        result = export(config, "unimatch", Path(destination))
+        assert (result["out"] / "labeled.txt").is_file()
