@@ -103,10 +103,53 @@ def alpha_sweep(histograms: dict, alphas) -> list[dict]:
     return rows
 
 
+# label, colour, dash (on, off pixels; None: solid), marker, value of a sweep row
+SERIES = [("1 - alpha (target)", (120, 120, 120), (6, 4), "ring", lambda r: 1 - r["alpha"]),
+          ("coverage (cross-cal.)", (31, 119, 180), None, "square", lambda r: r["coverage"]),
+          ("kept, paper rule", (214, 39, 40), (2, 3), "diamond", lambda r: r.get("kept_paper")),
+          ("kept, singleton rule", (44, 160, 44), None, "dot", lambda r: r.get("kept_singleton"))]
+
+
+def _polyline(draw: ImageDraw.ImageDraw, points: list, colour: tuple, dash: tuple | None) -> None:
+    """Segments of a polyline, 2 px wide, solid or dashed (the pattern runs on across the vertices)."""
+    phase = 0.0
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        length = ((x1 - x0) ** 2 + (y1 - y0) ** 2) ** 0.5
+        if dash is None or length == 0:
+            draw.line([(x0, y0), (x1, y1)], fill=colour, width=2)
+            continue
+        at = 0.0
+        while at < length:
+            period = dash[0] + dash[1]
+            on = dash[0] - phase % period
+            if on > 0:
+                end = min(at + on, length)
+                draw.line([(x0 + (x1 - x0) * at / length, y0 + (y1 - y0) * at / length),
+                           (x0 + (x1 - x0) * end / length, y0 + (y1 - y0) * end / length)], fill=colour, width=2)
+                step = end - at
+            else:
+                step = min(period - phase % period, length - at)
+            at += step
+            phase += step
+
+
+def _marker(draw: ImageDraw.ImageDraw, centre: tuple, shape: str, colour: tuple) -> None:
+    """From the largest to the smallest: a ring (r 7), a square (5), a diamond (4), a dot (2)."""
+    x, y = centre
+    if shape == "ring":
+        draw.ellipse([x - 7, y - 7, x + 7, y + 7], outline=colour, width=2)
+    elif shape == "square":
+        draw.rectangle([x - 5, y - 5, x + 5, y + 5], outline=colour, width=2)
+    elif shape == "diamond":
+        draw.polygon([(x, y - 4), (x + 4, y), (x, y + 4), (x - 4, y)], outline=colour, width=1)
+    else:
+        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+
+
 def plot_sweep(rows: list[dict], path: Path, chosen: float | None = None, note: str = "") -> None:
     """A line chart (pillow only): coverage and kept fractions (y, 0..1) against alpha (x), the ``chosen``
-    (calibrated) alpha marked. Wide lines are drawn first, so a line that coincides with another still
-    shows around it."""
+    (calibrated) alpha marked. Each curve has its own colour, dash and marker (nested shapes of different
+    sizes), so curves that coincide stay apart and the legend shows each as drawn; nothing is blended."""
     width, height, left, right, top, bottom = 640, 420, 56, 170, 34, 44
     image = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(image)
@@ -137,17 +180,17 @@ def plot_sweep(rows: list[dict], path: Path, chosen: float | None = None, note: 
         for y in range(top, top + plot_h, 8):  # dashed
             draw.line([x, y, x, min(y + 4, top + plot_h)], fill=(0, 0, 0), width=1)
         draw.text((x + 3, top + 2), note or f"alpha {chosen:g}", fill=(0, 0, 0), font=font)
-    series = [("1 - alpha (target)", (150, 150, 150), 8, lambda r: 1 - r["alpha"]),
-              ("coverage (cross-cal.)", (31, 119, 180), 6, lambda r: r["coverage"]),
-              ("kept, paper rule", (214, 39, 40), 4, lambda r: r.get("kept_paper")),
-              ("kept, singleton rule", (44, 160, 44), 2, lambda r: r.get("kept_singleton"))]
-    for i, (label, colour, line_width, value) in enumerate(series):
+    for i, (label, colour, dash, marker, value) in enumerate(SERIES):
         points = [xy(r["alpha"], value(r)) for r in rows if value(r) is not None]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=line_width, joint="curve")
+        _polyline(draw, points, colour, dash)
         y = top + 10 + 18 * i
-        draw.line([width - right + 10, y, width - right + 30, y], fill=colour, width=line_width)
-        draw.text((width - right + 36, y - 6), label, fill=(0, 0, 0), font=font)
+        _polyline(draw, [(width - right + 6, y), (width - right + 34, y)], colour, dash)
+        _marker(draw, (width - right + 20, y), marker, colour)
+        draw.text((width - right + 40, y - 6), label, fill=(0, 0, 0), font=font)
+    for label, colour, dash, marker, value in SERIES:  # after every line: coinciding curves keep their marks
+        for r in rows:
+            if value(r) is not None:
+                _marker(draw, xy(r["alpha"], value(r)), marker, colour)
     save_png(image, path)
 
 

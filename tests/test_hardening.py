@@ -363,3 +363,30 @@ def test_a_byte_order_mark_in_split_lists_classes_and_config_is_read_everywhere(
     toml.write_text(bom + f'[data]\nformat = "folder"\nroot = "{config.root}"\nlabeled = "{config.labeled}"\n'
                     f'unlabeled = "{config.unlabeled}"\n[foundation]\nbackend = "toy"\n', encoding="utf-8")
     assert load(toml).format == "folder"
+
+
+def test_alpha_sweep_curves_that_coincide_stay_apart_and_only_legend_colours_are_drawn(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.inspect import SERIES, plot_sweep
+
+    alphas = [0.05 * i for i in range(1, 9)]
+    same = [{"alpha": a, "coverage": 1 - a, "kept_paper": 1 - a, "kept_singleton": 1 - a} for a in alphas]
+    plot_sweep(same, tmp_path / "same.png", chosen=0.1)  # all four curves on one line
+    pixels = np.asarray(Image.open(tmp_path / "same.png").convert("RGB")).reshape(-1, 3)
+    colours = {tuple(int(c) for c in p) for p in pixels}
+    lines = {colour for _, colour, *_ in SERIES}
+    assert lines <= colours  # every curve visible where they coincide
+    # no blend of two line colours: besides the lines, only text, frame and grid greys (r == g == b)
+    assert all(c in lines or c[0] == c[1] == c[2] for c in colours), sorted(colours - lines)[:5]
+    styles = [(dash, marker) for _, _, dash, marker, _ in SERIES]
+    assert len({marker for _, marker in styles}) == len(SERIES)  # one marker each, as in the legend
+    # each curve drawn differently: dashes and markers, so the pictures of single curves all differ
+    pictures = []
+    for drop in ("coverage", "kept_paper", "kept_singleton"):
+        rows = [{k: v for k, v in r.items() if k != drop} if drop != "coverage" else {**r, "coverage": 0.0}
+                for r in same]
+        plot_sweep(rows, tmp_path / f"{drop}.png")
+        pictures.append(np.asarray(Image.open(tmp_path / f"{drop}.png")))
+    assert all((a != b).any() for i, a in enumerate(pictures) for b in pictures[i + 1:])
