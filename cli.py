@@ -337,8 +337,13 @@ def eval_checkpoint(
         update(0, len(samples))
         result = evaluate(model.to(dev), ValImages(dataset, samples), dataset.num_classes, dev, mode,
                           crop or state["recipe"]["crop"], progress=update)
-    _print_ious(f"{checkpoint} (stage {state['stage']}, epoch {state['epoch']}) on {len(samples)} {split} images, "
-                f"{mode}", dataset.classes, result["iou"], result["miou"], result["pixel_accuracy"])
+    _print_ious(f"{checkpoint} (stage {state['stage']}, epoch {state['epoch']}) on "
+                f"{_images_of(dataset, split, samples)}, {mode}", dataset.classes, result["iou"], result["miou"], result["pixel_accuracy"])
+
+
+def _images_of(dataset, split: str, samples) -> str:
+    """What was scored, named by its list file (--val test.txt is not 'val images')."""
+    return f"the {len(samples)} images of {dataset.split_path(split).name} ({split} split)"
 
 
 def _eval_scores(config: cfg.Config, dataset, samples, split: str) -> None:
@@ -357,7 +362,8 @@ def _eval_scores(config: cfg.Config, dataset, samples, split: str) -> None:
     with progress("eval") as update:
         update(0, len(samples))
         conf = raw_confusion(store, dataset, samples, progress=update)
-    _print_ious(f"{store.path} ({store.attrs['backend']}): raw argmax of the stored scores on {len(samples)} {split} images",
+    _print_ious(f"{store.path} ({store.attrs['backend']}): raw argmax of the stored scores on "
+                f"{_images_of(dataset, split, samples)}",
                 dataset.classes, iou_per_class(conf), mean_iou(conf), pixel_accuracy(conf))
 
 
@@ -488,7 +494,8 @@ def data_split(
     lines = _split_source(source, masks, root, config)
     count = labeled_count(labeled, len(lines))
     paths = write_split(lines, count, seed, out, force)
-    console.print(f"{paths[0]}: {count} labeled; {paths[1]}: {len(lines) - count} unlabeled (seed {seed})")
+    console.print(f"wrote {paths[0]} ({count} labeled images) and", highlight=False)
+    console.print(f"      {paths[1]} ({len(lines) - count} unlabeled images), seed {seed}", highlight=False)
 
 
 @data_app.command("list")
@@ -641,7 +648,7 @@ def toy_evaluate(
     if any(s.mask is None for s in samples):
         raise UserError(f"{dataset.split_path(split)}: the {split} split has no masks to score against")
     conf = confusion_on(model, (dataset.load(s) for s in samples), dataset.num_classes)
-    _print_ious(f"toy annotator, raw argmax on {len(samples)} {split} images", classes, iou_per_class(conf),
+    _print_ious(f"toy annotator, raw argmax on {_images_of(dataset, split, samples)}", classes, iou_per_class(conf),
                 mean_iou(conf), pixel_accuracy(conf))
 
 

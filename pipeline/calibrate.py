@@ -87,6 +87,9 @@ def run_calibrate(config: Config, settings: Settings, write_masks: bool = True, 
     if overlap := dataset.overlap():
         warn(overlap)
     labeled = _scored(store, dataset, "labeled", warn)
+    if settings.folds > len(labeled):  # assign_folds caps them: say so rather than report folds that are not
+        warn(f"--folds {settings.folds}: {len(labeled)} labeled images make at most {len(labeled)} folds; the "
+             f"cross-calibration diagnostics are leave-one-out ({len(labeled)} folds)")
     if settings.mode == "crc":  # fail before the long pass
         require_crc_images(len(labeled), settings.alpha)
     checksum = store_checksum(store, [s.id for s in labeled])

@@ -308,3 +308,16 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_calibrate_even_with
     stale.mkdir()
     run_calibrate(config, Settings(alpha=0.1), write_masks=False, jobs=1)  # fit and report only: writes nothing
     assert stale.exists()
+
+
+def test_more_folds_than_labeled_images_is_leave_one_out_and_says_so(toy_world, scored, tmp_path):
+    from conftest import work_copy
+
+    config = work_copy(toy_world, scored, tmp_path)
+    ten = tmp_path / "ten.txt"
+    ten.write_text("".join(Path(config.labeled).read_text().splitlines(keepends=True)[:10]))
+    config = replace(config, labeled=ten)
+    warnings = []
+    record = run_calibrate(config, Settings(alpha=0.1, folds=50), write_masks=False, jobs=1, warn=warnings.append)
+    assert any("--folds 50: 10 labeled images make at most 10 folds" in w and "leave-one-out" in w for w in warnings)
+    assert record["diagnostics"]["cross_calibration"]["folds"] == 10

@@ -390,3 +390,39 @@ def test_alpha_sweep_curves_that_coincide_stay_apart_and_only_legend_colours_are
         plot_sweep(rows, tmp_path / f"{drop}.png")
         pictures.append(np.asarray(Image.open(tmp_path / f"{drop}.png")))
     assert all((a != b).any() for i, a in enumerate(pictures) for b in pictures[i + 1:])
+
+
+def test_reports_say_only_what_applies(toy_world, calibrated, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from conftest import fresh
+
+    config = fresh(toy_world, calibrated, tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(cli.app, ["calibrate", "--rule", "argmax", "--no-masks", *map(str, flags(config))],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "rule argmax: the masks are the annotator's argmax with every pixel kept" in result.output
+    for absent in ("qhat", "coverage", "set sizes", "held out"):
+        assert absent not in result.output, absent
+    result = runner.invoke(cli.app, ["calibrate", "--no-masks", *map(str, flags(config))], terminal_width=200)
+    assert "qhat" in result.output and "coverage" in result.output  # a filtering rule reports them
+
+    other = tmp_path / "test.txt"
+    shutil.copy(config.val, other)
+    run_logits_val = runner.invoke(cli.app, ["logits", "--split", "val", "--workers", "0", *map(str, flags(config)),
+                                             "--val", str(other)])
+    assert run_logits_val.exit_code == 0, run_logits_val.output
+    result = runner.invoke(cli.app, ["eval", "--scores", *map(str, flags(config)), "--val", str(other)],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # the console wraps long lines
+    assert "the 6 images of test.txt (val split)" in text and "val images" not in text
+
+    result = runner.invoke(cli.app, ["data", "split", str(config.unlabeled), "--out", str(tmp_path / "split"),
+                                     "--labeled", "3", "--root", str(config.root)], terminal_width=80)
+    assert result.exit_code == 0, result.output
+    assert "3 labeled images" in " ".join(result.output.split()) and not any(line.rstrip().endswith(";")
+                                                           for line in result.output.splitlines())
