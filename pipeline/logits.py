@@ -9,6 +9,9 @@ the same plan and writes its own arrays: same store as one process, no coordinat
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +39,8 @@ class Item:
 
 
 def select_samples(dataset: Dataset, split: str) -> list[Sample]:
-    """The split's samples; ``all`` = labeled + unlabeled + val (when configured), each id once."""
+    """The split's samples; ``all`` = labeled + unlabeled + val (when configured), each id once, in that
+    order (what calibrate needs first: an interrupted run has scored it)."""
     names = [s for s in SPLITS if s != "val" or dataset.config.val is not None] if split == "all" else [split]
     if split != "all" and split not in SPLITS:
         raise UserError(f"--split {split}: choose labeled, unlabeled, val or all")
@@ -47,13 +51,15 @@ def select_samples(dataset: Dataset, split: str) -> list[Sample]:
     return list(unique.values())
 
 
-def plan_batches(items: list[Item], preprocess: Preprocess, batch_size: int) -> list[list[Item]]:
-    """Batches of images with equal model-input size, in a fixed order (by first id)."""
-    groups: dict[tuple[int, int], list[Item]] = defaultdict(list)
+def plan_batches(items: list[Item], preprocess: Preprocess, batch_size: int,
+                 later: frozenset[str] = frozenset()) -> list[list[Item]]:
+    """Batches of images with equal model-input size, in a fixed order (by first id); the ids in ``later``
+    (val, under --split all) in batches of their own after all the others."""
+    groups: dict[tuple[bool, tuple[int, int]], list[Item]] = defaultdict(list)
     for item in sorted(items, key=lambda it: it.sample.id):
-        groups[preprocess.size(*item.size)].append(item)
-    batches = [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
-    return sorted(batches, key=lambda b: b[0].sample.id)
+        groups[item.sample.id in later, preprocess.size(*item.size)].append(item)
+    batches = [(phase, g[i : i + batch_size]) for (phase, _), g in groups.items() for i in range(0, len(g), batch_size)]
+    return [b for _, b in sorted(batches, key=lambda pb: (pb[0], pb[1][0].sample.id))]
 
 
 def _header(sample: Sample):
@@ -142,13 +148,18 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     done = set(intact_ids(path, verify))
     headers = thread_map(_header, samples, 8)
     unreadable = dict(f for _, f in headers if f is not None)  # every rank sees these: rank 0 reports
-    batches = plan_batches([it for it, _ in headers if it is not None], backend.preprocess, batch_size)
+    later = frozenset()
+    if split == "all":  # val after what calibrate needs: an interrupted run has scored that first
+        first = {s.id for name in ("labeled", "unlabeled") for s in dataset.split(name)}
+        later = frozenset(s.id for s in samples if s.id not in first)
+    batches = plan_batches([it for it, _ in headers if it is not None], backend.preprocess, batch_size, later)
     mine = batches[rank::world]
     todo = [b for b in mine if not all(it.sample.id in done for it in b)]
     skipped = sum(len(b) for b in mine) - sum(len(b) for b in todo)
     undecodable: dict[str, str] = {}  # found by this rank's loader
-    written = _score(backend, mapping, todo, done, path, dev, scale, workers, progress, undecodable, skipped,
-                     sum(map(len, mine)))
+    with heap_reused(dev.type == "cpu"):
+        written = _score(backend, mapping, todo, done, path, dev, scale, workers, progress, undecodable, skipped,
+                         sum(map(len, mine)))
     for reason in sorted({**(unreadable if rank == 0 else {}), **undecodable}.values()):
         warn(f"skipped unreadable image: {reason}")
     all_failed = {**unreadable, **distributed.gather_dicts(undecodable)}
@@ -157,6 +168,37 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     distributed.barrier()
     return {"written": written, "skipped": skipped, "failed": len(all_failed), "images": len(samples),
             "store": path, "rank": rank, "world": world}
+
+
+@contextlib.contextmanager
+def heap_reused(enabled: bool):
+    """On a CPU, keep freed memory for the next batch. glibc hands every block above its mmap threshold back
+    to the system when it is freed, so each batch's activations are fresh pages the kernel must fault in and
+    zero: measured, that was a third of stage 0's CPU time (159 M minor page faults for 335 CamVid images).
+    With mmap off and no trimming while scoring, the next batch reuses the same memory; the defaults come
+    back afterwards and the heap is trimmed. glibc only; elsewhere nothing changes."""
+    libc = _glibc() if enabled else None
+    if libc is None:
+        yield
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_MAX, 65536)  # glibc's defaults
+        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def _score(backend: Backend, mapping: ClassMap, todo, done, path, device, scale, workers, progress, failed, skipped,

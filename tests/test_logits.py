@@ -226,3 +226,65 @@ def test_a_finished_store_loads_no_model_and_force_loads_the_new_one_before_remo
     with pytest.raises(UserError, match="not a TorchScript file"):
         run_logits(junk, "labeled", workers=0, force=True)
     assert len(LogitsStore(tmp_path / "w/logits.zarr")) == 16  # --force removed nothing: the model failed first
+
+
+def test_stage_0_on_a_cpu_reuses_freed_memory_instead_of_faulting_in_fresh_pages(toy_world, tmp_path, monkeypatch):
+    import resource
+    from dataclasses import replace
+
+    import torch
+
+    import pipeline.logits as logits
+    from conftest import ANNOTATOR, toy_config
+
+    if logits._glibc() is None:
+        pytest.skip("not glibc: its allocator settings do not apply")
+
+    def faults(reuse: bool) -> int:
+        with logits.heap_reused(reuse):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(20):  # a batch's activations: allocated, written, freed
+                torch.ones(10 * 2**20)  # 40 MB, above glibc's largest mmap threshold
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults(True)  # the heap grows once
+    assert faults(True) * 5 < faults(False)
+    used = []
+    real = logits.heap_reused
+    monkeypatch.setattr(logits, "heap_reused", lambda enabled: used.append(enabled) or real(enabled))
+    config = replace(toy_config(toy_world), weights=ANNOTATOR, work_dir=tmp_path / "work")
+    logits.run_logits(config, "labeled", device="cpu", workers=0, info=lambda m: None)
+    assert used == [True]
+
+
+def test_split_all_scores_what_calibrate_needs_before_val(toy_world, tmp_path, monkeypatch):
+    """Val images named to sort before the train ones: by id alone, val would be scored first."""
+    import shutil
+    from dataclasses import replace
+    from pathlib import Path
+
+    import pipeline.logits as logits
+    from conftest import ANNOTATOR, toy_config
+    from pipeline.datasets import Dataset
+
+    world = tmp_path / "toy"
+    shutil.copytree(toy_world, world)
+    config = replace(toy_config(world), weights=ANNOTATOR, work_dir=tmp_path / "work")
+    lines = []
+    for line in Path(config.val).read_text().splitlines():
+        image, mask = line.split()
+        for old in (image, mask):
+            path = config.root / old
+            path.rename(path.with_name("a" + path.name))
+        lines.append(f"{Path(image).parent}/a{Path(image).name} {Path(mask).parent}/a{Path(mask).name}")
+    Path(config.val).write_text("\n".join(lines) + "\n")
+    order = []
+    real = logits.write_scores
+    monkeypatch.setattr(logits, "write_scores", lambda path, id_, *a: order.append(id_) or real(path, id_, *a))
+    logits.run_logits(config, "all", batch_size=4, device="cpu", workers=0, info=lambda m: None)
+    dataset = Dataset(config)
+    val = {s.id for s in dataset.split("val")}
+    train = {s.id for name in ("labeled", "unlabeled") for s in dataset.split(name)}
+    assert set(order) == val | train and max(val) < min(train)
+    first_val = min(i for i, id_ in enumerate(order) if id_ in val)
+    assert set(order[:first_val]) == train  # every labeled and unlabeled image before any val image
