@@ -118,7 +118,7 @@ def logits(
     Images already in the store are skipped (damaged ones are rebuilt), so an interrupted run just continues. Under
     `torchrun --nproc_per_node N` each process scores its share of the images.
     """
-    from pipeline.logits import run_logits
+    from pipeline.stage0.logits import run_logits
 
     start = time.perf_counter()
     with progress("logits") as update:
@@ -154,7 +154,7 @@ def calibrate(
     Reads <work>/logits.zarr. Writes <work>/calibration.json (thresholds, settings, diagnostics) and one
     palette PNG per unlabeled image, 255 = ignore. Rerunning with the same settings and inputs does nothing.
     """
-    from pipeline.calibrate import Settings, run_calibrate
+    from pipeline.stage1.calibrate import Settings, run_calibrate
 
     start = time.perf_counter()
     record = run_calibrate(config, Settings(alpha=alpha, mode=mode, rule=rule, folds=folds), masks, jobs,
@@ -167,7 +167,7 @@ def calibrate(
                       f"(e.g. {repaired[0]})")
     elif record["unchanged"]:
         console.print(f"{path} is up to date for these settings and inputs: nothing to do")
-    from pipeline.calibrate_report import print_report
+    from pipeline.stage1.calibrate_report import print_report
 
     print_report(record, console)
     if not record["unchanged"] and record.get("saved"):
@@ -311,7 +311,7 @@ def eval_checkpoint(
 ):
     """mIoU and per-class IoU of a checkpoint (whole image or sliding window), or of the stored foundation-model
     scores (--scores), on the val split."""
-    from pipeline.datasets import Dataset
+    from pipeline.data.datasets import Dataset
 
     if (checkpoint is None) == (not scores):
         raise UserError("eval: give --checkpoint FILE, or --scores for the stored foundation-model scores")
@@ -348,8 +348,8 @@ def _images_of(dataset, split: str, samples) -> str:
 
 def _eval_scores(config: cfg.Config, dataset, samples, split: str) -> None:
     from pipeline.metrics import iou_per_class, mean_iou, pixel_accuracy
-    from pipeline.rawscore import raw_confusion
-    from pipeline.store import LogitsStore
+    from pipeline.stage1.rawscore import raw_confusion
+    from pipeline.stage0.store import LogitsStore
 
     store = LogitsStore(config.work_dir / "logits.zarr")
     missing = [s.id for s in samples if s.id not in store]
@@ -393,7 +393,7 @@ def inspect_command(
     Sheet: image | raw foundation argmax | filtered mask | ground truth | checkpoint, and a legend;
     ignore (255) is white.
     """
-    from pipeline.inspect import run_inspect
+    from pipeline.outputs.inspect import run_inspect
 
     chosen = [i.strip() for i in ids.split(",") if i.strip()] if ids else None
     result = run_inspect(config, chosen, count, seed, split, checkpoint)
@@ -431,7 +431,7 @@ def export_masks(
     config: cfg.Config = None,
 ):
     """The filtered masks of `calibrate` as supervision for another code base; the data set is not touched."""
-    from pipeline.export import export
+    from pipeline.outputs.export import export
 
     result = export(config, to, out, force, warn=warn)
     console.print(f"{result['out']}: {', '.join(result['files'])} ({result['labeled']} labeled, "
@@ -450,14 +450,14 @@ def export_masks(
 @with_config
 def summary(config: cfg.Config = None):
     """What the pipeline produced so far: pseudo-label quality before / after filtering, val mIoU of each run."""
-    from pipeline.summary import print_summary
+    from pipeline.outputs.summary import print_summary
 
     print_summary(config.work_dir, console)
 
 
 def _split_source(source: Path, masks: Optional[Path], root: Optional[Path], config: Optional[str]) -> list[str]:
     """The lines of a folder of images (+ masks) or of a split list, relative to the data root."""
-    from pipeline.splits import source_lines
+    from pipeline.data.splits import source_lines
 
     root = root.absolute() if root is not None else cfg.load(config).root
 
@@ -489,7 +489,7 @@ def data_split(
     config: CONFIG = None,
 ):
     """Write UniMatch-format labeled.txt / unlabeled.txt: a seeded draw of the labeled images."""
-    from pipeline.splits import labeled_count, write_split
+    from pipeline.data.splits import labeled_count, write_split
 
     lines = _split_source(source, masks, root, config)
     count = labeled_count(labeled, len(lines))
@@ -508,7 +508,7 @@ def data_list(
     config: CONFIG = None,
 ):
     """Write one UniMatch-format split list of every image (e.g. the val.txt of a folder)."""
-    from pipeline.splits import write_list
+    from pipeline.data.splits import write_list
 
     lines = _split_source(source, masks, root, config)
     console.print(f"{write_list(lines, out, force)}: {len(lines)} images")
@@ -522,8 +522,8 @@ def data_convert(
 ):
     """Cityscapes: write gtFine *_labelTrainIds.png (19 classes, 255 ignore) from the official *_labelIds.png
     beside them, for every mask the split lists name."""
-    from pipeline.convert import convert_cityscapes
-    from pipeline.datasets import Dataset
+    from pipeline.data.convert import convert_cityscapes
+    from pipeline.data.datasets import Dataset
 
     with progress("convert") as update:
         result = convert_cityscapes(Dataset(config), force, update)
@@ -541,8 +541,8 @@ def data_check(
 
     Exit code 0 when the data set is clean, 1 when problems were found.
     """
-    from pipeline.check import check_dataset
-    from pipeline.datasets import Dataset
+    from pipeline.data.check import check_dataset
+    from pipeline.data.datasets import Dataset
 
     dataset = Dataset(config)
     with progress("checking") as update:
@@ -635,7 +635,7 @@ def toy_evaluate(
     config: cfg.Config = None,
 ):
     """Raw pseudo-label quality of the toy annotator (argmax, no filtering): mIoU and per-class IoU."""
-    from pipeline.datasets import Dataset
+    from pipeline.data.datasets import Dataset
     from pipeline.metrics import iou_per_class, mean_iou, pixel_accuracy
     from pipeline.toy.annotator import load_annotator
     from pipeline.toy.train import confusion_on

@@ -37,9 +37,9 @@ import torch
 
 from pipeline import PROJECT_ROOT
 from pipeline.atomic import write_text_atomic
-from pipeline.calibrate import Settings, run_calibrate
+from pipeline.stage1.calibrate import Settings, run_calibrate
 from pipeline.config import Config
-from pipeline.logits import run_logits
+from pipeline.stage0.logits import run_logits
 from pipeline.ui import percent
 from trainer.recipes import get_recipe
 from trainer.stages import run_dir, train_stage

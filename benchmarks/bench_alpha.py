@@ -30,12 +30,12 @@ from bench_quality import TOY  # noqa: E402
 from bench_real import CAMVID  # noqa: E402
 from pipeline import PROJECT_ROOT  # noqa: E402
 from pipeline.atomic import write_text_atomic  # noqa: E402
-from pipeline.alpha_rules import RULES, choose, scores as alpha_scores  # noqa: E402
-from pipeline.calibrate import Settings, accumulate, assign_folds  # noqa: E402
-from pipeline.datasets import Dataset  # noqa: E402
-from pipeline.held_out import held_out  # noqa: E402
-from pipeline.store import LogitsStore  # noqa: E402
-from pipeline.record import MASKS, SUMS_FILE  # noqa: E402
+from pipeline.stage1.alpha_rules import RULES, choose, scores as alpha_scores  # noqa: E402
+from pipeline.stage1.calibrate import Settings, accumulate, assign_folds  # noqa: E402
+from pipeline.data.datasets import Dataset  # noqa: E402
+from pipeline.stage1.held_out import held_out  # noqa: E402
+from pipeline.stage0.store import LogitsStore  # noqa: E402
+from pipeline.stage1.record import MASKS, SUMS_FILE  # noqa: E402
 
 # From "filters nothing" to "keeps about half" on each world (the masks tables show where each lands).
 # crc needs at least 1/alpha - 1 labeled images: the toy world's 16-image split starts at 0.06.

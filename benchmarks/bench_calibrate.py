@@ -31,11 +31,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.isolated import measure  # noqa: E402
-from pipeline.calibrate import Settings, run_calibrate  # noqa: E402
+from pipeline.stage1.calibrate import Settings, run_calibrate  # noqa: E402
 from pipeline.config import Config  # noqa: E402
-from pipeline.conformal import Upsampler, conformal_rank, grid_values, nonconformity, to_bins  # noqa: E402
-from pipeline.datasets import Dataset  # noqa: E402
-from pipeline.store import LogitsStore, open_for_writing, write_scores  # noqa: E402
+from pipeline.stage1.conformal import Upsampler, conformal_rank, grid_values, nonconformity, to_bins  # noqa: E402
+from pipeline.data.datasets import Dataset  # noqa: E402
+from pipeline.stage0.store import LogitsStore, open_for_writing, write_scores  # noqa: E402
 
 K, H, W, STRIDE = 21, 375, 500, 4
 

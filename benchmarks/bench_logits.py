@@ -4,7 +4,7 @@ A trivially cheap TorchScript model (4x average pool + 1x1 conv to K=21 logits) 
 of the measurement: what is timed is decoding, preprocessing, batching, fp16 conversion, compression
 and writing. The naive alternative writes one fp32 .npy per image at full resolution.
 
-Then the CPU allocator's share (`pipeline.logits.heap_reused`), in the same run: a convolutional network with
+Then the CPU allocator's share (`pipeline.stage0.logits.heap_reused`), in the same run: a convolutional network with
 an annotator's activations (ESPNetv2-like widths, 1/8 stride, 12 classes) on CamVid-sized images (480x360),
 scored with freed memory handed back to the system after every block (glibc's default) and kept for the next
 batch (what stage 0 does on a CPU): images/s, user and system CPU time, minor page faults.
@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import pipeline.logits as logits  # noqa: E402
+import pipeline.stage0.logits as logits  # noqa: E402
 from pipeline.config import Config  # noqa: E402
-from pipeline.datasets import read_image  # noqa: E402
-from pipeline.logits import run_logits  # noqa: E402
+from pipeline.data.datasets import read_image  # noqa: E402
+from pipeline.stage0.logits import run_logits  # noqa: E402
 
 K, H, W = 21, 375, 500
 

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 from ablation import World, parse, run  # noqa: E402
 from pipeline import PROJECT_ROOT, config as cfg  # noqa: E402
-from pipeline.calibrate import Settings  # noqa: E402
+from pipeline.stage1.calibrate import Settings  # noqa: E402
 
 SPLITS = PROJECT_ROOT / "data" / "toy" / "splits"
 

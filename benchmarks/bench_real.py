@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 from ablation import World, parse, run  # noqa: E402
 from pipeline import config as cfg  # noqa: E402
-from pipeline.calibrate import Settings  # noqa: E402
+from pipeline.stage1.calibrate import Settings  # noqa: E402
 
 
 def camvid_split(split: str):

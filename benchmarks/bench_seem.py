@@ -49,8 +49,8 @@ import fake_seem  # noqa: E402  (a CLIP-format tokenizer, offline)
 from conftest import make_config  # noqa: E402
 from pipeline.backends import build_backend  # noqa: E402
 from pipeline.backends.seem import import_seem  # noqa: E402
-from pipeline.datasets import ADE20K_CLASSES, COCO_CLASSES, VOC_CLASSES  # noqa: E402
-from pipeline.logits import resolve_device  # noqa: E402
+from pipeline.data.datasets import ADE20K_CLASSES, COCO_CLASSES, VOC_CLASSES  # noqa: E402
+from pipeline.stage0.logits import resolve_device  # noqa: E402
 
 H, W = 512, 683  # a 375x500 image at SEEM's shorter side 512
 
@@ -92,7 +92,7 @@ STAGE0 = {"voc": ("VOC train_aug", 10_582), "coco": ("COCO train2017", 118_287)}
 
 def entries(vocabulary: str) -> int:
     """The preset's classes as prompts (readable synonyms included) + SEEM's no-object entry."""
-    from pipeline.classmap import build_class_map
+    from pipeline.data.classmap import build_class_map
     from pipeline.config import load
 
     preset, classes = VOCABULARIES[vocabulary]

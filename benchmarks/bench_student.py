@@ -41,15 +41,15 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 from ablation import World, calibrate_variant, make_store, quiet, recipes, row_name, split_config, train_all  # noqa: E402
 from pipeline import PROJECT_ROOT, config as cfg  # noqa: E402
-from pipeline.alpha_rules import choose  # noqa: E402
+from pipeline.stage1.alpha_rules import choose  # noqa: E402
 from pipeline.atomic import write_text_atomic  # noqa: E402
-from pipeline.calibrate import Settings, accumulate, assign_folds  # noqa: E402
-from pipeline.datasets import Dataset  # noqa: E402
-from pipeline.held_out import held_out  # noqa: E402
-from pipeline.logits import run_logits  # noqa: E402
+from pipeline.stage1.calibrate import Settings, accumulate, assign_folds  # noqa: E402
+from pipeline.data.datasets import Dataset  # noqa: E402
+from pipeline.stage1.held_out import held_out  # noqa: E402
+from pipeline.stage0.logits import run_logits  # noqa: E402
 from pipeline.metrics import mean_iou, pixel_accuracy  # noqa: E402
-from pipeline.rawscore import raw_confusion  # noqa: E402
-from pipeline.store import LogitsStore  # noqa: E402
+from pipeline.stage1.rawscore import raw_confusion  # noqa: E402
+from pipeline.stage0.store import LogitsStore  # noqa: E402
 
 REAL = PROJECT_ROOT / "benchmarks" / "real"
 WEIGHTS = PROJECT_ROOT / "data" / "weights"

@@ -31,11 +31,11 @@ import bench_train  # noqa: E402
 from isolated import measure  # noqa: E402
 from pipeline import PROJECT_ROOT  # noqa: E402
 from pipeline.atomic import write_text_atomic  # noqa: E402
-from pipeline.calibrate import Settings, run_calibrate  # noqa: E402
+from pipeline.stage1.calibrate import Settings, run_calibrate  # noqa: E402
 from pipeline.config import Config  # noqa: E402
-from pipeline.datasets import Dataset  # noqa: E402
-from pipeline.logits import run_logits  # noqa: E402
-from pipeline.store import LogitsStore  # noqa: E402
+from pipeline.data.datasets import Dataset  # noqa: E402
+from pipeline.stage0.logits import run_logits  # noqa: E402
+from pipeline.stage0.store import LogitsStore  # noqa: E402
 from pipeline.toy.world import WorldSpec, generate  # noqa: E402
 from trainer.checkpoint import load_checkpoint, load_trained  # noqa: E402
 from trainer.data import ValImages  # noqa: E402

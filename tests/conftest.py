@@ -62,7 +62,7 @@ ANNOTATOR = PROJECT_ROOT / "data" / "toy_annotator.pt"
 @pytest.fixture(scope="session")
 def scored(toy_world, tmp_path_factory) -> Path:
     """A work folder whose store holds the toy annotator's scores of the labeled and unlabeled splits."""
-    from pipeline.logits import run_logits
+    from pipeline.stage0.logits import run_logits
 
     work = tmp_path_factory.mktemp("scored") / "work"
     config = replace(toy_config(toy_world), weights=ANNOTATOR, work_dir=work)
@@ -81,7 +81,7 @@ def work_copy(world: Path, work: Path, tmp_path: Path) -> Config:
 @pytest.fixture(scope="session")
 def calibrated(toy_world, scored, tmp_path_factory) -> Path:
     """A work folder with scores, calibration.json and cached masks for the small toy world."""
-    from pipeline.calibrate import Settings, run_calibrate
+    from pipeline.stage1.calibrate import Settings, run_calibrate
 
     config = work_copy(toy_world, scored, tmp_path_factory.mktemp("calibrated"))
     run_calibrate(config, Settings(alpha=0.1), jobs=1)

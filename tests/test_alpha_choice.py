@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from conftest import ANNOTATOR, toy_config, work_copy
-from pipeline.alpha_rules import RULES, choose, class_iou, scores
-from pipeline.calibrate import Settings, accumulate, assign_folds, filtered_mask, run_calibrate
-from pipeline.conformal import background_index, fit
-from pipeline.datasets import Dataset
-from pipeline.held_out import HeldOut, held_out
-from pipeline.masks import IGNORE
+from pipeline.stage1.alpha_rules import RULES, choose, class_iou, scores
+from pipeline.stage1.calibrate import Settings, accumulate, assign_folds, filtered_mask, run_calibrate
+from pipeline.stage1.conformal import background_index, fit
+from pipeline.data.datasets import Dataset
+from pipeline.stage1.held_out import HeldOut, held_out
+from pipeline.stage1.masks import IGNORE
 from pipeline.metrics import confusion
-from pipeline.rawscore import raw_argmax
-from pipeline.store import LogitsStore
+from pipeline.stage1.rawscore import raw_argmax
+from pipeline.stage0.store import LogitsStore
 
 
 def labeled_set(toy_world, scored, tmp_path, settings):
@@ -149,7 +149,7 @@ def synthetic_world(root, errors_confident: bool, images: int = 24, side: int = 
     0.3 on the true one), so the best masks drop exactly the 20%; with True it is unsure and right on the 80%
     (p 0.6) and sure and wrong on the 20% (p 0.9), so filtering can only remove right pixels."""
     from conftest import make_config, write_gray_png, write_image
-    from pipeline.store import open_for_writing, write_scores
+    from pipeline.stage0.store import open_for_writing, write_scores
 
     rng = np.random.default_rng(0)
     (root / "classes.txt").parent.mkdir(parents=True, exist_ok=True)

@@ -10,11 +10,11 @@ import torch
 
 from conftest import backend_config, toy_config
 from pipeline.backends import Preprocess, build_backend
-from pipeline.classmap import NO_OBJECT, build_class_map
-from pipeline.datasets import Dataset, read_image
+from pipeline.data.classmap import NO_OBJECT, build_class_map
+from pipeline.data.datasets import Dataset, read_image
 from pipeline.errors import UserError
-from pipeline.logits import run_logits
-from pipeline.store import LogitsStore, to_probabilities
+from pipeline.stage0.logits import run_logits
+from pipeline.stage0.store import LogitsStore, to_probabilities
 
 CLASSES = ("background", "aeroplane", "diningtable", "pottedplant")
 
@@ -125,7 +125,7 @@ def test_an_output_serves_one_class_only():
 
 
 def test_cuda_without_an_index_is_the_current_device(monkeypatch):
-    from pipeline.logits import resolve_device
+    from pipeline.stage0.logits import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)

@@ -21,11 +21,11 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import ANNOTATOR, work_copy
 from pipeline import PROJECT_ROOT
-from pipeline.calibrate import Settings, filtered_mask, run_calibrate
-from pipeline.conformal import Upsampler, background_index, grid_values, prediction_sets, pseudo_label, to_bins
-from pipeline.datasets import Dataset
+from pipeline.stage1.calibrate import Settings, filtered_mask, run_calibrate
+from pipeline.stage1.conformal import Upsampler, background_index, grid_values, prediction_sets, pseudo_label, to_bins
+from pipeline.data.datasets import Dataset
 from pipeline.errors import UserError
-from pipeline.store import LogitsStore
+from pipeline.stage0.store import LogitsStore
 
 TESTS = Path(__file__).resolve().parent
 
@@ -207,7 +207,7 @@ Image.Image.save = slow
 
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 from conftest import toy_config
-from pipeline.calibrate import Settings, filtered_mask, run_calibrate
+from pipeline.stage1.calibrate import Settings, filtered_mask, run_calibrate
 config = replace(toy_config(Path(sys.argv[3])), weights=Path(sys.argv[4]), work_dir=Path(sys.argv[5]))
 run_calibrate(config, Settings(alpha=float(sys.argv[6])), jobs=1)
 """
@@ -266,7 +266,7 @@ def test_cli_calibrate_prints_report_and_rejects_bad_flags(toy_world, scored, tm
 
 @pytest.mark.parametrize("rule", ["paper", "singleton"])
 def test_alpha_sweep_from_saved_histograms_matches_a_real_calibration(toy_world, scored, tmp_path, rule):
-    from pipeline.inspect import alpha_sweep, load_histograms
+    from pipeline.outputs.inspect import alpha_sweep, load_histograms
 
     config = fresh(toy_world, scored, tmp_path)
     for alpha in (0.1, 0.3):

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import toy_config
-from pipeline.check import check_dataset
-from pipeline.datasets import Dataset
-from pipeline.masks import write_palette_png
+from pipeline.data.check import check_dataset
+from pipeline.data.datasets import Dataset
+from pipeline.stage1.masks import write_palette_png
 
 ROOT = __import__("pipeline").PROJECT_ROOT
 

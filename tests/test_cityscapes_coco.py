@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline import PROJECT_ROOT, config as cfg
-from pipeline.check import check_dataset
-from pipeline.convert import to_train_ids
-from pipeline.datasets import CITYSCAPES_CLASSES, COCO_CLASSES, Dataset
-from pipeline.prompts import prompts_for
+from pipeline.data.check import check_dataset
+from pipeline.data.convert import to_train_ids
+from pipeline.data.datasets import CITYSCAPES_CLASSES, COCO_CLASSES, Dataset
+from pipeline.data.prompts import prompts_for
 from trainer.recipes import get_recipe
 
 SIZE = (16, 32)  # H, W: Cityscapes' 1:2

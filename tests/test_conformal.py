@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.conformal import (GRID, ScoreHistogram, Upsampler, fit, grid_values, prediction_sets, pseudo_label,
+from pipeline.stage1.conformal import (GRID, ScoreHistogram, Upsampler, fit, grid_values, prediction_sets, pseudo_label,
                                 to_bins)
 from pipeline.errors import UserError
 

@@ -21,7 +21,7 @@ from PIL import Image
 from conftest import ANNOTATOR, toy_config
 from pipeline import PROJECT_ROOT
 from pipeline.parallel import in_threads, thread_map
-from pipeline.store import CHUNK
+from pipeline.stage0.store import CHUNK
 from pipeline.toy.world import WorldSpec, generate
 
 
@@ -81,7 +81,7 @@ def test_ctrl_c_in_the_main_thread_waits_for_the_workers_then_goes_on():
 @pytest.fixture(scope="module")
 def big_world(tmp_path_factory):
     """Images large enough (160 px) that threads are still busy when one of them fails; scored once."""
-    from pipeline.logits import run_logits
+    from pipeline.stage0.logits import run_logits
 
     out = tmp_path_factory.mktemp("exits") / "toy"
     generate(out, WorldSpec(train=200, val=2, source_val=2, size=160))

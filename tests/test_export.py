@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import fresh, make_config
-from pipeline.datasets import Dataset
+from pipeline.data.datasets import Dataset
 from pipeline.errors import UserError
-from pipeline.export import export
-from pipeline.masks import write_palette_png
-from pipeline.splits import source_lines, write_split
+from pipeline.outputs.export import export
+from pipeline.stage1.masks import write_palette_png
+from pipeline.data.splits import source_lines, write_split
 from test_splits import camvid_tree
 
 

@@ -105,10 +105,10 @@ def test_logits_beyond_float16_are_stored_softmax_equal_and_calibrate_runs(toy_w
     from dataclasses import replace
 
     from conftest import toy_config
-    from pipeline.calibrate import Settings, run_calibrate
-    from pipeline.datasets import Dataset, read_image
-    from pipeline.logits import run_logits
-    from pipeline.store import LogitsStore
+    from pipeline.stage1.calibrate import Settings, run_calibrate
+    from pipeline.data.datasets import Dataset, read_image
+    from pipeline.stage0.logits import run_logits
+    from pipeline.stage0.store import LogitsStore
 
     base = toy_config(toy_world)
     classes = Dataset(base).classes
@@ -133,8 +133,8 @@ def test_16_bit_images_are_scaled_and_exif_rotation_is_warned(tmp_path):
     from PIL import Image
 
     from conftest import make_config, write_gray_png, write_image
-    from pipeline.check import check_dataset
-    from pipeline.datasets import Dataset, read_image
+    from pipeline.data.check import check_dataset
+    from pipeline.data.datasets import Dataset, read_image
 
     rng = np.random.default_rng(0)
     deep = (np.arange(24 * 32).reshape(24, 32) * 85).astype(np.uint16)  # 0 .. 65195
@@ -165,9 +165,9 @@ def test_advice_for_an_image_stage_0_could_not_read_and_split_warnings(toy_world
     from dataclasses import replace
 
     from conftest import ANNOTATOR, toy_config
-    from pipeline.calibrate import Settings, run_calibrate
-    from pipeline.datasets import Dataset, parse_split
-    from pipeline.logits import run_logits
+    from pipeline.stage1.calibrate import Settings, run_calibrate
+    from pipeline.data.datasets import Dataset, parse_split
+    from pipeline.stage0.logits import run_logits
 
     world = tmp_path / "toy"
     shutil.copytree(toy_world, world)
@@ -205,8 +205,8 @@ def test_inspect_pictures_have_an_ignore_colour_outside_the_palette_a_legend_and
     import numpy as np
     from PIL import Image
 
-    from pipeline.inspect import IGNORE_COLOUR, legend_of, run_inspect
-    from pipeline.masks import PALETTE
+    from pipeline.outputs.inspect import IGNORE_COLOUR, legend_of, run_inspect
+    from pipeline.stage1.masks import PALETTE
 
     assert not (PALETTE[:255] == IGNORE_COLOUR).all(1).any()  # no class is painted like ignore
     config = fresh(toy_world, calibrated, tmp_path)
@@ -220,7 +220,7 @@ def test_inspect_pictures_have_an_ignore_colour_outside_the_palette_a_legend_and
     assert (below == swatch).all(2).any()
     sweep = np.asarray(Image.open(result["sweep_png"]))
     plain = tmp_path / "plain.png"
-    from pipeline.inspect import plot_sweep
+    from pipeline.outputs.inspect import plot_sweep
     plot_sweep(result["sweep"], plain)  # the same curves without the marked alpha
     assert (np.asarray(Image.open(plain)) != sweep).any()
 
@@ -229,9 +229,9 @@ def test_a_damaged_store_is_refused_on_read_and_rebuilt_by_logits(toy_world, sco
     import numpy as np
 
     from conftest import work_copy
-    from pipeline.calibrate import Settings, run_calibrate
-    from pipeline.logits import run_logits
-    from pipeline.store import CHUNK, LogitsStore, write_scores
+    from pipeline.stage1.calibrate import Settings, run_calibrate
+    from pipeline.stage0.logits import run_logits
+    from pipeline.stage0.store import CHUNK, LogitsStore, write_scores
 
     config = work_copy(toy_world, scored, tmp_path)
     store = LogitsStore(config.work_dir / "logits.zarr")
@@ -275,7 +275,7 @@ def test_damaged_masks_are_refused_before_training_and_rewritten_by_calibrate(to
     from PIL import Image
 
     from conftest import work_copy
-    from pipeline.calibrate import Settings, run_calibrate
+    from pipeline.stage1.calibrate import Settings, run_calibrate
 
     config = work_copy(toy_world, scored, tmp_path)
     run_calibrate(config, Settings(alpha=0.1), jobs=1)
@@ -307,8 +307,8 @@ def test_logits_and_calibrate_refuse_an_unwritable_work_folder_before_any_work(t
     from dataclasses import replace
 
     from conftest import work_copy
-    from pipeline.calibrate import Settings, run_calibrate
-    from pipeline.logits import run_logits
+    from pipeline.stage1.calibrate import Settings, run_calibrate
+    from pipeline.stage0.logits import run_logits
 
     config = work_copy(toy_world, scored, tmp_path)
     blocker = tmp_path / "a-file"
@@ -335,8 +335,8 @@ def test_a_byte_order_mark_in_split_lists_classes_and_config_is_read_everywhere(
 
     from conftest import ANNOTATOR, toy_config
     from pipeline.config import load
-    from pipeline.datasets import Dataset
-    from pipeline.logits import run_logits
+    from pipeline.data.datasets import Dataset
+    from pipeline.stage0.logits import run_logits
 
     world = tmp_path / "toy"
     shutil.copytree(toy_world, world)
@@ -369,7 +369,7 @@ def test_alpha_sweep_curves_that_coincide_stay_apart_and_only_legend_colours_are
     import numpy as np
     from PIL import Image
 
-    from pipeline.inspect import SERIES, plot_sweep
+    from pipeline.outputs.inspect import SERIES, plot_sweep
 
     alphas = [0.05 * i for i in range(1, 9)]
     same = [{"alpha": a, "coverage": 1 - a, "kept_paper": 1 - a, "kept_singleton": 1 - a} for a in alphas]

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import fresh
 from pipeline import PROJECT_ROOT
-from pipeline.calibrate import Settings, run_calibrate
+from pipeline.stage1.calibrate import Settings, run_calibrate
 from pipeline.errors import UserError
 from pipeline.locks import hold
 from test_trainer import TINY
@@ -94,7 +94,7 @@ def test_readers_share_and_each_run_has_its_own_lock(toy_world, calibrated, tmp_
 
 def test_the_commands_hold_their_locks_while_they_work(toy_world, calibrated, tmp_path, monkeypatch):
     """While calibrate runs (inside its first pass), a calibrate in another process is refused."""
-    import pipeline.calibrate as calibrate
+    import pipeline.stage1.calibrate as calibrate
 
     config = fresh(toy_world, calibrated, tmp_path)
     seen = []

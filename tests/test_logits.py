@@ -16,10 +16,10 @@ import zarr
 
 from conftest import toy_config
 from pipeline import PROJECT_ROOT
-from pipeline.datasets import Dataset
+from pipeline.data.datasets import Dataset
 from pipeline.errors import UserError
-from pipeline.logits import run_logits
-from pipeline.store import LogitsStore, complete_ids
+from pipeline.stage0.logits import run_logits
+from pipeline.stage0.store import LogitsStore, complete_ids
 from pipeline.toy.annotator import load_annotator
 
 ANNOTATOR = PROJECT_ROOT / "data" / "toy_annotator.pt"
@@ -178,7 +178,7 @@ def test_torchrun_two_processes_equals_single_process(toy_world, tmp_path):
 
 
 def test_store_reads_its_own_layout_directly_and_any_other_through_zarr(tmp_path, monkeypatch):
-    from pipeline.store import open_for_writing, write_scores
+    from pipeline.stage0.store import open_for_writing, write_scores
 
     path = tmp_path / "logits.zarr"
     identity = {"classes": ["a", "b", "c"], "backend": "t", "model_id": "m", "weights_sha256": "",
@@ -208,7 +208,7 @@ def test_store_reads_its_own_layout_directly_and_any_other_through_zarr(tmp_path
 
 def test_a_finished_store_loads_no_model_and_force_loads_the_new_one_before_removing_anything(toy_world, tmp_path,
                                                                                                monkeypatch):
-    import pipeline.logits as logits
+    import pipeline.stage0.logits as logits
 
     config = replace(toy_config(toy_world), weights=ANNOTATOR, work_dir=tmp_path / "w")
     first = run_logits(config, "labeled", workers=0)
@@ -234,7 +234,7 @@ def test_stage_0_on_a_cpu_reuses_freed_memory_instead_of_faulting_in_fresh_pages
 
     import torch
 
-    import pipeline.logits as logits
+    import pipeline.stage0.logits as logits
     from conftest import ANNOTATOR, toy_config
 
     if logits._glibc() is None:
@@ -263,9 +263,9 @@ def test_split_all_scores_what_calibrate_needs_before_val(toy_world, tmp_path, m
     from dataclasses import replace
     from pathlib import Path
 
-    import pipeline.logits as logits
+    import pipeline.stage0.logits as logits
     from conftest import ANNOTATOR, toy_config
-    from pipeline.datasets import Dataset
+    from pipeline.data.datasets import Dataset
 
     world = tmp_path / "toy"
     shutil.copytree(toy_world, world)

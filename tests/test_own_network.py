@@ -20,7 +20,7 @@ from cli import app
 from conftest import fresh
 from pipeline import PROJECT_ROOT
 from pipeline.config import parse
-from pipeline.datasets import Dataset
+from pipeline.data.datasets import Dataset
 from pipeline.errors import UserError
 from test_hardening import run_cli
 from test_stage2_methods import Crash

@@ -19,11 +19,11 @@ from conftest import make_config, write_gray_png, write_image
 from pipeline import PROJECT_ROOT
 from pipeline.backends import build_backend
 from pipeline.backends.seem import _alias_removed_pillow_names
-from pipeline.classmap import NO_OBJECT
-from pipeline.datasets import read_image
+from pipeline.data.classmap import NO_OBJECT
+from pipeline.data.datasets import read_image
 from pipeline.errors import UserError
-from pipeline.logits import run_logits
-from pipeline.store import LogitsStore
+from pipeline.stage0.logits import run_logits
+from pipeline.stage0.store import LogitsStore
 
 CLASSES = ("background", "aeroplane", "diningtable", "person")
 ROOTS = ("seem", "modeling", "utils", "detectron2", "mpi4py", "MultiScaleDeformableAttention")

@@ -44,10 +44,10 @@ from cli import app  # noqa: E402
 from conftest import make_config, write_gray_png  # noqa: E402
 from pipeline.backends import build_backend  # noqa: E402
 from pipeline.backends.seem import import_seem  # noqa: E402
-from pipeline.classmap import NO_OBJECT  # noqa: E402
-from pipeline.datasets import read_image  # noqa: E402
+from pipeline.data.classmap import NO_OBJECT  # noqa: E402
+from pipeline.data.datasets import read_image  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.store import LogitsStore  # noqa: E402
+from pipeline.stage0.store import LogitsStore  # noqa: E402
 
 CLASSES = ("background", "aeroplane", "diningtable", "person", "pottedplant")
 SHRINK = {("BACKBONE", "FOCAL", "DEPTHS"): [1, 1, 1, 1], ("TEXT", "LAYERS"): 1, ("DECODER", "DEC_LAYERS"): 3,

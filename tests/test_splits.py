@@ -8,10 +8,10 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import make_config, write_gray_png, write_image
-from pipeline.check import check_dataset
-from pipeline.datasets import CAMVID_CLASSES, Dataset
+from pipeline.data.check import check_dataset
+from pipeline.data.datasets import CAMVID_CLASSES, Dataset
 from pipeline.errors import DataProblem, UserError
-from pipeline.splits import labeled_count, source_lines, write_split
+from pipeline.data.splits import labeled_count, source_lines, write_split
 
 
 def camvid_tree(root, rng, counts=(("train", 12), ("val", 4), ("test", 3))):

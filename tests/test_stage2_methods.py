@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import fresh
-from pipeline.datasets import Dataset
+from pipeline.data.datasets import Dataset
 from pipeline.errors import UserError
 from test_trainer import TINY, fixed_batch
 from trainer.checkpoint import load_checkpoint

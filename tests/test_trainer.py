@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import fresh
 from pipeline import PROJECT_ROOT
-from pipeline.datasets import Dataset
+from pipeline.data.datasets import Dataset
 from pipeline.errors import UserError
-from pipeline.masks import IGNORE
-from pipeline.summary import collect
+from pipeline.stage1.masks import IGNORE
+from pipeline.outputs.summary import collect
 from trainer.augment import random_crop
 from trainer.checkpoint import load_checkpoint
 from trainer.data import TrainImages, ValImages, epoch_plan

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.datasets import Dataset, Sample, read_image
+from pipeline.data.datasets import Dataset, Sample, read_image
 from pipeline.errors import UserError, describe
-from pipeline.masks import IGNORE
+from pipeline.stage1.masks import IGNORE
 from trainer.augment import cutmix_box, geometric, photometric, to_tensor
 from trainer.recipes import Recipe
 

@@ -25,10 +25,10 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline import distributed
 from pipeline.atomic import ensure_writable, write_text_atomic
 from pipeline.config import Config
-from pipeline.datasets import Dataset
+from pipeline.data.datasets import Dataset
 from pipeline.errors import UserError
 from pipeline.locks import locked
-from pipeline.record import cached_masks
+from pipeline.stage1.record import cached_masks
 from pipeline.ui import no_progress, percent
 from trainer.checkpoint import check_factory, load_checkpoint, load_weights, save_checkpoint
 from trainer.data import TrainImages, ValImages, epoch_plan

@@ -6,7 +6,7 @@ A backend turns class names + images into per-image class scores:
   never waits for JPEG decoding;
 * ``predict(batch)``: (B, 3, H, W) on the device -> (B, outputs, h, w) scores at the model's native
   resolution, one map per output: a text prompt (``prompted`` backends) or a model channel; the
-  class map (pipeline.classmap) turns outputs into the data set's classes;
+  class map (pipeline.data.classmap) turns outputs into the data set's classes;
 * ``score_kind``: ``logits`` (softmax over classes gives probabilities), ``probabilities``, or
   ``scores`` (non-negative, unnormalised: SEEM's sem_seg);
 * ``fingerprint(weights)``: (model id, sha256 of the weights), what the store records so it is never reused
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.classmap import NO_OBJECT, ClassMap, build_class_map
+from pipeline.data.classmap import NO_OBJECT, ClassMap, build_class_map
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.torchio import torch_load
@@ -82,7 +82,7 @@ class Backend:
     @classmethod
     def fingerprint(cls, weights: Path, config: Config) -> tuple[str, str | None]:
         """(model id, sha256 of the weights file)."""
-        from pipeline.store import file_sha256
+        from pipeline.stage0.store import file_sha256
 
         return f"{cls.name}:{Path(weights).name}", file_sha256(require_file(weights, cls.weights_kind))
 

@@ -37,7 +37,7 @@ def _load(cls, weights: Path, device: torch.device):
 
 def _weights_id(weights: Path) -> str | None:
     """sha256 of the weights file inside a model folder (None for a hub id)."""
-    from pipeline.store import file_sha256
+    from pipeline.stage0.store import file_sha256
 
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (Path(weights) / name).is_file():

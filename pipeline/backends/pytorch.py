@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline.backends import Backend, Preprocess, checked_output, probe_outputs, read_state_dict
-from pipeline.store import file_sha256
+from pipeline.stage0.store import file_sha256
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.factory import call_factory, load_factory

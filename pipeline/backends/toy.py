@@ -9,7 +9,7 @@ import torch
 from pipeline.backends import Backend, Preprocess, require_file
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.store import file_sha256
+from pipeline.stage0.store import file_sha256
 from pipeline.toy.annotator import load_annotator
 
 

@@ -9,6 +9,22 @@ Each method is a module with
   of one step. ``net`` is the student as trained (possibly DDP-wrapped); ``teacher`` the EMA teacher, or
   None when there is none; both are `trainer.models.Segmenter`s (logits at the input size). The stage loop weighs them, L = (1 - l(t)) sup + l(t) unsup, for every method.
 
+What a step receives (`trainer.data.TrainImages`, on the step's device; B images per process, crop C):
+
+* ``batch_l``, the labeled images: ``image`` (B, 3, C, C) float, normalised; ``mask`` (B, C, C) long,
+  class ids with 255 = ignore; ``valid`` (B, C, C) bool, False where the crop is padding (neither a class
+  nor ignore: count no loss there).
+* ``batch_u``, the unlabeled images, no label: ``image`` the weak view (the same random scale, crop and flip
+  as every view, no photometric change), ``valid`` as above, and per strong view (``STRONG_VIEWS`` of
+  them) ``strong`` / ``strong_2`` / ... (B, 3, C, C): the weak view recoloured (colour jitter, grayscale,
+  blur), and ``box`` / ``box_2`` / ... (B, C, C) bool: that view's CutMix region, empty for about half the
+  images. The trainer does not mix: `trainer.losses.neighbour_mix(box, strong, pseudo, conf, valid)`
+  pastes image i-1's content inside image i's box into every tensor given (views, pseudo-labels,
+  confidences, validity alike), as UniMatch mixes within its batch.
+
+Every draw (crop, flip, colours, boxes) depends only on the seed, epoch and image, so a resumed run and
+any number of processes or loader workers see the same batches.
+
 A new method is one more module here and one entry in METHODS.
 """
 

@@ -27,18 +27,18 @@ import torch
 from pipeline import __version__
 from pipeline.atomic import atomic_write, ensure_writable, write_text_atomic
 from pipeline.locks import locked
-from pipeline.conformal import (GRID, MODES, RULES, ScoreHistogram, Thresholds, background_index,
+from pipeline.stage1.conformal import (GRID, MODES, RULES, ScoreHistogram, Thresholds, background_index,
                                 check_alpha, fit, nonconformity, prediction_sets, pseudo_label,
                                 require_crc_images, set_sizes, to_bins, upsampler, bands)
 from pipeline.config import Config
-from pipeline.datasets import Dataset, Sample
+from pipeline.data.datasets import Dataset, Sample
 from pipeline.errors import UserError
-from pipeline.held_out import HeldOut, held_out
-from pipeline.masks import IGNORE, write_palette_png
+from pipeline.stage1.held_out import HeldOut, held_out
+from pipeline.stage1.masks import IGNORE, write_palette_png
 from pipeline.metrics import confusion, iou_per_class
 from pipeline.parallel import in_threads
-from pipeline.store import LogitsStore
-from pipeline.record import (CALIBRATION, HISTOGRAMS, KEY_FILE, MASKS, SUMS_FILE, damaged_masks, file_crc,
+from pipeline.stage0.store import LogitsStore
+from pipeline.stage1.record import (CALIBRATION, HISTOGRAMS, KEY_FILE, MASKS, SUMS_FILE, damaged_masks, file_crc,
                              read_calibration)
 from pipeline.ui import no_progress
 
@@ -156,7 +156,7 @@ def _warn_if_noop(record: dict, warn) -> None:
 
 
 def held_out_report(held: HeldOut) -> dict:
-    """The record's figures of one alpha's held-out pseudo-labels (pipeline/held_out.py)."""
+    """The record's figures of one alpha's held-out pseudo-labels (pipeline/stage1/held_out.py)."""
     return {"top1_accuracy": held.top1_accuracy,
             "kept_fraction": float(held.kept[0]) if held.alphas else None,
             "kept_accuracy": _num(held.accuracy[0]) if held.alphas else None}

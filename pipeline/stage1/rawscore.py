@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.conformal import bands
-from pipeline.datasets import Dataset, Sample
+from pipeline.stage1.conformal import bands
+from pipeline.data.datasets import Dataset, Sample
 from pipeline.metrics import confusion
-from pipeline.store import LogitsStore
+from pipeline.stage0.store import LogitsStore
 
 
 def raw_argmax(store: LogitsStore, image_id: str, band_elements: int = 1 << 23) -> torch.Tensor:

@@ -17,13 +17,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.atomic import atomic_write
-from pipeline.calibrate import Settings, cross_calibrate, filtered_mask, thresholds_of
-from pipeline.conformal import ScoreHistogram, background_index, check_alpha, fit, to_bins
-from pipeline.datasets import Dataset, read_image
+from pipeline.stage1.calibrate import Settings, cross_calibrate, filtered_mask, thresholds_of
+from pipeline.stage1.conformal import ScoreHistogram, background_index, check_alpha, fit, to_bins
+from pipeline.data.datasets import Dataset, read_image
 from pipeline.errors import UserError
-from pipeline.masks import IGNORE, PALETTE
-from pipeline.record import HISTOGRAMS, read_calibration
-from pipeline.store import LogitsStore
+from pipeline.stage1.masks import IGNORE, PALETTE
+from pipeline.stage1.record import HISTOGRAMS, read_calibration
+from pipeline.stage0.store import LogitsStore
 from trainer.augment import to_tensor
 from trainer.checkpoint import load_trained
 

@@ -34,10 +34,10 @@ from pathlib import Path
 
 from pipeline.atomic import write_text_atomic
 from pipeline.config import Config
-from pipeline.datasets import Dataset, Sample
+from pipeline.data.datasets import Dataset, Sample
 from pipeline.errors import UserError
-from pipeline.masks import write_palette_png
-from pipeline.record import MASKS, cached_masks
+from pipeline.stage1.masks import write_palette_png
+from pipeline.stage1.record import MASKS, cached_masks
 
 TARGETS = ("unimatch", "list")
 NATIVE_LABELS = ("voc", "folder")  # mask files that already hold class ids and 255

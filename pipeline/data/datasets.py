@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline.config import Config
 from pipeline.errors import DataProblem, UserError
-from pipeline.masks import IGNORE
+from pipeline.stage1.masks import IGNORE
 
 SPLITS = ("labeled", "unlabeled", "val")
 

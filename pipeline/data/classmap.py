@@ -19,7 +19,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.prompts import prompts_for
+from pipeline.data.prompts import prompts_for
 
 NO_OBJECT = "<no-object>"  # SEEM's trailing vocabulary entry: "none of the given classes"
 

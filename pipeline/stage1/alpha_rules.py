@@ -1,5 +1,5 @@
 """Candidate rules for choosing alpha from the labeled set alone: each scores every alpha from its held-out
-pseudo-labels (pipeline/held_out.py); the highest score wins (ties: the first, i.e. the smallest alpha).
+pseudo-labels (pipeline/stage1/held_out.py); the highest score wins (ties: the first, i.e. the smallest alpha).
 
 The student learns from the kept pixels and nothing from the ignored ones, so a rule weighs the kept errors
 (which teach it wrong) against the correct pixels removed (which it no longer sees):
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.held_out import HeldOut
+from pipeline.stage1.held_out import HeldOut
 
 
 def class_iou(conf: np.ndarray, ignored_weight: float) -> np.ndarray:

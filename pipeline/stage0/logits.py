@@ -24,12 +24,12 @@ from pipeline import distributed
 from pipeline.atomic import ensure_writable
 from pipeline.locks import locked
 from pipeline.backends import Backend, Preprocess, load_backend, resolve_backend
-from pipeline.classmap import ClassMap, unmapped
+from pipeline.data.classmap import ClassMap, unmapped
 from pipeline.config import Config
-from pipeline.datasets import SPLITS, Dataset, Sample, image_size, read_image
+from pipeline.data.datasets import SPLITS, Dataset, Sample, image_size, read_image
 from pipeline.errors import DataProblem, UserError
 from pipeline.parallel import thread_map
-from pipeline.store import check_identity, holds, intact_ids, open_for_writing, record_failures, write_scores
+from pipeline.stage0.store import check_identity, holds, intact_ids, open_for_writing, record_failures, write_scores
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.record import read_calibration
+from pipeline.stage1.record import read_calibration
 from pipeline.ui import percent
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from pipeline.datasets import SPLITS, Dataset, Sample, exif_orientation, parse_split, read_image
+from pipeline.data.datasets import SPLITS, Dataset, Sample, exif_orientation, parse_split, read_image
 from pipeline.errors import DataProblem, UserError
 from pipeline.parallel import thread_map
 

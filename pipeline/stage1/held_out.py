@@ -4,7 +4,7 @@ Each labeled image belongs to one of calibrate's folds. At every alpha asked for
 other folds (calibrate's own `fit`) and the image is pseudo-labelled with them by the same rule as the
 unlabeled images. Against its ground truth that gives, per alpha, a held-out confusion (true class x label,
 ignore as the last column): kept fraction, accuracy of what is kept, per-class figures, and the scores the
-alpha rules (pipeline/alpha_rules.py) rank alphas by. The annotator's own top-1 accuracy comes from the same
+alpha rules (pipeline/stage1/alpha_rules.py) rank alphas by. The annotator's own top-1 accuracy comes from the same
 pass. One read and one upsampling per image serves every alpha.
 """
 
@@ -16,13 +16,13 @@ from functools import reduce
 import numpy as np
 import torch
 
-from pipeline.conformal import ScoreHistogram, background_index, bands, fit, prediction_sets, pseudo_label
-from pipeline.datasets import Dataset, Sample
+from pipeline.stage1.conformal import ScoreHistogram, background_index, bands, fit, prediction_sets, pseudo_label
+from pipeline.data.datasets import Dataset, Sample
 from pipeline.errors import UserError
-from pipeline.masks import IGNORE
+from pipeline.stage1.masks import IGNORE
 from pipeline.metrics import confusion
 from pipeline.parallel import in_threads
-from pipeline.store import LogitsStore
+from pipeline.stage0.store import LogitsStore
 from pipeline.ui import no_progress
 
 

@@ -9,7 +9,7 @@ import json
 import zlib
 from pathlib import Path
 
-from pipeline.datasets import Sample
+from pipeline.data.datasets import Sample
 from pipeline.errors import UserError
 
 CALIBRATION = "calibration.json"

@@ -3,7 +3,7 @@ beside them (the 19 evaluation classes 0..18, everything else 255), what UniMatc
 
 Only missing trainIds files are written (`--force`: all); each one atomically, so an interrupted run
 leaves no half file and a rerun continues. The mapping is Cityscapes' label table
-(`pipeline.datasets.CITYSCAPES_TRAIN_IDS`).
+(`pipeline.data.datasets.CITYSCAPES_TRAIN_IDS`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pipeline.datasets import CITYSCAPES_TRAIN_IDS, LABEL_IDS, SPLITS, TRAIN_IDS, Dataset, parse_split
+from pipeline.data.datasets import CITYSCAPES_TRAIN_IDS, LABEL_IDS, SPLITS, TRAIN_IDS, Dataset, parse_split
 from pipeline.errors import UserError
-from pipeline.masks import write_palette_png
+from pipeline.stage1.masks import write_palette_png
 
 LOOKUP = np.full(256, 255, np.uint8)
 for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():

@@ -1,0 +1,1 @@
+"""The data layer: data sets and their formats, split files, checks, conversions, class maps and prompts."""
