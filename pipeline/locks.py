@@ -1,12 +1,12 @@
 """Who may write a work folder now: one writer per output, any number of readers.
 
-Each output has a lock file in ``<work>/.locks/``, taken with POSIX record locks (``lockf``): exclusive to write (logits: the score
-store; calibrate: calibration.json and masks/; train: its own run folder), shared to read what another
-command writes (calibrate reads the store, stage I the masks). A record lock belongs to its process (data
-loader workers forked from it do not inherit it) and the kernel releases it when that process ends however
-it ends, so a killed run's lock never blocks. A second writer is refused in one line naming
-the holder, from the note each holder leaves beside the lock. Under torchrun rank 0 holds the locks for
-all ranks. Locks taken by one process do not exclude each other (threads of one process share them).
+Each output has a lock file in ``<work>/.locks/``, taken with POSIX record locks (``lockf``): exclusive to
+write (logits: the score store; calibrate: calibration.json and masks/; train: its own run folder), shared
+to read what another command writes (calibrate reads the store, stage I the masks). A record lock belongs
+to its process (data loader workers forked from it do not inherit it) and the kernel releases it when that
+process ends however it ends, so a killed run's lock never blocks. A second writer is refused in one line
+naming the holder, from the note each holder leaves beside the lock. Under torchrun rank 0 holds the locks
+for all ranks. Locks taken by one process do not exclude each other (threads of one process share them).
 """
 
 from __future__ import annotations

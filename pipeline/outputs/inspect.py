@@ -110,13 +110,13 @@ SERIES = [("1 - alpha (target)", (120, 120, 120), (6, 4), "ring", lambda r: 1 - 
           ("kept, singleton rule", (44, 160, 44), None, "dot", lambda r: r.get("kept_singleton"))]
 
 
-def _polyline(draw: ImageDraw.ImageDraw, points: list, colour: tuple, dash: tuple | None) -> None:
-    """Segments of a polyline, 2 px wide, solid or dashed (the pattern runs on across the vertices)."""
+def _polyline(draw: ImageDraw.ImageDraw, points: list, colour: tuple, dash: tuple | None, width: int = 2) -> None:
+    """Segments of a polyline, solid or dashed (the pattern runs on across the vertices)."""
     phase = 0.0
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         length = ((x1 - x0) ** 2 + (y1 - y0) ** 2) ** 0.5
         if dash is None or length == 0:
-            draw.line([(x0, y0), (x1, y1)], fill=colour, width=2)
+            draw.line([(x0, y0), (x1, y1)], fill=colour, width=width)
             continue
         at = 0.0
         while at < length:
@@ -125,7 +125,8 @@ def _polyline(draw: ImageDraw.ImageDraw, points: list, colour: tuple, dash: tupl
             if on > 0:
                 end = min(at + on, length)
                 draw.line([(x0 + (x1 - x0) * at / length, y0 + (y1 - y0) * at / length),
-                           (x0 + (x1 - x0) * end / length, y0 + (y1 - y0) * end / length)], fill=colour, width=2)
+                           (x0 + (x1 - x0) * end / length, y0 + (y1 - y0) * end / length)], fill=colour,
+                          width=width)
                 step = end - at
             else:
                 step = min(period - phase % period, length - at)
@@ -177,8 +178,7 @@ def plot_sweep(rows: list[dict], path: Path, chosen: float | None = None, note: 
               "pixels kept", fill=(0, 0, 0), font=font)
     if chosen is not None and 0 < chosen <= x_max:
         x = xy(chosen, 0)[0]
-        for y in range(top, top + plot_h, 8):  # dashed
-            draw.line([x, y, x, min(y + 4, top + plot_h)], fill=(0, 0, 0), width=1)
+        _polyline(draw, [(x, top), (x, top + plot_h)], (0, 0, 0), (4, 4), width=1)
         draw.text((x + 3, top + 2), note or f"alpha {chosen:g}", fill=(0, 0, 0), font=font)
     for i, (label, colour, dash, marker, value) in enumerate(SERIES):
         points = [xy(r["alpha"], value(r)) for r in rows if value(r) is not None]

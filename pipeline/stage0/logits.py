@@ -38,28 +38,37 @@ class Item:
     size: tuple[int, int]  # original (H, W)
 
 
-def select_samples(dataset: Dataset, split: str) -> list[Sample]:
-    """The split's samples; ``all`` = labeled + unlabeled + val (when configured), each id once, in that
-    order (what calibrate needs first: an interrupted run has scored it)."""
+def select_samples(dataset: Dataset, split: str) -> tuple[list[Sample], frozenset[str]]:
+    """The split's samples, and the ids to score last. ``all`` = labeled + unlabeled + val (when configured),
+    each id once; val's own ids come last, after what calibrate needs (an interrupted run has scored that)."""
     names = [s for s in SPLITS if s != "val" or dataset.config.val is not None] if split == "all" else [split]
     if split != "all" and split not in SPLITS:
         raise UserError(f"--split {split}: choose labeled, unlabeled, val or all")
     unique: dict[str, Sample] = {}
+    later = set()
     for name in names:
         for sample in dataset.split(name):
-            unique.setdefault(sample.id, sample)
-    return list(unique.values())
+            if sample.id not in unique:
+                unique[sample.id] = sample
+                if name == "val":
+                    later.add(sample.id)
+    return list(unique.values()), frozenset(later)
 
 
 def plan_batches(items: list[Item], preprocess: Preprocess, batch_size: int,
                  later: frozenset[str] = frozenset()) -> list[list[Item]]:
     """Batches of images with equal model-input size, in a fixed order (by first id); the ids in ``later``
-    (val, under --split all) in batches of their own after all the others."""
-    groups: dict[tuple[bool, tuple[int, int]], list[Item]] = defaultdict(list)
+    in batches of their own after all the others."""
+    return (_batches([it for it in items if it.sample.id not in later], preprocess, batch_size)
+            + _batches([it for it in items if it.sample.id in later], preprocess, batch_size))
+
+
+def _batches(items: list[Item], preprocess: Preprocess, batch_size: int) -> list[list[Item]]:
+    groups: dict[tuple[int, int], list[Item]] = defaultdict(list)
     for item in sorted(items, key=lambda it: it.sample.id):
-        groups[item.sample.id in later, preprocess.size(*item.size)].append(item)
-    batches = [(phase, g[i : i + batch_size]) for (phase, _), g in groups.items() for i in range(0, len(g), batch_size)]
-    return [b for _, b in sorted(batches, key=lambda pb: (pb[0], pb[1][0].sample.id))]
+        groups[preprocess.size(*item.size)].append(item)
+    batches = [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    return sorted(batches, key=lambda b: b[0].sample.id)
 
 
 def _header(sample: Sample):
@@ -117,7 +126,7 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     if scale is not None and not 0 < scale <= 1:
         raise UserError(f"--scale {scale}: must be in (0, 1] (a fraction of the image size)")
     dataset = Dataset(config)
-    samples = select_samples(dataset, split)
+    samples, later = select_samples(dataset, split)
     rank, world = distributed.setup()
     dev = resolve_device(device) if world == 1 or device not in (None, "auto") else distributed.local_device()
     cls, mapping, weights = resolve_backend(config, dataset.classes)
@@ -148,10 +157,6 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     done = set(intact_ids(path, verify))
     headers = thread_map(_header, samples, 8)
     unreadable = dict(f for _, f in headers if f is not None)  # every rank sees these: rank 0 reports
-    later = frozenset()
-    if split == "all":  # val after what calibrate needs: an interrupted run has scored that first
-        first = {s.id for name in ("labeled", "unlabeled") for s in dataset.split(name)}
-        later = frozenset(s.id for s in samples if s.id not in first)
     batches = plan_batches([it for it, _ in headers if it is not None], backend.preprocess, batch_size, later)
     mine = batches[rank::world]
     todo = [b for b in mine if not all(it.sample.id in done for it in b)]

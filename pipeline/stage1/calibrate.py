@@ -260,9 +260,9 @@ def cross_calibrate(hist: ScoreHistogram, settings: Settings, classes) -> dict:
 
 def write_all_masks(store: LogitsStore, dataset: Dataset, samples: list[Sample], thresholds: Thresholds,
                     rule: str, work: Path, key: str, jobs: int, progress=None) -> "MaskStats":
-    """Write every unlabeled image's filtered mask, then move the finished folder to ``<work>/masks``."""
+    """Write every unlabeled image's filtered mask, then move the finished folder to ``<work>/masks``
+    (`run_calibrate` has cleared other staging folders and killed writers' temporary files)."""
     staging = _staging(work, key)
-    _clean_staging(work, staging)
     staging.mkdir(parents=True, exist_ok=True)
     num_classes = dataset.num_classes
     background = background_index(dataset.classes)
