@@ -51,6 +51,12 @@ def toy_world(tmp_path_factory) -> Path:
     return out
 
 
+def toy_flags(config: Config) -> list[str]:
+    """The command-line flags naming a toy config's data and work folder (the toy preset, then overrides)."""
+    return ["--config", "toy", "--root", str(config.root), "--labeled", str(config.labeled), "--unlabeled",
+            str(config.unlabeled), "--val", str(config.val), "--work-dir", str(config.work_dir)]
+
+
 def toy_config(world: Path, labeled: int = 16) -> Config:
     return make_config(world / "target", "folder", world / "splits" / str(labeled) / "labeled.txt",
                        world / "splits" / str(labeled) / "unlabeled.txt", world / "splits" / "val.txt")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import fresh
+from conftest import fresh, toy_flags
 from pipeline import PROJECT_ROOT
 from pipeline.stage1.calibrate import Settings, run_calibrate
 from pipeline.errors import UserError
@@ -37,9 +37,7 @@ def holder(work, command, exclusive="", shared=""):
 
 
 def cli(config, *args):
-    flags = ["--config", "toy", "--root", config.root, "--labeled", config.labeled, "--unlabeled",
-             config.unlabeled, "--val", config.val, "--work-dir", config.work_dir]
-    return subprocess.run([sys.executable, str(PROJECT_ROOT / "cli.py"), *args, *map(str, flags)],
+    return subprocess.run([sys.executable, str(PROJECT_ROOT / "cli.py"), *args, *toy_flags(config)],
                           capture_output=True, text=True, timeout=300)
 
 

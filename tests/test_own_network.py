@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import fresh
+from conftest import fresh, toy_flags
 from pipeline import PROJECT_ROOT
 from pipeline.config import parse
 from pipeline.data.datasets import Dataset
@@ -160,8 +160,7 @@ def test_a_factory_network_trains_both_stages_resumes_exactly_and_is_rebuilt_in_
     assert load_checkpoint(best)["student"] is None and load_checkpoint(Path(two["run_dir"]) / "last.pt")["student"]
 
     # eval rebuilds the network from the checkpoint alone, in another process and another folder
-    flags = ["--config", "toy", "--root", str(config.root), "--labeled", str(config.labeled), "--unlabeled",
-             str(config.unlabeled), "--val", str(config.val), "--work-dir", str(config.work_dir)]
+    flags = toy_flags(config)
     out = subprocess.run([sys.executable, str(PROJECT_ROOT / "cli.py"), "eval", "--checkpoint", str(best), *flags],
                          capture_output=True, text=True, cwd=tmp_path / "checkout", timeout=300)
     assert out.returncode == 0, out.stderr
@@ -334,8 +333,7 @@ def test_config_names_the_student_beside_the_annotator(tmp_path, own):
 def test_the_cli_takes_the_network_from_flags(toy_world, calibrated, tmp_path, own):
     config = fresh(toy_world, calibrated, tmp_path)
     factory, code = own
-    flags = ["--config", "toy", "--root", str(config.root), "--labeled", str(config.labeled), "--unlabeled",
-             str(config.unlabeled), "--val", str(config.val), "--work-dir", str(config.work_dir)]
+    flags = toy_flags(config)
     result = CliRunner().invoke(app, ["train", "--stage", "1", "--epochs", "1", "--crop", "32", "--batch-size", "4",
                                       "--workers", "0", "--name", "cli", "--model", f"{factory}:build",
                                       "--model-code", str(code), *flags], terminal_width=200)
@@ -347,10 +345,8 @@ def test_the_cli_takes_the_network_from_flags(toy_world, calibrated, tmp_path, o
 def test_torchrun_two_processes_run_unimatch_on_a_factory_network(toy_world, calibrated, tmp_path, own):
     config = fresh(toy_world, calibrated, tmp_path)
     factory, code = own
-    flags = ["--config", "toy", "--root", str(config.root), "--labeled", str(config.labeled), "--unlabeled",
-             str(config.unlabeled), "--val", str(config.val), "--work-dir", str(config.work_dir), "--crop", "32",
-             "--batch-size", "4", "--workers", "0", "--epochs", "1", "--name", "ddp", "--model",
-             f"{factory}:build_split", "--model-code", str(code)]
+    flags = [*toy_flags(config), "--crop", "32", "--batch-size", "4", "--workers", "0", "--epochs", "1", "--name",
+             "ddp", "--model", f"{factory}:build_split", "--model-code", str(code)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     train_stage(config, "toy", recipe_of(own, "build_split", epochs=(1, 1)), 1, name="ddp", log=lambda *_: None)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -368,8 +364,7 @@ def test_a_package_module_factory_and_relative_paths_from_the_command_line(toy_w
     (code / "studentpkg").mkdir()
     (code / "studentpkg" / "__init__.py").write_text("")
     (code / "studentpkg" / "nets.py").write_text(FACTORY)
-    flags = ["--config", "toy", "--root", str(config.root), "--labeled", str(config.labeled), "--unlabeled",
-             str(config.unlabeled), "--val", str(config.val), "--work-dir", str(config.work_dir)]
+    flags = toy_flags(config)
     train = ["train", "--stage", "1", "--epochs", "1", "--crop", "32", "--batch-size", "4", "--workers", "0"]
     monkeypatch.chdir(tmp_path)  # relative paths, taken from the current folder
     torch.manual_seed(3)

@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import fresh
+from conftest import fresh, toy_flags
 from pipeline import PROJECT_ROOT
 from pipeline.data.datasets import Dataset
 from pipeline.errors import UserError
@@ -314,8 +314,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_clean_and_resume_needs_
     (out / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "loss": 9.0}) + "\n")  # killed before last.pt
     train_stage(config, "t", TINY, 1, name="early", log=lambda *_: None)
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    flags = ["--config", "toy", "--root", str(config.root), "--labeled", str(config.labeled), "--unlabeled",
-             str(config.unlabeled), "--val", str(config.val), "--work-dir", str(config.work_dir)]
+    flags = toy_flags(config)
     for stage in ("1", "2", "all"):
         line = run_cli(monkeypatch, capsys, "train", "--stage", stage, "--resume", "--name", "erly", *flags)
         assert "--resume:" in line and "runs there: early" in line
@@ -324,8 +323,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_clean_and_resume_needs_
 
 def test_torchrun_two_processes_train_an_epoch(toy_world, calibrated, tmp_path):
     config = fresh(toy_world, calibrated, tmp_path)
-    flags = ["--config", "toy", "--root", str(config.root), "--labeled", str(config.labeled), "--unlabeled",
-             str(config.unlabeled), "--val", str(config.val), "--work-dir", str(config.work_dir)]
+    flags = toy_flags(config)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     str(PROJECT_ROOT / "cli.py"), "train", "--stage", "1", "--epochs", "1", "--crop", "32",
