@@ -67,13 +67,13 @@ Opt = Optional
 CONFIG_OPTIONS = {
     "config": (Opt[str], f"TOML config file or preset name ({cfg.preset_names()}). "
                "Default: ./conformalsam.toml, else the toy preset."),
-    "format": (Opt[str], "Override data.format: voc | ade20k | cityscapes | coco | camvid | folder."),
+    "format": (Opt[str], f"Override data.format: {' | '.join(cfg.FORMATS)}."),
     "root": (Opt[Path], "Override data.root (data set folder)."),
     "labeled": (Opt[Path], "Override data.labeled (split list)."),
     "unlabeled": (Opt[Path], "Override data.unlabeled (split list)."),
     "val": (Opt[Path], "Override data.val (split list)."),
     "classes": (Opt[str], "Override data.classes: names separated by commas, background first."),
-    "backend": (Opt[str], "Override foundation.backend: seem | sam3 | clipseg | pytorch | torchscript | toy."),
+    "backend": (Opt[str], f"Override foundation.backend: {' | '.join(cfg.BACKENDS)}."),
     "weights": (Opt[Path], "Override foundation.weights (checkpoint path)."),
     "work_dir": (Opt[Path], "Override work.dir (where every stage writes)."),
 }
@@ -443,7 +443,7 @@ def export_masks(
                       f"{result['lines'] / result['unlabeled']:.2f} passes over the unlabeled images")
         if "val.txt" in result["files"]:
             console.print(f"and copy {result['out'] / 'val.txt'} over its splits/<dataset>/val.txt (it always "
-                          "reads its val list there; README 'Plug-in')")
+                          "reads its val list there; docs/handover.md 'UniMatch')")
 
 
 @app.command("summary")

@@ -17,7 +17,15 @@ from pipeline.errors import UserError
 from pipeline.factory import absolute_spec, is_factory
 
 FORMATS = ("voc", "ade20k", "cityscapes", "coco", "camvid", "folder")
-BACKENDS = ("seem", "sam3", "clipseg", "pytorch", "torchscript", "toy")
+# backend name -> the class that loads it, imported only when chosen (SEEM and transformers are heavy imports)
+BACKENDS = {
+    "seem": "pipeline.backends.seem:SeemBackend",
+    "sam3": "pipeline.backends.hf:Sam3Backend",
+    "clipseg": "pipeline.backends.hf:ClipSegBackend",
+    "pytorch": "pipeline.backends.pytorch:PyTorchBackend",
+    "torchscript": "pipeline.backends.torchscript:TorchScriptBackend",
+    "toy": "pipeline.backends.toy:ToyBackend",
+}
 DEFAULT_FILE = "conformalsam.toml"
 
 
@@ -84,7 +92,7 @@ labeled = "data/splits/camvid/1_{n}/labeled.txt"
 unlabeled = "data/splits/camvid/1_{n}/unlabeled.txt"
 val = "data/splits/camvid/val.txt"
 
-[foundation]  # ESPNetv2 trained on Cityscapes, from the user's EdgeNets checkout (README 'Real images')
+[foundation]  # ESPNetv2 trained on Cityscapes, from the user's EdgeNets checkout (docs/data.md 'CamVid')
 backend = "pytorch"
 factory = "benchmarks/real/espnetv2_city.py:build"
 code = "third_party/EdgeNets"

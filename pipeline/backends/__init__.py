@@ -12,12 +12,14 @@ A backend turns class names + images into per-image class scores:
 * ``fingerprint(weights)``: (model id, sha256 of the weights), what the store records so it is never reused
   with another model; known before the model is loaded, so a finished store costs no model load.
 
-The rest of the pipeline only calls `resolve_backend` / `load_backend` (or `build_backend`, both at once); it
+A new backend is one module here and one entry in `pipeline.config.BACKENDS`. The rest of the
+pipeline only calls `resolve_backend` / `load_backend` (or `build_backend`, both at once); it
 never imports a specific backend.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.classmap import NO_OBJECT, ClassMap, build_class_map
-from pipeline.config import Config
+from pipeline.config import BACKENDS, Config
 from pipeline.errors import UserError
 from pipeline.torchio import torch_load
 
@@ -92,21 +94,11 @@ class Backend:
 
 
 def backend_class(name: str) -> type[Backend]:
-    if name == "toy":
-        from pipeline.backends.toy import ToyBackend as cls
-    elif name == "torchscript":
-        from pipeline.backends.torchscript import TorchScriptBackend as cls
-    elif name == "seem":
-        from pipeline.backends.seem import SeemBackend as cls
-    elif name == "clipseg":
-        from pipeline.backends.hf import ClipSegBackend as cls
-    elif name == "sam3":
-        from pipeline.backends.hf import Sam3Backend as cls
-    elif name == "pytorch":
-        from pipeline.backends.pytorch import PyTorchBackend as cls
-    else:
-        raise UserError(f"--backend {name}: unknown backend (seem | sam3 | clipseg | pytorch | torchscript | toy)")
-    return cls
+    """The backend registered under ``name`` in `pipeline.config.BACKENDS`, imported now."""
+    if name not in BACKENDS:
+        raise UserError(f"--backend {name}: unknown backend ({' | '.join(BACKENDS)})")
+    module, _, cls = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def resolve_backend(config: Config, classes: tuple[str, ...]) -> tuple[type[Backend], ClassMap, Path]:
