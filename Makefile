@@ -62,7 +62,7 @@ train: calibrate
 	$(CLI) train --stage 2 $(CFG)
 
 # SEEM, the default annotator (GPU machine): its packages and detectron2 fork into .venv, SEEM into SEEM_DIR
-# (what the presets' foundation.code names). Pinned to the commits and versions tested (README 'SEEM'); override
+# (what the presets' foundation.code names). Pinned to the commits and versions tested (docs/annotators.md 'SEEM'); override
 # SEEM_SRC / D2_SRC with a checkout or URL@ref, SEEM_PINS= for the newest packages.
 SEEM_GIT  := https://github.com/UX-Decoder/Segment-Everything-Everywhere-All-At-Once.git
 SEEM_REF  ?= 7b2e76dbb17d0b7831c6813a921fe2bc8de22926
@@ -110,11 +110,11 @@ bench-train: setup
 bench-quality: toy
 	$(BIN)/python benchmarks/bench_quality.py
 
-# The real-image benchmarks need CamVid, the Cityscapes ESPNetv2 weights and an EdgeNets checkout (README 'Real images').
+# The real-image benchmarks need CamVid, the Cityscapes ESPNetv2 weights and an EdgeNets checkout (docs/data.md 'CamVid').
 define with_camvid
 	@missing=""; for f in data/CamVid/train third_party/EdgeNets data/weights/espnetv2_s_2.0_city_1024x512.pth $(2); do \
 	test -e $$f || missing="$$missing $$f"; done; \
-	if [ -n "$$missing" ]; then echo "$@ skipped: missing$$missing (README 'Real images', 'Getting the material')"; \
+	if [ -n "$$missing" ]; then echo "$@ skipped: missing$$missing (docs/data.md 'Getting the material')"; \
 	else $(MAKE) --no-print-directory camvid-splits && $(BIN)/python $(1); fi
 endef
 
@@ -124,7 +124,7 @@ bench-real: setup
 
 # The paper's regime on real images: ESPNetv2 from PASCAL VOC weights as the student, Cityscapes ESPNetv2s of three
 # widths as annotators: work/bench/student.md. Needs bench-real's inputs and the PASCAL and narrower Cityscapes
-# ESPNetv2 weights in data/weights (README 'A pretrained student, and annotators ...'). ~80 min on 2 cores after the stores.
+# ESPNetv2 weights in data/weights (docs/data.md 'Getting the material'). ~80 min on 2 cores after the stores.
 bench-student: setup
 	$(call with_camvid,benchmarks/bench_student.py,$(foreach w,1.5 1.0,data/weights/espnetv2_s_$(w)_city_1024x512.pth) \
 	data/weights/espnetv2_s_1.0_pascal_384x384.pth)

@@ -139,7 +139,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
     if stage == 2 and stage2.PERTURBS_FEATURES and (lacking := missing_protocol(model)):
         raise UserError(f"--method {method}: the network of --model {recipe.model} has no {' / '.join(lacking)} "
                         "method; UniMatch's feature perturbation needs encode(images) -> features and "
-                        "decode(features) -> logits (README 'Bring your own network'), or use --method self")
+                        "decode(features) -> logits (docs/trainer.md 'Bring your own network'), or use --method self")
     start = load_checkpoint(source) if stage == 2 else None
     if resume:
         checkpoint = load_checkpoint(last)

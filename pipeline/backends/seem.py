@@ -58,7 +58,7 @@ CONFIGS = {"seem_focall_v1": "focall_unicl_lang_v1.yaml", "seem_focalt_v1": "foc
 # import name -> pip name, for the packages SEEM imports whose names differ
 PIP_NAMES = {"cv2": "opencv-python-headless", "yaml": "pyyaml", "PIL": "pillow", "skimage": "scikit-image",
              "sklearn": "scikit-learn", "mpi4py": "mpi4py mpich"}
-README = "README 'SEEM'"
+DOCS = "docs/annotators.md 'SEEM'"  # where the messages send the user
 D2_TESTED = "42121d7"  # the detectron2-xyz commit make seem-setup pins
 DOWNLOAD = ("hf download openai/clip-vit-base-patch32 vocab.json merges.txt tokenizer_config.json "
             "special_tokens_map.json --local-dir data/weights/clip-vit-base-patch32")
@@ -91,12 +91,12 @@ def _locate(code: Path | None) -> tuple[str, Path]:
         spec = importlib.util.find_spec("seem")
         if spec is None or not spec.submodule_search_locations:
             raise UserError("backend 'seem': SEEM not found; set foundation.code to your SEEM checkout (branch v1.0 "
-                            f"or package), see {README}")
+                            f"or package), see {DOCS}")
         return "seem.", Path(spec.submodule_search_locations[0])
     code = Path(code)
     if not code.is_dir():
         raise UserError(f"foundation.code {code}: no such folder; `make seem-setup` fetches the tested SEEM there "
-                        f"(third_party/SEEM-v1.0), or give the folder of your SEEM clone ({README})")
+                        f"(third_party/SEEM-v1.0), or give the folder of your SEEM clone ({DOCS})")
     if (code / "modeling" / "__init__.py").is_file():
         prefix, root = "", code  # v1.0: modeling/, utils/ at the top
     elif (code / "seem" / "modeling" / "__init__.py").is_file():
@@ -154,11 +154,11 @@ def _import_hint(exc: BaseException) -> str:
             return ("SEEM's v1.0 layout imports mpi4py when loaded (utils/distributed.py), though this tool never "
                     "starts MPI: pip install mpi4py mpich")
         if name == "detectron2":
-            return f"SEEM needs its detectron2 fork: make seem-setup D2_SRC=<checkout or git URL> ({README})"
+            return f"SEEM needs its detectron2 fork: make seem-setup D2_SRC=<checkout or git URL> ({DOCS})"
         if name == "MultiScaleDeformableAttention":
             return "SEEM's deformable encoder needs its compiled CUDA op"
         return (f"a package SEEM imports is missing: pip install {PIP_NAMES.get(name, name)}, or make seem-setup for "
-                f"all of them ({README})")
+                f"all of them ({DOCS})")
     if isinstance(exc, AttributeError) and ("PIL" in text or "Image" in text):
         from PIL import __version__ as pillow
 
@@ -175,7 +175,7 @@ def _import_hint(exc: BaseException) -> str:
             vision = "torchvision"
         return (f"{vision} cannot load its ops beside torch {torch.__version__} (another release, or a CUDA build "
                 "beside a CPU one): install the torchvision build made for this torch")
-    return f"see {README} for the tested install"
+    return f"see {DOCS} for the tested install"
 
 
 def find_config(weights: Path, seem_root: Path) -> Path:

@@ -4,7 +4,7 @@ Names: deeplabv3plus-r50 | deeplabv3plus-r101 (torchvision ResNet weights, e.g. 
 and segformer-b0 .. segformer-b5 (official MiT weights, mit_b0.pth .. mit_b5.pth); the `-tiny`
 variants are small random-init models for tests and the toy world. Any other network: ``file.py:function``
 or ``package.module:function``, called with the number of classes while its code folder is on sys.path
-(README 'Bring your own network').
+(docs/trainer.md 'Bring your own network').
 """
 
 from __future__ import annotations
