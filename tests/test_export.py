@@ -121,15 +121,17 @@ def test_unimatch_export_converts_labels_that_are_not_class_ids(tmp_path):
         export(config, "unimatch", tmp_path / "again")
 
 
-def test_the_readmes_export_example_is_accepted(toy_world, calibrated, tmp_path, monkeypatch):
-    """The README's command, run where its config's work folder is ./work (the presets' layout)."""
+def test_the_docs_export_examples_are_accepted(toy_world, calibrated, tmp_path, monkeypatch):
+    """The README's and docs' commands, run where their config's work folder is ./work (the presets' layout)."""
     import re
 
     from pipeline import PROJECT_ROOT
 
-    readme = (PROJECT_ROOT / "README.md").read_text()
-    destinations = re.findall(r"^conformalsam export --to unimatch (\S+)", readme, flags=re.M)
-    assert destinations
+    pages = [PROJECT_ROOT / "README.md", *(PROJECT_ROOT / "docs").glob("*.md")]
+    shown = {page.name: re.findall(r"^conformalsam export --to unimatch (\S+)", page.read_text(), flags=re.M)
+             for page in pages}
+    assert shown["README.md"] and shown["handover.md"]  # the quick start and the hand-over page
+    destinations = sorted({d for found in shown.values() for d in found})
     config = fresh(toy_world, calibrated, tmp_path)
     monkeypatch.chdir(config.work_dir.parent)
     for destination in destinations:
