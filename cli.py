@@ -37,6 +37,7 @@ from rich.table import Table  # noqa: E402
 from pipeline import PROJECT_ROOT, config as cfg  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.ui import bold, console, error, one_line, percent, progress, warn  # noqa: E402
+from trainer.recipes import RECIPES  # noqa: E402  (light: names and numbers only)
 
 
 def _usage_name(argument) -> str:
@@ -187,9 +188,7 @@ def train(
                                        "stage 1's checkpoint (--method) | all: 1 then 2.")] = "1",
     method: Annotated[str, typer.Option(help="Stage 2 method: self (self-training on the model's own "
                                         "pseudo-labels) | unimatch (UniMatch's weak-to-strong consistency).")] = "self",
-    recipe: Annotated[Optional[str], typer.Option(help="toy | camvid-tiny | voc-r101-321 | voc-r101-513 | "
-                                                  "voc-segformer-b5 | ade20k-segformer-b5 | ade20k-r101 | "
-                                                  "cityscapes-r101 | coco-r101 (default: by data format)")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help=f"{' | '.join(RECIPES)} (default: by data format)")] = None,
     name: Annotated[Optional[str], typer.Option(help="Run name: <work>/runs/<name>/ (default: the recipe).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
     allow_missing_masks: Annotated[bool, typer.Option(help="Stage 1: leave out unlabeled images without a cached "
