@@ -106,7 +106,7 @@ bench-calibrate: setup
 bench-train: setup
 	$(BIN)/python benchmarks/bench_train.py
 
-# The method's ablation on the toy world (3 seeds, 2 split sizes): work/bench/quality.md. ~35 min on 2 cores.
+# The method's ablation on the toy world (3 seeds, 2 split sizes): work/bench/quality.md. ~40 min on 2 cores.
 bench-quality: toy
 	$(BIN)/python benchmarks/bench_quality.py
 
@@ -124,14 +124,14 @@ bench-real: setup
 
 # The paper's regime on real images: ESPNetv2 from PASCAL VOC weights as the student, Cityscapes ESPNetv2s of three
 # widths as annotators: work/bench/student.md. Needs bench-real's inputs and the PASCAL and narrower Cityscapes
-# ESPNetv2 weights in data/weights (docs/data.md 'Getting the material'). ~80 min on 2 cores after the stores.
+# ESPNetv2 weights in data/weights (docs/data.md 'Getting the material'). ~82 min on 2 cores after the stores.
 bench-student: setup
 	$(call with_camvid,benchmarks/bench_student.py,$(foreach w,1.5 1.0,data/weights/espnetv2_s_$(w)_city_1024x512.pth) \
 	data/weights/espnetv2_s_1.0_pascal_384x384.pth)
 
 # What alpha is worth to the student: stage I on each alpha of a grid (paper and crc, 3 seeds, 2 splits), and the
-# rules that choose alpha from the labeled set against it: work/bench/alpha-quality.md (toy world, ~60 min on 2
-# cores) and alpha-real.md (CamVid, ~80 min on top of bench-real's runs, which it reuses).
+# rules that choose alpha from the labeled set against it: work/bench/alpha-quality.md (toy world, ~62 min on 2
+# cores) and alpha-real.md (CamVid, ~76 min on top of bench-real's runs, which it reuses).
 bench-alpha: toy
 	$(BIN)/python benchmarks/bench_alpha.py toy
 

@@ -184,16 +184,16 @@ TRAIN = "Training recipe (overrides)"
 @app.command("train")
 @with_config
 def train(
-    stage: Annotated[str, typer.Option(help="1: labeled + cached filtered masks | 2: semi-supervised training from "
-                                       "stage 1's checkpoint (--method) | all: 1 then 2.")] = "1",
-    method: Annotated[str, typer.Option(help="Stage 2 method: self (self-training on the model's own "
+    stage: Annotated[str, typer.Option(help="1: stage I, labeled + cached filtered masks | 2: stage II, "
+                                       "semi-supervised from stage I's checkpoint (--method) | all: I then II.")] = "1",
+    method: Annotated[str, typer.Option(help="Stage II method: self (self-training on the model's own "
                                         "pseudo-labels) | unimatch (UniMatch's weak-to-strong consistency).")] = "self",
     recipe: Annotated[Optional[str], typer.Option(help=f"{' | '.join(RECIPES)} (default: by data format)")] = None,
     name: Annotated[Optional[str], typer.Option(help="Run name: <work>/runs/<name>/ (default: the recipe).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
-    allow_missing_masks: Annotated[bool, typer.Option(help="Stage 1: leave out unlabeled images without a cached "
+    allow_missing_masks: Annotated[bool, typer.Option(help="Stage I: leave out unlabeled images without a cached "
                                                       "mask instead of stopping.")] = False,
-    init: Annotated[Optional[Path], typer.Option(help="Stage 2: start from this checkpoint instead of stage 1's.")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="Stage II: start from this checkpoint instead of stage I's.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (under torchrun: LOCAL_RANK).")] = "auto",
     deterministic: Annotated[bool, typer.Option(help="Deterministic algorithms (slower; exact resume).")] = False,
     model: Annotated[Optional[str], typer.Option(help="deeplabv3plus-r50|-r101|-tiny, segformer-b0..b5|-tiny, or "
@@ -217,9 +217,9 @@ def train(
                                                 rich_help_panel=TRAIN)] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="sgd | adamw", rich_help_panel=TRAIN)] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay.", rich_help_panel=TRAIN)] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Stage 2 confidence threshold.",
+    threshold: Annotated[Optional[float], typer.Option(help="Stage II confidence threshold.",
                                                        rich_help_panel=TRAIN)] = None,
-    ema: Annotated[Optional[float], typer.Option(help="Stage 2 EMA teacher decay (0: the model itself).",
+    ema: Annotated[Optional[float], typer.Option(help="Stage II EMA teacher decay (0: the model itself).",
                                                  rich_help_panel=TRAIN)] = None,
     lambda_start: Annotated[Optional[float], typer.Option(help="Unlabeled-loss weight at the start.",
                                                           rich_help_panel=TRAIN)] = None,
@@ -235,11 +235,10 @@ def train(
     workers: Annotated[Optional[int], typer.Option(help="Loader processes.", rich_help_panel=TRAIN)] = None,
     config: cfg.Config = None,
 ):
-    """Train: stage 1 on labeled images + the cached filtered masks, stage 2 on the model's own pseudo-labels.
+    """Train: stage I on labeled images + the cached filtered masks, stage II on the model's own pseudo-labels.
 
-    Writes <work>/runs/<name>/stage<N>/ (stage2-<method>/ for another method than self): last.pt, best.pt,
-    metrics.jsonl. Under
-    `torchrun --nproc_per_node N` each process takes its share of every batch (DDP).
+    Writes last.pt, best.pt, metrics.jsonl to <work>/runs/<name>/stage<N>/ (another stage II method: stage2-<method>/).
+    Under `torchrun --nproc_per_node N` each process takes its share of every batch (DDP).
     """
     from trainer.recipes import get_recipe
     from trainer.stages import run_dir, train_stage

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SEEM on a GPU machine that cannot reach the network, in one call (issue 23's device check).
 #
-#   bash benchmarks/gpu_seem.sh prepare SEEM_SRC D2_SRC   # here: sources and wheels into .gpu-seem/ (~25 MB)
+#   bash benchmarks/gpu_seem.sh prepare SEEM_SRC D2_SRC   # here: sources and wheels into .gpu-seem/ (~36 MB)
 #   bash benchmarks/gpu_seem.sh run                        # there, from the repository root, carry .gpu-seem
 #
 # run: the real set-up script (scripts/seem_setup.sh, as `make seem-setup` runs it, offline from the carried

@@ -7,6 +7,7 @@ GitHub's anchors. Each checker is also tested on a small page with planted fault
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -114,8 +115,12 @@ def commands_shown(text: str) -> list[list[str]]:
     for line in lines:
         line = re.sub(r"(^|\s)#.*", "", line)
         for part in re.split(r"&&|\|\||;", line):
-            if part.split():
-                commands.append(part.split())
+            try:  # quotes group words, as the shell does (BENCH_ARGS="--model focall ...")
+                tokens = shlex.split(part)
+            except ValueError:  # an apostrophe of the prose
+                tokens = part.split()
+            if tokens:
+                commands.append(tokens)
     return commands
 
 
