@@ -62,8 +62,9 @@ train: calibrate
 	$(CLI) train --stage 2 $(CFG)
 
 # SEEM, the default annotator (GPU machine): its packages and detectron2 fork into .venv, SEEM into SEEM_DIR
-# (what the presets' foundation.code names). Pinned to the commits and versions tested (docs/annotators.md 'SEEM'); override
-# SEEM_SRC / D2_SRC with a checkout or URL@ref, SEEM_PINS= for the newest packages.
+# (what the presets' foundation.code names). Pinned to the commits and versions tested
+# (docs/annotators.md 'SEEM'); override SEEM_SRC / D2_SRC with a checkout or URL@ref, SEEM_PINS= for the newest
+# packages.
 SEEM_GIT  := https://github.com/UX-Decoder/Segment-Everything-Everywhere-All-At-Once.git
 SEEM_REF  ?= 7b2e76dbb17d0b7831c6813a921fe2bc8de22926
 D2_REF    ?= 42121d75e10d9f858f3a91b6a39f5722c02868f0

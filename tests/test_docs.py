@@ -24,6 +24,7 @@ PAGES = [PROJECT_ROOT / "README.md", PROJECT_ROOT / "CHANGELOG.md", PROJECT_ROOT
          *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^\s*(```+|~~~+)\s*([\w-]*)")
 SHELL = {"", "bash", "sh", "shell", "console"}
+CLI = typer.main.get_command(app)  # the click command tree every checker reads
 
 
 # --- reading Markdown --------------------------------------------------------------------------------------
@@ -151,10 +152,9 @@ KNOWN_VALUES = {
 def cli_problems(text: str, name: str = "page") -> list[str]:
     """Every `conformalsam ...` (or `cli.py ...` under torchrun) shown names commands, flags and registered
     values (presets, recipes, methods, backends, formats, models) that exist."""
-    root = typer.main.get_command(app)
     problems = []
     for tokens in commands_shown(text):
-        if tokens[0] in root.commands and len(tokens) > 1:  # `train --resume`: a command named in the prose
+        if tokens[0] in CLI.commands and len(tokens) > 1:  # `train --resume`: a command named in the prose
             tokens = ["conformalsam", *tokens]
         starts = [i for i, t in enumerate(tokens) if t in ("conformalsam", "cli.py")]
         if not starts:
@@ -162,7 +162,7 @@ def cli_problems(text: str, name: str = "page") -> list[str]:
         args = [t.strip("[](),.`") if t.startswith(("[", "(")) or t.endswith(("]", ")", ",", "`")) else t
                 for t in tokens[starts[0] + 1:]]
         shown = " ".join(tokens[starts[0]:])
-        command, path = root, []
+        command, path = CLI, []
         while args and hasattr(command, "commands") and not args[0].startswith("-"):
             word = args.pop(0)
             if placeholder(word):
@@ -201,7 +201,7 @@ FOREIGN = {"--index-url", "--no-build-isolation", "--no-deps",  # pip
 
 
 def all_options() -> set[str]:
-    found, todo = set(), [typer.main.get_command(app)]
+    found, todo = set(), [CLI]
     while todo:
         command = todo.pop()
         found |= option_names(command)
