@@ -11,7 +11,8 @@ WORK   ?= work
 RUN    ?= toy
 
 .PHONY: setup test demo toy toy-annotator seem-logits seem-setup test-seem bench-seem calibrate bench-logits bench-calibrate \
-	bench-train bench-quality bench-real bench-student bench-alpha bench-alpha-real camvid-splits gpu-check train clean
+	bench-train bench-quality bench-real bench-student bench-student-recipe bench-regime bench-alpha bench-alpha-real \
+	camvid-splits gpu-check train clean
 
 setup: $(STAMP)
 
@@ -126,9 +127,20 @@ bench-real: setup
 # The paper's regime on real images: ESPNetv2 from PASCAL VOC weights as the student, Cityscapes ESPNetv2s of three
 # widths as annotators: work/bench/student.md. Needs bench-real's inputs and the PASCAL and narrower Cityscapes
 # ESPNetv2 weights in data/weights (docs/data.md 'Getting the material'). ~82 min on 2 cores after the stores.
+STUDENT_INPUTS := $(foreach w,1.5 1.0,data/weights/espnetv2_s_$(w)_city_1024x512.pth) data/weights/espnetv2_s_1.0_pascal_384x384.pth
 bench-student: setup
-	$(call with_camvid,benchmarks/bench_student.py,$(foreach w,1.5 1.0,data/weights/espnetv2_s_$(w)_city_1024x512.pth) \
-	data/weights/espnetv2_s_1.0_pascal_384x384.pth)
+	$(call with_camvid,benchmarks/bench_student.py,$(STUDENT_INPUTS))
+
+# What caps the labeled-only student at CamVid 1/2 (crop, width, scale, steps, lr, head, class weights), one lever at
+# a time: val mIoU against seconds, work/bench/student-recipe.md. Needs bench-student's inputs. ~60 min on 2 cores.
+bench-student-recipe: setup
+	$(call with_camvid,benchmarks/bench_student_recipe.py,$(STUDENT_INPUTS))
+
+# The paper's regime on real images: CamVid 1/2 and 1/4, the two weakest annotators (DiCENet s0.5, ESPNetv2 s1.0),
+# labeled only / raw / CP crc / CP mondrian / CP paper, 3 seeds, the student recipe bench-student-recipe chose:
+# work/bench/regime.md. Needs bench-student's inputs and DiCENet s0.5's Cityscapes weights. ~180 min on 2 cores.
+bench-regime: setup
+	$(call with_camvid,benchmarks/bench_student.py $(REGIME_ARGS),$(STUDENT_INPUTS) data/weights/dicenet_s_0.5_city_1024x512.pth)
 
 # What alpha is worth to the student: stage I on each alpha of a grid (paper and crc, 3 seeds, 2 splits), and the
 # rules that choose alpha from the labeled set against it: work/bench/alpha-quality.md (toy world, ~62 min on 2
@@ -139,9 +151,9 @@ bench-alpha: toy
 bench-alpha-real: setup
 	$(call with_camvid,benchmarks/bench_alpha.py camvid)
 
-# CamVid's split files (seeded): data/splits/camvid/{1_16,1_8}/ and val.txt.
+# CamVid's split files (seeded): data/splits/camvid/{1_16,1_8,1_4,1_2}/ and val.txt.
 camvid-splits: setup
-	@for n in 16 8; do test -f data/splits/camvid/1_$$n/labeled.txt || \
+	@for n in 16 8 4 2; do test -f data/splits/camvid/1_$$n/labeled.txt || \
 	$(CLI) data split data/CamVid/train --masks data/CamVid/trainannot --labeled 1/$$n --root data/CamVid \
 	--out data/splits/camvid/1_$$n || exit 1; done
 	@test -f data/splits/camvid/val.txt || $(CLI) data list data/CamVid/val --masks data/CamVid/valannot \

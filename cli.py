@@ -37,7 +37,7 @@ from rich.table import Table  # noqa: E402
 from pipeline import PROJECT_ROOT, config as cfg  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.ui import bold, console, error, one_line, percent, progress, warn  # noqa: E402
-from trainer.recipes import RECIPES  # noqa: E402  (light: names and numbers only)
+from trainer.recipes import CLASS_WEIGHTS, RECIPES  # noqa: E402  (light: names and numbers only)
 
 
 def _usage_name(argument) -> str:
@@ -217,6 +217,9 @@ def train(
                                                 rich_help_panel=TRAIN)] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="sgd | adamw", rich_help_panel=TRAIN)] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay.", rich_help_panel=TRAIN)] = None,
+    class_weights: Annotated[Optional[str], typer.Option(help=f"{' | '.join(CLASS_WEIGHTS)}: weights of every "
+                                                         "cross-entropy by class, from the labeled masks.",
+                                                         rich_help_panel=TRAIN)] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Stage II confidence threshold.",
                                                        rich_help_panel=TRAIN)] = None,
     ema: Annotated[Optional[float], typer.Option(help="Stage II EMA teacher decay (0: the model itself).",
@@ -259,7 +262,7 @@ def train(
         config.init_weights if configured and backbone_weights is None else None
     overrides = dict(model=model, model_code=model_code, init_weights=init_weights,
                      backbone_weights=backbone_weights, crop=crop, batch_size=batch_size, lr=lr,
-                     optimizer=optimizer, weight_decay=weight_decay, threshold=threshold, ema=ema,
+                     optimizer=optimizer, weight_decay=weight_decay, class_weights=class_weights, threshold=threshold, ema=ema,
                      lambda_start=lambda_start, lambda_end=lambda_end, lambda_schedule=lambda_schedule,
                      eval_mode=eval_mode, eval_from=eval_from, amp=amp, seed=seed, workers=workers)
     recipe_name, base = get_recipe(recipe, config.format, **overrides)

@@ -24,6 +24,7 @@ so an interrupted benchmark continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -161,34 +162,41 @@ def recipes(world: World, args: argparse.Namespace, seed: int):
     return base, replace(base, lambda_start=0.0, lambda_end=0.0, lambda_schedule="constant")
 
 
-def train_all(phases: list[list[tuple]], jobs: int, started: float, last: dict | None = None) -> dict:
+def train_all(phases: list[list[tuple]], jobs: int, started: float, runs: dict | None = None) -> dict:
     """Every job of every phase (a phase may start from the previous one's checkpoints); returns
-    {(split, row key): [best val mIoU per job, in job order]} and fills ``last`` alike with the last epoch's.
+    {(split, row key): [best val mIoU per job, in job order]} and fills ``runs`` alike with each job's record
+    (best, last epoch's mIoU, best epoch, seconds; see `train_row`).
     On a few CPU cores, ``jobs`` runs side by side with one thread each outrun one run using every core."""
     results: dict = {}
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
                              initargs=(threads,)) as pool:
         for phase in phases:
-            for split, seed, key, best, final in pool.map(train_row, phase):
-                results.setdefault((split, key), []).append(best)
-                if last is not None:
-                    last.setdefault((split, key), []).append(final)
-                print(f"split {split} seed={seed} {key:12s} best val mIoU {100 * best:.1f} "
+            for split, seed, key, run in pool.map(train_row, phase):
+                results.setdefault((split, key), []).append(run["best"])
+                if runs is not None:
+                    runs.setdefault((split, key), []).append(run)
+                print(f"split {split} seed={seed} {key:12s} best val mIoU {100 * run['best']:.1f} "
                       f"({time.perf_counter() - started:.0f}s)", flush=True)
     return results
 
 
-def train_row(job) -> tuple[str, int, str, float, float]:
-    """One training run of the table (in a pool process); returns (split, seed, row key, best val mIoU, the last
-    epoch's)."""
+def train_row(job) -> tuple[str, int, str, dict]:
+    """One training run of the table (in a pool process); returns (split, seed, row key, record): the record holds
+    the best val mIoU and the last epoch's, the best epoch, the steps, and the seconds the run spent training and
+    validating (read from its metrics, so a reused run reports what it cost when it ran)."""
     world, root, split, seed, key, variant, stage, recipe, run_name, method = job
     config = split_config(world, root, split, variant)
+    out = run_dir(config, run_name, stage, method)
     # a run an interruption cut short continues (exactly, on the CPU); a finished one is reused
-    started = (run_dir(config, run_name, stage, method) / "last.pt").exists()
     summary = train_stage(config, world.recipe, recipe, stage, name=run_name, log=quiet, method=method,
-                          resume=started)
-    return split, seed, key, summary["best"], summary["last"]
+                          resume=(out / "last.pt").exists())
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scored = [e for e in epochs if e.get("miou") is not None]
+    return split, seed, key, {
+        "best": summary["best"], "last": summary["last"], "epochs": len(epochs), "steps": epochs[-1]["step"],
+        "best_epoch": max(scored, key=lambda e: e["miou"])["epoch"] if scored else None,
+        "seconds": sum(e["seconds"] + e.get("val_seconds", 0.0) for e in epochs)}
 
 
 def render(world: World, results: dict, masks: dict, args) -> str:

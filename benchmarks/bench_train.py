@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.isolated import measure  # noqa: E402
 from trainer.models import build_model  # noqa: E402
+from trainer.losses import Criterion  # noqa: E402
 from trainer.stages import _stage1_losses  # noqa: E402
 
 CPU_CONFIGS = [("deeplabv3plus-tiny", 96, 8)]
@@ -57,7 +58,7 @@ def job(model_name: str, crop: int, batch: int, device: str, steps: int, warmup:
             start = time.perf_counter()
         lab, unl = data[i % 2]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=fast):
-            sup, unsup = _stage1_losses(model, lab, unl)
+            sup, unsup = _stage1_losses(model, lab, unl, Criterion())
             loss = 0.5 * sup + 0.5 * unsup
         opt.zero_grad(set_to_none=True)
         loss.backward()

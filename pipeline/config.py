@@ -163,7 +163,7 @@ dir = "work"
                                   f"cityscapes-1_{n}") for n in (30, 16, 8, 4, 2)},
     **{f"coco-1_{n}": _seem("coco", "data/coco", "data/splits/coco", f"1_{n}", f"coco-1_{n}")
        for n in (512, 256, 128, 64, 32)},
-    **{f"camvid-1_{n}": _camvid(n) for n in (16, 8)},
+    **{f"camvid-1_{n}": _camvid(n) for n in (16, 8, 4, 2)},
     "ade20k": _seem("ade20k", "data/ADEChallengeData2016", "data/splits/ade20k", "1_64", "ade20k"),
 }
 

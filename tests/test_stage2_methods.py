@@ -14,6 +14,7 @@ from pipeline.errors import UserError
 from test_trainer import TINY, fixed_batch
 from trainer.checkpoint import load_checkpoint
 from trainer.data import TrainImages
+from trainer.losses import Criterion
 from trainer.methods import get_method, unimatch
 from trainer.models import Segmenter, build_model
 from trainer.stages import run_dir, train_stage
@@ -40,7 +41,7 @@ def test_a_unimatch_step_reduces_the_loss_on_a_fixed_batch(name):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     totals = []
     for _ in range(15):
-        sup, unsup = unimatch.losses(model, None, batch_l, batch_u, threshold=0.0)
+        sup, unsup = unimatch.losses(model, None, batch_l, batch_u, Criterion(threshold=0.0))
         loss = 0.5 * sup + 0.5 * unsup
         opt.zero_grad()
         loss.backward()
@@ -58,7 +59,7 @@ def test_unimatch_uses_its_feature_perturbation_and_both_strong_views():
     for key in ("strong", "strong_2"):
         batch_u[key].requires_grad_(True)
     torch.manual_seed(1)
-    _, unsup = unimatch.losses(model, None, batch_l, batch_u, threshold=0.0)
+    _, unsup = unimatch.losses(model, None, batch_l, batch_u, Criterion(threshold=0.0))
     unsup.backward()
     for key in ("strong", "strong_2"):  # each strong view is a term of the loss
         assert batch_u[key].grad is not None and batch_u[key].grad.abs().sum() > 0, key
@@ -73,11 +74,11 @@ def test_unimatch_uses_its_feature_perturbation_and_both_strong_views():
 
     torch.manual_seed(1)
     with torch.no_grad():
-        _, with_fp = unimatch.losses(model, None, batch_l, batch_u, threshold=0.0)
+        _, with_fp = unimatch.losses(model, None, batch_l, batch_u, Criterion(threshold=0.0))
     model.forward = no_dropout
     torch.manual_seed(1)
     with torch.no_grad():
-        _, without = unimatch.losses(model, None, batch_l, batch_u, threshold=0.0)
+        _, without = unimatch.losses(model, None, batch_l, batch_u, Criterion(threshold=0.0))
     assert abs(with_fp.item() - without.item()) > 1e-3 * with_fp.item()
 
     # the perturbed output differs from the clean one, for both families, and only in training mode

@@ -25,12 +25,12 @@ from pipeline.stage1.masks import IGNORE
 from pipeline.outputs.summary import collect
 from trainer.augment import random_crop
 from trainer.checkpoint import load_checkpoint
-from trainer.data import TrainImages, ValImages, epoch_plan
+from trainer.data import TrainImages, ValImages, epoch_plan, label_counts
 from trainer.evaluate import evaluate, predict
 from trainer.models import build_model, load_backbone
 from trainer.recipes import Recipe, effective_lr, get_recipe
 from trainer.schedule import poly, unlabeled_weight
-from trainer.losses import ce
+from trainer.losses import Criterion, ce, class_weights
 from trainer.methods import self_training
 from trainer.stages import train_stage
 
@@ -159,7 +159,7 @@ def test_padding_is_neither_a_class_nor_ignore():
     batch_u = {"image": torch.randn(2, 3, 16, 16), "strong": torch.randn(2, 3, 16, 16),
                "box": torch.zeros(2, 16, 16, dtype=torch.bool), "valid": v.repeat(2, 1, 1)}
     batch_l = {"image": torch.randn(1, 3, 16, 16), "mask": target, "valid": v}
-    _, unsup = self_training.losses(model, None, batch_l, batch_u, threshold=0.0)
+    _, unsup = self_training.losses(model, None, batch_l, batch_u, Criterion(threshold=0.0))
     with torch.no_grad():
         pseudo = model(batch_u["image"]).softmax(1).argmax(1)
     per_pixel = torch.nn.functional.cross_entropy(model(batch_u["strong"]), pseudo, reduction="none")
@@ -294,7 +294,7 @@ def test_kill_and_resume_gives_the_parameters_of_an_uninterrupted_run(toy_world,
     assert a["epoch"] == b["epoch"] == 4 and a["step"] == b["step"]
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
-    timing = ("seconds", "images_per_s")
+    timing = ("seconds", "images_per_s", "val_seconds")
 
     def log(run):
         lines = (config.work_dir / "runs" / run / "stage1" / "metrics.jsonl").read_text().splitlines()
@@ -337,3 +337,58 @@ def test_torchrun_two_processes_train_an_epoch(toy_world, calibrated, tmp_path):
                                       "--crop", "24", *flags], terminal_width=120)
     assert result.exit_code == 0, result.output
     assert "mean" in result.output
+
+
+def test_class_weights_weigh_rare_classes_up_and_keep_the_loss_size():
+    # image 1: 90 px of class 0, 10 of class 1; image 2: 100 of class 0; class 2 in no labeled image
+    counts = np.array([[90, 10, 0], [100, 0, 0]])
+    weight = class_weights("median-frequency", counts)
+    # frequencies: class 0 190 / 200, class 1 10 / 100 (only image 1 holds it): median 0.525
+    assert weight[1] / weight[0] == pytest.approx(0.95 / 0.1)
+    assert weight[2] == weight[1]  # unseen: the largest weight
+    enet = class_weights("enet", counts)  # 1 / ln(1.02 + share): shares 0.95, 0.05, 0
+    assert enet[1] / enet[0] == pytest.approx(np.log(1.97) / np.log(1.07))
+    assert enet[2] / enet[0] == pytest.approx(np.log(1.97) / np.log(1.02))
+    for w in (weight, enet):  # an average labeled pixel weighs 1
+        assert (w * counts.sum(0)).sum() == pytest.approx(counts.sum())
+    assert np.allclose(class_weights("median-frequency", np.array([[5, 5], [5, 5]])), 1.0)
+    with pytest.raises(ValueError):
+        class_weights("enet", np.zeros((2, 3)))
+
+
+def test_class_weights_scale_each_pixel_by_its_class():
+    logits = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    target = torch.randint(0, 3, (2, 4, 4), generator=torch.Generator().manual_seed(1))
+    target[0, 0] = IGNORE
+    valid = torch.ones_like(target, dtype=torch.bool)
+    valid[1, :, 0] = False
+    weight = torch.tensor([1.0, 2.0, 0.5])
+    per_pixel = torch.nn.functional.cross_entropy(logits, target.clamp(max=2), reduction="none")
+    counted = (target != IGNORE) & valid
+    expected = (per_pixel * weight[target.clamp(max=2)] * counted).sum() / counted.sum()
+    assert Criterion(weight=weight).ce(logits, target, valid) == pytest.approx(expected.item())
+    assert Criterion().ce(logits, target, valid) == pytest.approx(((per_pixel * counted).sum() / counted.sum()).item())
+    conf = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(2))
+    pseudo = target.clamp(max=2)
+    kept = (conf >= 0.5) & valid
+    expected = (per_pixel * weight[pseudo] * kept).sum() / valid.sum()
+    assert Criterion(0.5, weight).confident_ce(logits, pseudo, conf, valid) == pytest.approx(expected.item())
+
+
+def test_a_class_weighted_run_says_its_weights_and_is_another_run(toy_world, calibrated, tmp_path):
+    config = fresh(toy_world, calibrated, tmp_path)
+    said = []
+    recipe = replace(TINY, epochs=(1, 1), class_weights="median-frequency")
+    weighted = train_stage(config, "t", recipe, 1, name="w", log=said.append)
+    dataset = Dataset(config)
+    expected = class_weights("median-frequency", label_counts(dataset, dataset.split("labeled")))
+    line = next(x for x in said if x.startswith("class weights"))
+    assert line.endswith(", ".join(f"{c} {w:.2f}" for c, w in zip(dataset.classes, expected)))
+    assert load_checkpoint(Path(weighted["run_dir"]) / "last.pt")["identity"]["recipe"]["class_weights"] == \
+        "median-frequency"
+    plain = train_stage(config, "t", replace(recipe, class_weights="none"), 1, name="p", log=lambda *_: None)
+    assert "class_weights" not in load_checkpoint(Path(plain["run_dir"]) / "last.pt")["identity"]["recipe"]
+    with pytest.raises(UserError, match="other settings"):
+        train_stage(config, "t", replace(recipe, class_weights="none"), 1, name="w")
+    with pytest.raises(UserError, match="--class-weights inverse: choose one of none, median-frequency, enet"):
+        get_recipe("toy", "folder", class_weights="inverse")

@@ -91,6 +91,15 @@ def read_cached_mask(path: Path, size: tuple[int, int], num_classes: int) -> np.
     return mask
 
 
+def label_counts(dataset: Dataset, samples: list[Sample]) -> np.ndarray:
+    """(images, classes): each image's ground-truth pixels per class (ignore and void not counted)."""
+    counts = np.zeros((len(samples), dataset.num_classes), np.int64)
+    for row, sample in zip(counts, samples):
+        mask = dataset.read_mask(sample.mask)
+        row += np.bincount(mask[mask != IGNORE].ravel(), minlength=dataset.num_classes)[:dataset.num_classes]
+    return counts
+
+
 def epoch_plan(n_unlabeled: int, n_labeled: int, batch: int, seed: int, epoch: int) -> list[tuple[list, list]]:
     """The (labeled items, unlabeled items) of every step of an epoch, for all processes together; an item is
     (index, draw), draw = its position in the epoch, so the many repeats of a labeled image get their own

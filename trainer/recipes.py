@@ -15,6 +15,7 @@ from pathlib import Path
 from pipeline.errors import UserError
 
 REFERENCE_BATCH = 8
+CLASS_WEIGHTS = ("none", "median-frequency", "enet")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Recipe:
     momentum: float = 0.9
     poly_power: float = 0.9
     scale_range: tuple[float, float] = (0.5, 2.0)
+    class_weights: str = "none"  # none | median-frequency | enet: weights of every cross-entropy, from the labeled masks
     threshold: float = 0.95  # stage II: pseudo-labels below this confidence are ignored
     ema: float = 0.0  # stage II teacher: 0 = the model itself; e.g. 0.996 = an EMA teacher
     lambda_start: float = 0.5  # weight of the unlabeled loss: L = (1 - l(t)) L_sup + l(t) L_unsup
@@ -46,6 +48,7 @@ class Recipe:
 
     def check(self) -> "Recipe":
         choices = {"optimizer": ("sgd", "adamw"), "lambda_schedule": ("exp", "linear", "constant"),
+                   "class_weights": CLASS_WEIGHTS,
                    "eval_mode": ("whole", "sliding"), "amp": ("bf16", "fp16", "none")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

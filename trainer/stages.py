@@ -31,18 +31,18 @@ from pipeline.locks import locked
 from pipeline.stage1.record import cached_masks
 from pipeline.ui import no_progress, percent
 from trainer.checkpoint import check_factory, load_checkpoint, load_weights, save_checkpoint
-from trainer.data import TrainImages, ValImages, epoch_plan
+from trainer.data import TrainImages, ValImages, epoch_plan, label_counts
 from trainer.evaluate import evaluate
-from trainer.losses import ce
+from trainer.losses import Criterion, class_weights
 from trainer.methods import get_method
 from trainer.models import Segmenter, build_model, factory_record, load_backbone, load_init, missing_protocol
 from trainer.recipes import Recipe, effective_lr
 from trainer.schedule import poly, unlabeled_weight
 
 
-# Recipe fields added after runs were made: left out of a run's identity while unset, so those runs are still
-# reused and resumed.
-LATER_FIELDS = ("init_weights", "model_code")
+# Recipe fields added after runs were made, with the value they had before: left out of a run's identity while
+# they keep it, so those runs are still reused and resumed.
+LATER_FIELDS = {"init_weights": None, "model_code": None, "class_weights": "none"}
 
 
 def run_dir(config: Config, name: str, stage: int, method: str = "self") -> Path:
@@ -113,7 +113,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
         inputs = {"start": _fingerprint(source), "method": method}
     # what the run's result depends on: a finished run with the same identity is reused, not redone
     result_fields = {k: v for k, v in asdict(recipe).items() if k not in ("workers", "eval_mode")
-                     and not (k in LATER_FIELDS and v is None)}
+                     and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
     identity = {"recipe": _plain(result_fields), "classes": list(dataset.classes), "inputs": inputs,
                 "unlabeled": len(unlabeled)}
     finished = _finished_run(last, identity, recipe.epochs[stage - 1], resume, factory)
@@ -176,6 +176,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
         raise UserError(f"--batch-size {recipe.batch_size}: stage II mixes (CutMix) the unlabeled images of each "
                         f"process, so it needs at least 2 per process ({2 * world} in all)")
 
+    criterion = Criterion(recipe.threshold, _class_weights(recipe, dataset, labeled, dev, log if rank == 0 else None))
     lr = effective_lr(recipe, recipe.batch_size)
     optimizer = _optimizer(model, recipe, lr)
     amp = dev.type == "cuda" and recipe.amp != "none"
@@ -231,9 +232,9 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
                 batch_l, batch_u = _to(batch_l, dev), _to(batch_u, dev)
                 with autocast() if autocast else torch.autocast("cpu", enabled=False):
                     if stage == 1:
-                        sup, unsup = _stage1_losses(net, batch_l, batch_u)
+                        sup, unsup = _stage1_losses(net, batch_l, batch_u, criterion)
                     else:
-                        sup, unsup = stage2.losses(net, teacher, batch_l, batch_u, recipe.threshold)
+                        sup, unsup = stage2.losses(net, teacher, batch_l, batch_u, criterion)
                     loss = (1 - weight) * sup + weight * unsup
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -252,10 +253,12 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
         scored = val is not None and (epoch > recipe.eval_from * epochs or epoch == epochs)
         if scored:
             eval_model = teacher if teacher is not None else segmenter
+            val_started = time.perf_counter()
             with (progress or no_progress)("val") as update:
                 update(0, len(range(rank, len(val), world)))
                 record.update(evaluate(eval_model, val, dataset.num_classes, dev, recipe.eval_mode, recipe.crop,
                                        autocast, rank, world, update))
+            record["val_seconds"] = time.perf_counter() - val_started
         improved = val is None or (scored and record["miou"] > best)
         best = record["miou"] if scored and improved else best
         record["best_miou"] = None if val is None or best == float("-inf") else best
@@ -317,11 +320,23 @@ def _optimizer(model: torch.nn.Module, recipe: Recipe, lr: float) -> torch.optim
     return torch.optim.AdamW(groups, lr=lr, weight_decay=recipe.weight_decay)
 
 
-def _stage1_losses(net, batch_l: dict, batch_u: dict):
+def _stage1_losses(net, batch_l: dict, batch_u: dict, criterion: Criterion):
     """One forward over labeled + unlabeled images (shared BatchNorm statistics), CE against GT and cached masks."""
     n = batch_l["image"].shape[0]
     logits = net(torch.cat([batch_l["image"], batch_u["image"]]))
-    return ce(logits[:n], batch_l["mask"], batch_l["valid"]), ce(logits[n:], batch_u["mask"], batch_u["valid"])
+    return (criterion.ce(logits[:n], batch_l["mask"], batch_l["valid"]),
+            criterion.ce(logits[n:], batch_u["mask"], batch_u["valid"]))
+
+
+def _class_weights(recipe: Recipe, dataset: Dataset, labeled: list, device: torch.device, log) -> torch.Tensor | None:
+    """The recipe's class weights, from the labeled masks (the same for every process and on resume)."""
+    if recipe.class_weights == "none":
+        return None
+    weight = class_weights(recipe.class_weights, label_counts(dataset, labeled))
+    if log:
+        log(f"class weights ({recipe.class_weights}, from {len(labeled)} labeled masks): " + ", ".join(
+            f"{name} {w:.2f}" for name, w in zip(dataset.classes, weight)))
+    return torch.tensor(weight, dtype=torch.float32, device=device)
 
 
 @torch.no_grad()

@@ -5,9 +5,12 @@ Each method is a module with
 * ``STRONG_VIEWS``: how many strong views (each with its own CutMix box) it needs per unlabeled image;
 * ``PERTURBS_FEATURES``: whether it calls ``net(images, perturb=True)``, which needs a network with the
   encode / decode protocol (`trainer.models.student`); the trainer refuses other networks up front;
-* ``losses(net, teacher, batch_l, batch_u, threshold) -> (sup, unsup)``: the labeled and unlabeled losses
+* ``losses(net, teacher, batch_l, batch_u, criterion) -> (sup, unsup)``: the labeled and unlabeled losses
   of one step. ``net`` is the student as trained (possibly DDP-wrapped); ``teacher`` the EMA teacher, or
-  None when there is none; both are `trainer.models.Segmenter`s (logits at the input size). The stage loop weighs them, L = (1 - l(t)) sup + l(t) unsup, for every method.
+  None when there is none; both are `trainer.models.Segmenter`s (logits at the input size). ``criterion``
+  (`trainer.losses.Criterion`) gives the run's cross-entropies, ``criterion.ce`` against labels and
+  ``criterion.confident_ce`` against pseudo-labels at the recipe's threshold, both with the recipe's class
+  weights. The stage loop weighs the two, L = (1 - l(t)) sup + l(t) unsup, for every method.
 
 What a step receives (`trainer.data.TrainImages`, on the step's device; B images per process, crop C):
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.losses import ce, confident_ce, neighbour_mix
+from trainer.losses import Criterion, neighbour_mix
 
 STRONG_VIEWS = 1
 PERTURBS_FEATURES = False
@@ -25,9 +25,10 @@ def weak_labels(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Ten
     return conf, pseudo
 
 
-def losses(net, teacher, batch_l: dict, batch_u: dict, threshold: float):
+def losses(net, teacher, batch_l: dict, batch_u: dict, criterion: Criterion):
     conf, pseudo = weak_labels(teacher or getattr(net, "module", net), batch_u["image"])
     strong, pseudo, conf, valid = neighbour_mix(batch_u["box"], batch_u["strong"], pseudo, conf, batch_u["valid"])
     n = batch_l["image"].shape[0]
     logits = net(torch.cat([batch_l["image"], strong]))
-    return ce(logits[:n], batch_l["mask"], batch_l["valid"]), confident_ce(logits[n:], pseudo, conf, valid, threshold)
+    return (criterion.ce(logits[:n], batch_l["mask"], batch_l["valid"]),
+            criterion.confident_ce(logits[n:], pseudo, conf, valid))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.losses import ce, confident_ce, neighbour_mix
+from trainer.losses import Criterion, neighbour_mix
 from trainer.methods.self_training import weak_labels
 
 STRONG_VIEWS = 2
@@ -25,18 +25,18 @@ PERTURBS_FEATURES = True  # the network must have encode / decode (trainer.model
 WEIGHTS = {"strong_1": 0.25, "strong_2": 0.25, "feature": 0.5}  # UniMatch's
 
 
-def losses(net, teacher, batch_l: dict, batch_u: dict, threshold: float):
+def losses(net, teacher, batch_l: dict, batch_u: dict, criterion: Criterion):
     n = batch_l["image"].shape[0]
     logits, perturbed = net(torch.cat([batch_l["image"], batch_u["image"]]), perturb=True)
-    sup = ce(logits[:n], batch_l["mask"], batch_l["valid"])
+    sup = criterion.ce(logits[:n], batch_l["mask"], batch_l["valid"])
     if teacher is None:
         conf, pseudo = logits[n:].detach().float().softmax(1).max(1)
     else:
         conf, pseudo = weak_labels(teacher, batch_u["image"])
     valid = batch_u["valid"]
-    parts = {"feature": confident_ce(perturbed[n:], pseudo, conf, valid, threshold)}
+    parts = {"feature": criterion.confident_ce(perturbed[n:], pseudo, conf, valid)}
     views = [neighbour_mix(batch_u[f"box{s}"], batch_u[f"strong{s}"], pseudo, conf, valid) for s in ("", "_2")]
     strong = net(torch.cat([v[0] for v in views])).chunk(2)
     for key, out, (_, p, c, v) in zip(("strong_1", "strong_2"), strong, views):
-        parts[key] = confident_ce(out, p, c, v, threshold)
+        parts[key] = criterion.confident_ce(out, p, c, v)
     return sup, sum(WEIGHTS[k] * parts[k] for k in WEIGHTS)
