@@ -183,8 +183,8 @@ def train_all(phases: list[list[tuple]], jobs: int, started: float, runs: dict |
 
 def train_row(job) -> tuple[str, int, str, dict]:
     """One training run of the table (in a pool process); returns (split, seed, row key, record): the record holds
-    the best val mIoU and the last epoch's, the best epoch, the steps, and the seconds the run spent training and
-    validating (read from its metrics, so a reused run reports what it cost when it ran)."""
+    the best val mIoU and the last epoch's, the best epoch and its per-class IoU, the steps, and the seconds the run
+    spent training and validating (read from its metrics, so a reused run reports what it cost when it ran)."""
     world, root, split, seed, key, variant, stage, recipe, run_name, method = job
     config = split_config(world, root, split, variant)
     out = run_dir(config, run_name, stage, method)
@@ -192,10 +192,10 @@ def train_row(job) -> tuple[str, int, str, dict]:
     summary = train_stage(config, world.recipe, recipe, stage, name=run_name, log=quiet, method=method,
                           resume=(out / "last.pt").exists())
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    scored = [e for e in epochs if e.get("miou") is not None]
+    best = max((e for e in epochs if e.get("miou") is not None), key=lambda e: e["miou"], default={})
     return split, seed, key, {
         "best": summary["best"], "last": summary["last"], "epochs": len(epochs), "steps": epochs[-1]["step"],
-        "best_epoch": max(scored, key=lambda e: e["miou"])["epoch"] if scored else None,
+        "best_epoch": best.get("epoch"), "best_iou": best.get("iou"),
         "seconds": sum(e["seconds"] + e.get("val_seconds", 0.0) for e in epochs)}
 
 

@@ -49,7 +49,7 @@ from pipeline.stage1.calibrate import Settings, accumulate, assign_folds  # noqa
 from pipeline.data.datasets import Dataset  # noqa: E402
 from pipeline.stage1.held_out import held_out  # noqa: E402
 from pipeline.stage0.logits import run_logits  # noqa: E402
-from pipeline.metrics import mean_iou, pixel_accuracy  # noqa: E402
+from pipeline.metrics import iou_per_class, mean_iou, pixel_accuracy  # noqa: E402
 from pipeline.stage1.rawscore import raw_confusion  # noqa: E402
 from pipeline.stage0.store import LogitsStore  # noqa: E402
 
@@ -99,7 +99,8 @@ def annotator_quality(world: World, root: Path, split: str) -> dict:
     run_logits(config, "val", scale=world.scale, warn=quiet, info=quiet)
     dataset = Dataset(config)
     conf = raw_confusion(LogitsStore(root / "logits.zarr"), dataset, dataset.split("val"))
-    return {"val_miou": mean_iou(conf), "val_pixel_accuracy": pixel_accuracy(conf)}
+    return {"val_miou": mean_iou(conf), "val_pixel_accuracy": pixel_accuracy(conf),
+            "val_iou": dict(zip(dataset.classes, map(float, iou_per_class(conf))))}
 
 
 def paper_alpha(world: World, root: Path, split: str) -> dict:
@@ -217,8 +218,8 @@ def render(report: dict, args, variants: dict) -> str:
     lines = ["Annotators, zero-shot on CamVid val (raw argmax)" + (
         f", and the paper alpha picked from the labeled set (rule {PAPER_RULE} over "
         f"{', '.join(f'{a:g}' for a in PAPER_ALPHAS)}; held-out kept % / accuracy %)" if "paper" in cp else "") + ":",
-        "", "| annotator | val mIoU % | val pixel acc. % | " + "".join(
-            f"paper alpha ({s}) | " for s in args.splits if "paper" in cp), "|---|---|---|" + "---|" * (
+        "", "| annotator | val mIoU % | val pixel acc. % |" + "".join(
+            f" paper alpha ({s}) |" for s in args.splits if "paper" in cp), "|---|---|---|" + "---|" * (
             len(args.splits) if "paper" in cp else 0)]
     for name, a in report["annotators"].items():
         picks = []
@@ -226,8 +227,8 @@ def render(report: dict, args, variants: dict) -> str:
             p = a["paper"][split]
             g = p["grid"][f"{p['alpha']:g}"]
             picks.append(f"{p['alpha']:g} ({100 * g['kept']:.0f} / {100 * g['accuracy']:.1f})")
-        lines.append(f"| {name} | {100 * a['val_miou']:.1f} | {100 * a['val_pixel_accuracy']:.1f} | "
-                     + "".join(f"{p} | " for p in picks))
+        lines.append(f"| {name} | {100 * a['val_miou']:.1f} | {100 * a['val_pixel_accuracy']:.1f} |"
+                     + "".join(f" {p} |" for p in picks))
     for which in ("best", "last"):
         title = "best val epoch" if which == "best" else "last epoch"
         columns = [("raw", "I")] + ([("raw", "II")] if "II" in stages else []) + [(v, st) for v in cp for st in stages]
@@ -253,7 +254,7 @@ def render(report: dict, args, variants: dict) -> str:
                 return runs[f"{split}|{key if key == 'labeled' else f'{name}:{key}'}"][which]
             lines.append(f"| {split} | {name} | " + " | ".join(
                 f"{versus(r(a, 'best'), r(b, 'best'))} / {versus(r(a, 'last'), r(b, 'last'))}" for a, b in pairs) + " |")
-    lines += gap_table(report, args, variants)
+    lines += gap_table(report, args, variants) + class_table(report, args, variants)
     lines += ["", "Per class, the share of the class's raw-argmax pixels (unlabeled images) each CP variant keeps, "
               "and the precision of what it keeps (kept % / precision %); raw IoU: the raw argmax's:"]
     for (name, split), chosen in variants.items():
@@ -267,6 +268,24 @@ def render(report: dict, args, variants: dict) -> str:
                      for v in cps]
             lines.append(f"| {c} | {percent(raw[2])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def class_table(report: dict, args, variants: dict) -> list[str]:
+    """Per class, where the masks help or hurt: the students' val IoU at their best epoch against the annotator's."""
+    runs, lines = report["runs"], ["", "Per class, val IoU %: the annotator's raw argmax, and the students' at their best "
+                                       "val epoch (mean over seeds):"]
+    for (name, split), chosen in variants.items():
+        iou = report["annotators"][name].get("val_iou")
+        if iou is None:  # a report of an earlier version
+            continue
+        keys = ["labeled"] + [f"{name}:{v}-I" for v in chosen]
+        means = [np.mean(runs[f"{split}|{k}"]["best_iou"], axis=0) for k in keys]
+        lines += ["", f"{name}, labeled split {split}:", "",
+                  "| class | annotator | labeled only | " + " | ".join(f"+ {v}" for v in chosen) + " |",
+                  "|---|---|---|" + "---|" * len(chosen)]
+        for c, (cls, own) in enumerate(iou.items()):
+            lines.append(f"| {cls} | {percent(own)} | " + " | ".join(percent(m[c]) for m in means) + " |")
+    return lines
 
 
 def gap_table(report: dict, args, variants: dict) -> list[str]:
