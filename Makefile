@@ -37,7 +37,7 @@ toy: setup
 
 demo: toy
 	$(CLI) data check $(CFG)
-	$(CLI) toy evaluate $(CFG)
+	$(CLI) toy evaluate --split val $(CFG)
 	$(CLI) toy evaluate --root data/toy/source --val data/toy/splits/source_val.txt --split val
 	$(MAKE) --no-print-directory train
 	$(CLI) eval --checkpoint $(WORK)/runs/$(RUN)/stage2/best.pt $(CFG)
@@ -139,6 +139,8 @@ bench-student-recipe: setup
 # The paper's regime on real images: CamVid 1/2 and 1/4, the two weakest annotators (DiCENet s0.5, ESPNetv2 s1.0),
 # labeled only / raw / CP crc / CP mondrian / CP paper, 3 seeds, the student recipe bench-student-recipe chose:
 # work/bench/regime.md. Needs bench-student's inputs and DiCENet s0.5's Cityscapes weights. ~180 min on 2 cores.
+REGIME_ARGS ?= --name regime --splits 1_2 --annotators dicenet0.5 s1.0 --variants crc mondrian --stage1-only \
+	--epochs 24 1 --eval-from 0.75 --class-weights median-frequency
 bench-regime: setup
 	$(call with_camvid,benchmarks/bench_student.py $(REGIME_ARGS),$(STUDENT_INPUTS) data/weights/dicenet_s_0.5_city_1024x512.pth)
 
@@ -164,9 +166,9 @@ camvid-splits: setup
 gpu-check: setup
 	$(BIN)/python benchmarks/gpu_check.py
 
-# Retrain the shipped toy annotator (data/toy_annotator.pt) on the source domain: ~3 min on 2 cores.
+# Retrain the shipped toy annotator (pipeline/toy/annotator.pt) on the source domain: ~3 min on 2 cores.
 toy-annotator: toy
-	$(CLI) toy train-annotator
+	$(CLI) toy train-annotator --out pipeline/toy/annotator.pt
 
 clean:
 	rm -rf work data/toy .pytest_cache

@@ -18,6 +18,8 @@ def _check_own_packages() -> None:
     import importlib.util
 
     here = Path(__file__).resolve().parent
+    if not (here / "pipeline").is_dir():  # installed from a wheel: conformalsam/cli.py, the packages beside it
+        here = here.parent
     for name in ("pipeline", "trainer"):
         spec = importlib.util.find_spec(name)
         origin = Path(spec.origin).resolve() if spec and spec.origin else None
@@ -34,10 +36,13 @@ _check_own_packages()
 import typer  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from pipeline import PROJECT_ROOT, config as cfg  # noqa: E402
+from pipeline import config as cfg  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.ui import bold, console, error, one_line, percent, progress, warn  # noqa: E402
+from pipeline.ui import bold, console, error, one_line, out, percent, plural, print_table, progress, warn  # noqa: E402
 from trainer.recipes import CLASS_WEIGHTS, RECIPES  # noqa: E402  (light: names and numbers only)
+from pipeline.toy.world import WorldSpec  # noqa: E402
+
+WORLD = WorldSpec()  # the toy world's defaults
 
 
 def _usage_name(argument) -> str:
@@ -137,16 +142,19 @@ def logits(
 @app.command("calibrate")
 @with_config
 def calibrate(
-    alpha: Annotated[float, typer.Option(help="Miscoverage level: sets hold the true class with probability >= "
-                                         "1 - alpha (0.05 was best in the paper).")] = 0.1,
-    mode: Annotated[str, typer.Option(help="paper: one pooled threshold | mondrian: one per class | "
-                                      "crc: conformal risk control over images (finite-sample guarantee).")] = "paper",
+    alpha: Annotated[Optional[float], typer.Option(help="Miscoverage level: sets hold the true class with "
+                                                   "probability >= 1 - alpha (0.05 was best in the paper). "
+                                                   "Default 0.1.")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="paper: one pooled threshold (the default) | mondrian: one per "
+                                                "class | crc: conformal risk control over images (finite-sample "
+                                                "guarantee).")] = None,
     rule: Annotated[str, typer.Option(help="Set -> label. paper: most probable non-background class of the set | "
                                       "singleton: only one-class sets kept | argmax: no filtering (the raw "
                                       "foundation masks, for ablations).")] = "paper",
     masks: Annotated[bool, typer.Option("--masks/--no-masks", help="Write the unlabeled images' filtered masks "
                                         "(--no-masks: fit and report only, nothing written).")] = True,
-    folds: Annotated[int, typer.Option(help="Folds of the cross-calibration coverage check.")] = 5,
+    folds: Annotated[Optional[int], typer.Option(help="Folds of the cross-calibration coverage check (default "
+                                                 "5).")] = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Worker threads (default: all cores).")] = None,
     config: cfg.Config = None,
 ):
@@ -157,9 +165,17 @@ def calibrate(
     """
     from pipeline.stage1.calibrate import Settings, run_calibrate
 
+    if rule == "argmax":  # the raw argmax: no thresholds to fit, no coverage to check
+        given = [f"--{name}" for name, value in (("alpha", alpha), ("mode", mode), ("folds", folds)) if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)}: --rule argmax keeps the annotator's argmax unfiltered (no conformal "
+                            "thresholds), so they do not apply; drop them, or choose another --rule")
+    defaults = Settings()
+    settings = Settings(alpha=defaults.alpha if alpha is None else alpha, mode=mode or defaults.mode, rule=rule,
+                        folds=defaults.folds if folds is None else folds)
+    earlier = (config.work_dir / "calibration.json").exists()
     start = time.perf_counter()
-    record = run_calibrate(config, Settings(alpha=alpha, mode=mode, rule=rule, folds=folds), masks, jobs,
-                           progress, warn=warn)
+    record = run_calibrate(config, settings, masks, jobs, progress, warn=warn)
     took = time.perf_counter() - start
     path = config.work_dir / "calibration.json"
     if record.get("repaired"):
@@ -170,12 +186,14 @@ def calibrate(
         console.print(f"{path} is up to date for these settings and inputs: nothing to do")
     from pipeline.stage1.calibrate_report import print_report
 
-    print_report(record, console)
+    print_report(record, out)
     if not record["unchanged"] and record.get("saved"):
         console.print(f"wrote {path} and {record['masks']['count']} masks in {config.work_dir / 'masks'} in "
                       f"{took:.1f}s")
     elif not record["unchanged"] and not record.get("repaired"):
-        console.print(f"fit and report only (--no-masks), {took:.1f}s: {path} and the masks were left as they were")
+        console.print(f"fit and report only (--no-masks), {took:.1f}s: " + (
+            f"{path} and the masks were left as they were" if earlier else
+            "nothing written (run without --no-masks for calibration.json and the masks)"), soft_wrap=True)
 
 
 TRAIN = "Training recipe (overrides)"
@@ -186,8 +204,9 @@ TRAIN = "Training recipe (overrides)"
 def train(
     stage: Annotated[str, typer.Option(help="1: stage I, labeled + cached filtered masks | 2: stage II, "
                                        "semi-supervised from stage I's checkpoint (--method) | all: I then II.")] = "1",
-    method: Annotated[str, typer.Option(help="Stage II method: self (self-training on the model's own "
-                                        "pseudo-labels) | unimatch (UniMatch's weak-to-strong consistency).")] = "self",
+    method: Annotated[Optional[str], typer.Option(help="Stage II method: self (self-training on the model's own "
+                                                  "pseudo-labels, the default) | unimatch (UniMatch's weak-to-strong "
+                                                  "consistency).")] = None,
     recipe: Annotated[Optional[str], typer.Option(help=f"{' | '.join(RECIPES)} (default: by data format)")] = None,
     name: Annotated[Optional[str], typer.Option(help="Run name: <work>/runs/<name>/ (default: the recipe).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
@@ -249,6 +268,9 @@ def train(
     stages = {"1": [1], "2": [2], "all": [1, 2]}.get(stage)
     if stages is None:
         raise UserError(f"--stage {stage}: choose 1, 2 or all")
+    _refuse_other_stage(stages, init=init, method=method, threshold=threshold, ema=ema, init_weights=init_weights,
+                        backbone_weights=backbone_weights, allow_missing_masks=allow_missing_masks)
+    method = method or "self"
     if epochs is not None and len(stages) > 1:
         raise UserError("--epochs applies to one stage; with --stage all set each stage's epochs in the recipe")
     from pipeline.factory import absolute_spec, is_factory
@@ -283,7 +305,26 @@ def train(
                               allow_missing_masks, device, deterministic, init, progress, console.print,
                               on_epoch=_print_epoch, method=method)
         if int(os.environ.get("RANK", "0")) == 0:
-            console.print(f"stage {number} done: best val mIoU {percent(summary['best'])}% -> {summary['run_dir']}")
+            out.print(f"stage {number} done: best val mIoU {percent(summary['best'])}% -> {summary['run_dir']}",
+                      soft_wrap=True, highlight=False)
+
+
+# options of one stage only: a flag given for the other is refused, never ignored
+STAGE_OPTIONS = {"init": 2, "method": 2, "threshold": 2, "ema": 2, "init_weights": 1, "backbone_weights": 1,
+                 "allow_missing_masks": 1}
+
+
+def _refuse_other_stage(stages: list[int], **given) -> None:
+    for name, value in given.items():
+        if value is None or value is False:
+            continue
+        flag, only = f"--{name.replace('_', '-')}", STAGE_OPTIONS[name]
+        if only not in stages:
+            what = {1: "stage I (--stage 1 or all)", 2: "stage II (--stage 2 or all)"}[only]
+            raise UserError(f"{flag} applies to {what} only, not to --stage {'1' if stages == [1] else '2'}; drop it")
+        if name == "init" and len(stages) > 1:
+            raise UserError("--init gives stage II another start than stage I's checkpoint, so it does not go with "
+                            "--stage all: run --stage 1, then --stage 2 --init FILE")
 
 
 def _print_epoch(record: dict) -> None:
@@ -294,7 +335,7 @@ def _print_epoch(record: dict) -> None:
     table.add_row(f"{record['loss']:.3f}", f"{record['loss_sup']:.3f}", f"{record['loss_unsup']:.3f}",
                   f"{record['lambda']:.3f}", f"{record['lr']:.2e}", f"{record['images_per_s']:.0f}",
                   percent(miou), percent(record["best_miou"]))
-    console.print(table)
+    print_table(table)
 
 
 @app.command("eval")
@@ -307,7 +348,7 @@ def eval_checkpoint(
     mode: Annotated[str, typer.Option(help="whole | sliding")] = "whole",
     crop: Annotated[Optional[int], typer.Option(help="Sliding-window size (default: the run's crop).")] = None,
     split: Annotated[str, typer.Option(help="val | labeled | unlabeled (needs masks).")] = "val",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    device: Annotated[Optional[str], typer.Option(help="auto (the default) | cpu | cuda | cuda:N")] = None,
     config: cfg.Config = None,
 ):
     """mIoU and per-class IoU of a checkpoint (whole image or sliding window), or of the stored foundation-model
@@ -323,8 +364,9 @@ def eval_checkpoint(
     if any(s.mask is None for s in samples):
         raise UserError(f"{dataset.split_path(split)}: the {split} split has no masks to score against")
     if scores:
-        if mode != "whole" or crop is not None:
-            raise UserError("eval --scores reads the stored scores at the mask size: --mode and --crop do not apply")
+        if mode != "whole" or crop is not None or device is not None:
+            raise UserError("eval --scores reads the stored scores at the mask size, no model runs: --mode, --crop and "
+                            "--device do not apply")
         _eval_scores(config, dataset, samples, split)
         return
     from trainer.checkpoint import load_trained
@@ -333,7 +375,7 @@ def eval_checkpoint(
     from trainer.stages import resolve_device
 
     model, state = load_trained(checkpoint, dataset.classes)
-    dev = resolve_device(device, 1)
+    dev = resolve_device(device or "auto", 1)
     with progress("eval") as update:
         update(0, len(samples))
         result = evaluate(model.to(dev), ValImages(dataset, samples), dataset.num_classes, dev, mode,
@@ -344,7 +386,7 @@ def eval_checkpoint(
 
 def _images_of(dataset, split: str, samples) -> str:
     """What was scored, named by its list file (--val test.txt is not 'val images')."""
-    return f"the {len(samples)} images of {dataset.split_path(split).name} ({split} split)"
+    return f"the {len(samples)} images of {dataset.split_path(split)}"
 
 
 def _eval_scores(config: cfg.Config, dataset, samples, split: str) -> None:
@@ -375,16 +417,16 @@ def _print_ious(title: str, classes, ious, miou: float, accuracy: float) -> None
     for name, iou in zip(classes, ious):
         table.add_row(name, percent(iou))
     table.add_row(bold("mean"), bold(percent(miou)))
-    console.print(table)
-    console.print(f"pixel accuracy {percent(accuracy)}%")
+    print_table(table)
+    out.print(f"mIoU {percent(miou)}%, pixel accuracy {percent(accuracy)}%", highlight=False)
 
 
 @app.command("inspect")
 @with_config
 def inspect_command(
     ids: Annotated[Optional[str], typer.Option(help="Image ids, comma-separated (default: --count random ones).")] = None,
-    count: Annotated[int, typer.Option(help="How many random images.")] = 6,
-    seed: Annotated[int, typer.Option(help="Seed of the random choice.")] = 0,
+    count: Annotated[Optional[int], typer.Option(help="How many random images (default 6).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the random choice (default 0).")] = None,
     split: Annotated[str, typer.Option(help="unlabeled | labeled | val (images must be scored).")] = "unlabeled",
     checkpoint: Annotated[Optional[Path], typer.Option(help="Add this trained model's prediction.")] = None,
     config: cfg.Config = None,
@@ -396,8 +438,10 @@ def inspect_command(
     """
     from pipeline.outputs.inspect import run_inspect
 
+    if ids and (count is not None or seed is not None):
+        raise UserError("--count and --seed choose images at random; --ids names them: give one or the other")
     chosen = [i.strip() for i in ids.split(",") if i.strip()] if ids else None
-    result = run_inspect(config, chosen, count, seed, split, checkpoint)
+    result = run_inspect(config, chosen, 6 if count is None else count, seed or 0, split, checkpoint)
     record = result["record"]
     unlabeled = record["diagnostics"].get("unlabeled") or {}
     quality = unlabeled.get("quality") or {}
@@ -408,7 +452,7 @@ def inspect_command(
         kept = (unlabeled.get("per_class") or {}).get(name, {}).get("kept_fraction")
         precision = (quality.get("per_class_precision") or {}).get(name)
         table.add_row(name, percent(kept), percent(precision))
-    console.print(table)
+    print_table(table)
     if result["sweep"]:
         shown = [r for r in result["sweep"] if round(r["alpha"] * 100) in (1, 5, 10, 20, 30, 50)]
         table = Table(title="alpha sweep (pooled threshold, from the saved histograms)")
@@ -417,8 +461,8 @@ def inspect_command(
         for r in shown:
             table.add_row(f"{r['alpha']:.2f}", f"{r['qhat']:.4f}", percent(r["coverage"]),
                           percent(r.get("kept_paper")), percent(r.get("kept_singleton")))
-        console.print(table)
-    console.print(f"wrote {len(result['sheets'])} contact sheets and {result['sweep_png'].name} to "
+        print_table(table)
+    console.print(f"wrote {plural(len(result['sheets']), 'contact sheet')} and {result['sweep_png'].name} to "
                   f"{config.work_dir / 'inspect'}")
 
 
@@ -435,8 +479,9 @@ def export_masks(
     from pipeline.outputs.export import export
 
     result = export(config, to, out, force, warn=warn)
-    console.print(f"{result['out']}: {', '.join(result['files'])} ({result['labeled']} labeled, "
-                  f"{result['unlabeled']} unlabeled images with filtered masks)")
+    console.print(f"{result['out']}: {', '.join(result['files'])} (" + (
+        f"{result['labeled']} labeled, " if to == "unimatch" else "") +
+        f"{plural(result['unlabeled'], 'unlabeled image')} with filtered masks)", soft_wrap=True)
     if to == "unimatch":
         console.print(f"UniMatch: set data_root: {Path(config.root).absolute()} in its config, then "
                       f"--labeled-id-path {result['out'] / 'labeled.txt'} --unlabeled-id-path "
@@ -453,7 +498,7 @@ def summary(config: cfg.Config = None):
     """What the pipeline produced so far: pseudo-label quality before / after filtering, val mIoU of each run."""
     from pipeline.outputs.summary import print_summary
 
-    print_summary(config.work_dir, console)
+    print_summary(config.work_dir, out)
 
 
 def _split_source(source: Path, masks: Optional[Path], root: Optional[Path], config: Optional[str]) -> list[str]:
@@ -549,7 +594,8 @@ def data_check(
     with progress("checking") as update:
         report = check_dataset(dataset, update, n_jobs=jobs)
     sizes = ", ".join(f"{n} {split}" for split, n in report.images.items())
-    console.print(f"{config.format} data set at {config.root}: {sizes}; {len(dataset.classes)} classes")
+    out.print(f"{config.format} data set at {config.root}: {sizes}; {len(dataset.classes)} classes", soft_wrap=True,
+              highlight=False)
     for title, found in (("warnings", report.warnings), ("problems", report.problems)):
         if not found:
             continue
@@ -559,9 +605,9 @@ def data_check(
         table.add_column("first examples", overflow="fold")
         for kind, messages in sorted(found.items()):
             table.add_row(kind, str(len(messages)), "\n".join(messages[:examples]))
-        console.print(table)
+        print_table(table)
     if report.ok:
-        console.print("no problems found", style="green")
+        out.print("no problems found", style="green")
         return
     raise typer.Exit(1)
 
@@ -593,14 +639,21 @@ def config_init(
 
 @toy_app.command("generate")
 def toy_generate(
-    out: Annotated[Path, typer.Option(help="Folder of the toy world.")] = PROJECT_ROOT / "data" / "toy",
+    out: Annotated[Path, typer.Option(help="Folder of the toy world (where the toy preset reads it).")] = Path("data/toy"),
     seed: Annotated[int, typer.Option(help="World seed.")] = 0,
+    train: Annotated[int, typer.Option(help="Target train images (labeled splits of 16/32/64 + the rest "
+                                       "unlabeled); fewer for a quick try.")] = WORLD.train,
+    val: Annotated[int, typer.Option(help="Target val images.")] = WORLD.val,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = WORLD.size,
     force: Annotated[bool, typer.Option(help="Rebuild even if an identical world is there.")] = False,
 ):
     """Generate the toy world (target domain + source val, UniMatch-format splits of 16/32/64 labeled)."""
-    from pipeline.toy.world import WorldSpec, generate, is_current
+    from pipeline.toy.world import LABELED_SIZES, generate, is_current
 
-    spec = WorldSpec(seed=seed)
+    if train <= max(LABELED_SIZES) or val < 1 or size < 32:
+        raise UserError(f"--train must be over {max(LABELED_SIZES)} (the largest labeled split), --val at least 1 "
+                        "and --size at least 32")
+    spec = WorldSpec(seed=seed, train=train, val=val, size=size)
     if not force and is_current(out, spec):
         console.print(f"toy world at {out} is up to date (--force rebuilds it)")
         return
@@ -613,7 +666,8 @@ def toy_generate(
 
 @toy_app.command("train-annotator")
 def toy_train_annotator(
-    out: Annotated[Path, typer.Option(help="Weights file to write.")] = PROJECT_ROOT / "data" / "toy_annotator.pt",
+    out: Annotated[Path, typer.Option(help="Weights file to write (the toy preset reads the shipped one: point "
+                                      "--weights or foundation.weights at yours).")] = Path("toy_annotator.pt"),
     iters: Annotated[int, typer.Option(help="Training iterations.")] = 700,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
 ):
@@ -671,6 +725,10 @@ def main() -> None:
     except SystemExit as exc:  # click's own exit: usage errors 2, --help 0
         code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     except UserError as exc:
+        if os.environ.get("CONFORMALSAM_DEBUG") and exc.__cause__ is not None:
+            import traceback
+
+            traceback.print_exception(exc.__cause__)
         error(one_line(str(exc)))
         code = 2
     except Interrupted:

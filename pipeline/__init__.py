@@ -4,5 +4,6 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-# The checkout this package lives in: built-in presets (the toy world) resolve against it.
+# The checkout this package lives in (its benchmarks, tests and Makefile); in an installed wheel, site-packages,
+# which nothing reads from or writes to but the package itself.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

@@ -36,14 +36,19 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def ensure_writable(folder: Path, fix: str) -> Path:
+def ensure_writable(folder: Path, fix: str, keep: bool = True) -> Path:
     """Create ``folder`` and write a probe file there, so a read-only or impossible output folder is one
-    line before any work is done, not a traceback after an epoch."""
+    line before any work is done, not a traceback after an epoch. ``keep=False``: remove again the folders the
+    probe created (they appear with the first file written there, so a failed start leaves none behind)."""
     folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
             pass
     except OSError as exc:
         raise UserError(f"{folder}: cannot write there ({exc.strerror or type(exc).__name__}); {fix}") from None
+    if not keep:
+        for made in created:  # innermost first
+            made.rmdir()
     return folder

@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
-from pipeline import PROJECT_ROOT
+from pipeline.toy import SHIPPED_ANNOTATOR as TOY_ANNOTATOR
 from pipeline.errors import UserError
 from pipeline.factory import absolute_spec, is_factory
 
@@ -143,7 +143,7 @@ dir = "work/{work}"
 
 
 PRESETS = {
-    "toy": """[data]
+    "toy": f"""[data]
 format = "folder"
 root = "data/toy/target"
 labeled = "data/toy/splits/32/labeled.txt"
@@ -152,7 +152,7 @@ val = "data/toy/splits/val.txt"
 
 [foundation]
 backend = "toy"
-weights = "data/toy_annotator.pt"
+weights = "{TOY_ANNOTATOR}"
 
 [work]
 dir = "work"
@@ -264,10 +264,10 @@ def load(path: str | Path | None = None) -> Config:
     if path is None:
         local = Path.cwd() / DEFAULT_FILE
         if not local.is_file():
-            return parse(PRESETS["toy"], PROJECT_ROOT, "preset 'toy'")
+            return parse(PRESETS["toy"], Path.cwd(), "preset 'toy'")
         path = local
-    if str(path) in PRESETS:
-        return parse(PRESETS[str(path)], PROJECT_ROOT, f"preset '{path}'")
+    if str(path) in PRESETS:  # a preset is a config file in the current folder: its paths start there
+        return parse(PRESETS[str(path)], Path.cwd(), f"preset '{path}'")
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--config {path}: no such file (give a TOML file or a preset: {preset_names()})")
@@ -299,8 +299,9 @@ def to_toml(config: Config) -> str:
     lines, table = [], None
     for (tbl, key), attr in FIELDS.items():
         value = getattr(config, attr)
-        if value is None or attr == "class_map":
-            continue
+        if value is None or attr == "class_map" or (attr == "background" and config.backend != "seem"
+                                                    and value == BACKGROUND[0]):
+            continue  # (SEEM's default: shown for another backend, it reads as if it meant something there)
         if tbl != table:
             lines.append(("\n" if lines else "") + f"[{tbl}]")
             table = tbl

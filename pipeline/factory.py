@@ -69,7 +69,7 @@ def load_factory(spec: str | None, code: Path | None, flag: str):
     except UserError:
         raise
     except Exception as exc:  # the user's module: any error while importing it
-        raise UserError(f"{flag} {spec}: importing {where} failed ({describe(exc)}){_hint(exc, code)}") from None
+        raise UserError(f"{flag} {spec}: importing {where} failed ({describe(exc)}){_hint(exc, code, flag)}") from None
     factory = getattr(module, name, None)
     if not callable(factory):
         raise UserError(f"{flag} {spec}: {where} has no function '{name}'")
@@ -84,13 +84,16 @@ def call_factory(factory, spec: str, code: Path | None, flag: str, *args):
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"{flag} {spec}: calling it failed ({describe(exc)}){_hint(exc, code)}") from None
+        raise UserError(f"{flag} {spec}: calling it failed ({describe(exc)}){_hint(exc, code, flag)}") from None
 
 
-def _hint(exc: Exception, code: Path | None) -> str:
+def _hint(exc: Exception, code: Path | None, flag: str) -> str:
     if not isinstance(exc, ModuleNotFoundError):
         return ""
-    return f"; is {code} the folder that provides it?" if code is not None else "; name the folder it imports from (--model-code, foundation.code)"
+    if code is not None:
+        return f"; is {code} the folder that provides it?"
+    where = "--model-code, or code in the config's [train]" if flag == "--model" else "foundation.code"
+    return f"; name the folder it imports from ({where})"
 
 
 def fingerprint(factory, spec: str) -> dict:

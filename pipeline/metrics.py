@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.stage1.masks import IGNORE
+from pipeline.labels import IGNORE
 
 
 def confusion(pred, target, num_classes: int, pred_classes: int | None = None) -> np.ndarray:

@@ -6,13 +6,41 @@ import math
 import threading
 from contextlib import contextmanager
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-# Progress and messages on stderr (stdout stays clean for data). No markup: paths and messages such as
-# "x [y]" or "[mask_path]" print as they are; colour goes through `style` and the helpers below.
-console = Console(stderr=True, markup=False)
+UNWRAPPED = 100_000  # the width of a console that is not a terminal
+
+
+class _Console(Console):
+    """Wraps at the terminal's width on a terminal; elsewhere (a pipe, a log file) never, whatever COLUMNS says:
+    a table or a path stays whole on its line, for grep and for scripts."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        return size if self.is_terminal else ConsoleDimensions(UNWRAPPED, size.height)
+
+    @size.setter
+    def size(self, value) -> None:
+        Console.size.fset(self, value)
+
+
+# Results (tables, reports, figures) on stdout, where `> file` and pipes take them; progress, messages and warnings
+# on stderr. No markup: paths and messages such as "x [y]" or "[mask_path]" print as they are; colour goes through
+# `style` and the helpers below.
+out = _Console(markup=False)
+console = _Console(stderr=True, markup=False)
+
+
+def print_table(table, to: Console = out) -> None:
+    """A table with its title on a line of its own: rich would wrap a title longer than the table (a path) to
+    the table's width."""
+    title, table.title = table.title, None
+    if title:
+        to.print(title, soft_wrap=True, highlight=False)
+    to.print(table)
 
 
 def warn(message: str) -> None:
@@ -72,6 +100,11 @@ def progress(description: str, unit: str = "img"):
 def no_progress(description: str, unit: str = "img"):
     """Same interface as `progress`, shows nothing (library calls and tests)."""
     yield lambda advance, total=None: None
+
+
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """'1 epoch', '2 epochs' ('1 process', '2 processes' with ``many``)."""
+    return f"{count} {noun if count == 1 else many or noun + 's'}"
 
 
 def percent(value) -> str:

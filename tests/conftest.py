@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import PROJECT_ROOT
+from pipeline.toy import SHIPPED_ANNOTATOR
 from pipeline.config import Config
 from pipeline.toy.world import WorldSpec, generate
 
@@ -62,7 +62,7 @@ def toy_config(world: Path, labeled: int = 16) -> Config:
                        world / "splits" / str(labeled) / "unlabeled.txt", world / "splits" / "val.txt")
 
 
-ANNOTATOR = PROJECT_ROOT / "data" / "toy_annotator.pt"
+ANNOTATOR = SHIPPED_ANNOTATOR
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pipeline.stage1.calibrate import Settings, accumulate, assign_folds, filter
 from pipeline.stage1.conformal import background_index, fit
 from pipeline.data.datasets import Dataset
 from pipeline.stage1.held_out import HeldOut, held_out
-from pipeline.stage1.masks import IGNORE
+from pipeline.labels import IGNORE
 from pipeline.metrics import confusion
 from pipeline.stage1.rawscore import raw_argmax
 from pipeline.stage0.store import LogitsStore
@@ -119,20 +119,37 @@ def warnings_of(config, alpha, **kw):
 
 
 def test_the_no_op_case_is_warned_with_the_annotators_accuracy(toy_world, scored, tmp_path):
-    config = work_copy(toy_world, scored, tmp_path)
-    record, said = warnings_of(config, 0.01)
+    # an annotator 80% right, unsure where right and sure where wrong: at alpha 0.25 every set is its argmax alone
+    config = synthetic_world(tmp_path / "confident", errors_confident=True)
+    record, said = warnings_of(config, 0.25)
     kept = record["diagnostics"]["unlabeled"]["kept_fraction"]
     held_out_figures = record["diagnostics"]["held_out"]
     assert kept > 0.99 and len(said) == 1
     top1 = held_out_figures["top1_accuracy"]
-    assert f"top-1 accuracy on the labeled pixels is {top1:.1%}" in said[0] and "1 - alpha = 99%" in said[0]
-    assert f"keeps {kept:.1%} of the unlabeled pixels" in said[0]
-    assert warnings_of(config, 0.01)[1] == said  # a rerun that changes nothing says it again
-    record, said = warnings_of(config, 0.4)
+    assert top1 == pytest.approx(0.8) and held_out_figures["kept_accuracy"] == pytest.approx(top1)
+    assert f"top-1 accuracy on the labeled pixels is {top1:.1%}" in said[0] and "1 - alpha = 75%" in said[0]
+    assert "at or above 1 - alpha" in said[0] and f"keeps {kept:.1%} of the unlabeled pixels" in said[0]
+    assert warnings_of(config, 0.25)[1] == said  # a rerun that changes nothing says it again
+    assert warnings_of(config, 0.25, rule="argmax")[1] == []  # unfiltered masks on purpose: nothing to say
+    toy = work_copy(toy_world, scored, tmp_path)
+    record, said = warnings_of(toy, 0.4)
     assert record["diagnostics"]["unlabeled"]["kept_fraction"] < 0.99 and said == []
-    assert record["diagnostics"]["held_out"]["top1_accuracy"] == top1  # the annotator's, whatever alpha
     assert record["diagnostics"]["held_out"]["kept_fraction"] < 0.99
-    assert warnings_of(config, 0.01, rule="argmax")[1] == []  # unfiltered masks on purpose: nothing to say
+
+
+def test_sets_so_wide_that_the_paper_rule_relabels_are_not_called_a_no_op(toy_world, scored, tmp_path):
+    config = work_copy(toy_world, scored, tmp_path)
+    for mode, fix in (("paper", "Use a larger alpha, or --rule singleton"), ("mondrian", "Use --rule singleton (")):
+        said = []
+        record = run_calibrate(config, Settings(alpha=0.001, mode=mode), jobs=1, warn=said.append)
+        held = record["diagnostics"]["held_out"]
+        quality = record["diagnostics"]["unlabeled"]["quality"]
+        assert record["diagnostics"]["unlabeled"]["kept_fraction"] > 0.99
+        assert held["kept_accuracy"] < held["top1_accuracy"] - 0.01  # worse than raw, held out ...
+        assert quality["filtered_kept"]["pixel_accuracy"] < quality["raw"]["pixel_accuracy"] - 0.01  # ... and here
+        (warning,) = [w for w in said if "relabels them for the worse" in w]
+        assert f"{held['kept_accuracy']:.1%} of the kept labeled pixels are right" in warning and fix in warning
+        assert not any("removes almost nothing" in w for w in said)
 
 
 def test_without_masks_the_warning_uses_the_held_out_kept_fraction(toy_world, scored, tmp_path):

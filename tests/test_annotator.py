@@ -3,12 +3,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import PROJECT_ROOT
+from pipeline.toy import SHIPPED_ANNOTATOR
 from pipeline.errors import UserError
 from pipeline.toy.annotator import STRIDE, ToyAnnotator, load_annotator, save_annotator
 from pipeline.toy.world import CLASSES
 
-SHIPPED = PROJECT_ROOT / "data" / "toy_annotator.pt"
+SHIPPED = SHIPPED_ANNOTATOR
 
 
 def test_shipped_weights_load_and_score():

@@ -13,7 +13,7 @@ from cli import app
 from conftest import toy_config
 from pipeline.data.check import check_dataset
 from pipeline.data.datasets import Dataset
-from pipeline.stage1.masks import write_palette_png
+from pipeline.labels import write_palette_png
 
 ROOT = __import__("pipeline").PROJECT_ROOT
 

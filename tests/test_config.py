@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import PROJECT_ROOT
+from pipeline.toy import SHIPPED_ANNOTATOR
 from pipeline import config as cfg
 from pipeline.errors import UserError
 
@@ -41,8 +41,10 @@ def test_relative_paths_follow_the_config_file(tmp_path, monkeypatch):
 
 def test_default_lookup_prefers_local_file_then_toy_preset(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    toy = cfg.load()
-    assert toy.root == PROJECT_ROOT / "data/toy/target" and toy.source == "preset 'toy'"
+    toy = cfg.load()  # a preset's paths start in the current folder, its annotator is the one the package ships
+    assert toy.root == tmp_path / "data/toy/target" and toy.source == "preset 'toy'"
+    assert toy.work_dir == tmp_path / "work" and toy.weights == SHIPPED_ANNOTATOR and SHIPPED_ANNOTATOR.is_file()
+    assert cfg.load("camvid-1_2").labeled == tmp_path / "data/splits/camvid/1_2/labeled.txt"
     (tmp_path / cfg.DEFAULT_FILE).write_text(EXAMPLE.replace('"toy"', '"torchscript"'))
     assert cfg.load().backend == "torchscript" and cfg.load().root == tmp_path / "data/toy/target"
 

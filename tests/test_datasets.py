@@ -9,7 +9,7 @@ from hypothesis.extra.numpy import arrays
 from conftest import make_config, write_gray_png, write_image
 from pipeline.data.datasets import ADE20K_CLASSES, VOC_CLASSES, Dataset, parse_split, read_image
 from pipeline.errors import DataProblem, UserError
-from pipeline.stage1.masks import write_palette_png
+from pipeline.labels import write_palette_png
 
 
 def _voc(tmp_path, rng):

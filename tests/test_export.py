@@ -17,7 +17,7 @@ from conftest import fresh, make_config
 from pipeline.data.datasets import Dataset
 from pipeline.errors import UserError
 from pipeline.outputs.export import export
-from pipeline.stage1.masks import write_palette_png
+from pipeline.labels import write_palette_png
 from pipeline.data.splits import source_lines, write_split
 from test_splits import camvid_tree
 

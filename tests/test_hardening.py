@@ -4,6 +4,7 @@ no traceback, nothing already written changed."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -206,7 +207,7 @@ def test_inspect_pictures_have_an_ignore_colour_outside_the_palette_a_legend_and
     from PIL import Image
 
     from pipeline.outputs.inspect import IGNORE_COLOUR, legend_of, run_inspect
-    from pipeline.stage1.masks import PALETTE
+    from pipeline.labels import PALETTE
 
     assert not (PALETTE[:255] == IGNORE_COLOUR).all(1).any()  # no class is painted like ignore
     config = fresh(toy_world, calibrated, tmp_path)
@@ -418,11 +419,98 @@ def test_reports_say_only_what_applies(toy_world, calibrated, tmp_path):
     result = runner.invoke(cli.app, ["eval", "--scores", *map(str, flags(config)), "--val", str(other)],
                            terminal_width=200)
     assert result.exit_code == 0, result.output
-    text = " ".join(result.output.split())  # the console wraps long lines
-    assert "the 6 images of test.txt (val split)" in text and "val images" not in text
+    assert f"on the 6 images of {other}" in result.stdout and "val images" not in result.output
+    assert "val split" not in result.output  # --val test.txt is not called the val split
 
     result = runner.invoke(cli.app, ["data", "split", str(config.unlabeled), "--out", str(tmp_path / "split"),
                                      "--labeled", "3", "--root", str(config.root)], terminal_width=80)
     assert result.exit_code == 0, result.output
     assert "3 labeled images" in " ".join(result.output.split()) and not any(line.rstrip().endswith(";")
                                                            for line in result.output.splitlines())
+
+
+STAGE_FLAGS = [  # (stage, flags, what the refusal says)
+    ("1", ["--init", "nowhere.pt"], "--init applies to stage II (--stage 2 or all) only, not to --stage 1"),
+    ("all", ["--init", "nowhere.pt"], "--init gives stage II another start than stage I's checkpoint"),
+    ("1", ["--method", "unimatch"], "--method applies to stage II"),
+    ("1", ["--method", "self"], "--method applies to stage II"),
+    ("1", ["--threshold", "0.5"], "--threshold applies to stage II"),
+    ("1", ["--ema", "0.99"], "--ema applies to stage II"),
+    ("2", ["--init-weights", "nowhere.pt"], "--init-weights applies to stage I (--stage 1 or all) only, not to --stage 2"),
+    ("2", ["--backbone-weights", "nowhere.pt"], "--backbone-weights applies to stage I"),
+    ("2", ["--allow-missing-masks"], "--allow-missing-masks applies to stage I"),
+]
+
+
+@pytest.mark.parametrize("stage,given,said", STAGE_FLAGS, ids=[f"{s} {g[0]}" for s, g, _ in STAGE_FLAGS])
+def test_an_option_of_the_other_stage_is_refused(toy_world, calibrated, tmp_path, monkeypatch, capsys, stage, given,
+                                                 said):
+    config = fresh(toy_world, calibrated, tmp_path)
+    err = run_cli(monkeypatch, capsys, "train", "--stage", stage, *given, *flags(config))
+    assert said in err
+    assert not (config.work_dir / "runs").exists()
+
+
+OTHER_FLAGS = [  # (command, flags, what the refusal says)
+    (["calibrate", "--rule", "argmax", "--alpha", "0.2"], "--alpha: --rule argmax keeps the annotator's argmax"),
+    (["calibrate", "--rule", "argmax", "--mode", "crc", "--folds", "3"], "--mode, --folds: --rule argmax"),
+    (["eval", "--scores", "--device", "cpu"], "--mode, --crop and --device do not apply"),
+    (["inspect", "--ids", "x", "--count", "3"], "--count and --seed choose images at random; --ids names them"),
+]
+
+
+@pytest.mark.parametrize("given,said", OTHER_FLAGS, ids=[" ".join(g[:3]) for g, _ in OTHER_FLAGS])
+def test_an_option_that_does_not_apply_to_the_mode_is_refused(toy_world, calibrated, tmp_path, monkeypatch, capsys,
+                                                              given, said):
+    config = fresh(toy_world, calibrated, tmp_path)
+    before = (config.work_dir / "calibration.json").read_bytes()
+    assert said in run_cli(monkeypatch, capsys, *given, *flags(config))
+    assert (config.work_dir / "calibration.json").read_bytes() == before
+
+
+def test_calibrate_no_masks_says_what_it_left(toy_world, scored, tmp_path, monkeypatch, capsys):
+    from conftest import work_copy
+
+    config = work_copy(toy_world, scored, tmp_path)
+
+    def calibrate(*extra) -> str:
+        monkeypatch.setattr(sys, "argv", ["conformalsam", "calibrate", *extra, *map(str, flags(config))])
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+        assert exit_.value.code == 0
+        return capsys.readouterr().err
+
+    assert "nothing written (run without --no-masks" in calibrate("--no-masks")
+    assert not (config.work_dir / "calibration.json").exists() and not (config.work_dir / "masks").exists()
+    calibrate()
+    assert "calibration.json and the masks were left as they were" in calibrate("--no-masks", "--alpha", "0.3")
+
+
+def test_small_wordings_say_what_is_there(toy_world, calibrated, tmp_path, monkeypatch, capsys):
+    from conftest import fresh
+    from pipeline.config import load, to_toml
+    from pipeline.outputs import inspect
+
+    config = fresh(toy_world, calibrated, tmp_path)
+    said = []
+    train_stage(config, "t", replace(TINY, epochs=(1, 1)), 1, name="one", log=said.append)
+    assert "1 epoch x 13 steps" in said[0] and "(1 process)" in said[0]
+    assert "background" not in to_toml(load("toy")) and 'background = "no-object"' in to_toml(load("voc-92"))
+
+    captions = []
+    monkeypatch.setattr(inspect, "contact_sheet", lambda tiles, legend: captions.append([c for c, _ in tiles]) or
+                        inspect.Image.new("RGB", (4, 4)))
+    best = config.work_dir / "runs" / "one" / "stage1" / "best.pt"
+    monkeypatch.setattr(sys, "argv", ["conformalsam", "inspect", "--count", "1", "--checkpoint", str(best),
+                                      *map(str, flags(config))])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert captions[0][-1] == "one/stage1/best.pt, epoch 1"
+    assert "wrote 1 contact sheet and alpha-sweep.png" in capsys.readouterr().err
+
+    monkeypatch.setattr(sys, "argv", ["conformalsam", "export", str(tmp_path / "list"), "--to", "list",
+                                      *map(str, flags(config))])
+    with pytest.raises(SystemExit):
+        cli.main()
+    line = capsys.readouterr().err
+    assert "(54 unlabeled images with filtered masks)" in line and "labeled," not in line

@@ -16,13 +16,14 @@ import zarr
 
 from conftest import toy_config
 from pipeline import PROJECT_ROOT
+from pipeline.toy import SHIPPED_ANNOTATOR
 from pipeline.data.datasets import Dataset
 from pipeline.errors import UserError
 from pipeline.stage0.logits import run_logits
 from pipeline.stage0.store import LogitsStore, complete_ids
 from pipeline.toy.annotator import load_annotator
 
-ANNOTATOR = PROJECT_ROOT / "data" / "toy_annotator.pt"
+ANNOTATOR = SHIPPED_ANNOTATOR
 
 
 class SlowNet(torch.nn.Module):

@@ -16,6 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import cli
 from cli import app
 from conftest import fresh, toy_flags
 from pipeline import PROJECT_ROOT
@@ -77,6 +78,11 @@ class Whole(Halves):
         return self.head(features["x"])
 
 
+class Broken(Net):  # a mistake in the user's own forward
+    def forward(self, x):
+        return self.classifier(x.flatten(1))
+
+
 class Flat(nn.Module):  # no backbone: one parameter group
     def __init__(self, classes):
         super().__init__()
@@ -109,6 +115,11 @@ def build_halves(classes):
 def build_whole(classes):
     from ownnet import Whole
     return Whole(classes)
+
+
+def build_broken(classes):
+    from ownnet import Broken
+    return Broken(classes)
 
 
 def wrong_classes(classes):
@@ -164,7 +175,8 @@ def test_a_factory_network_trains_both_stages_resumes_exactly_and_is_rebuilt_in_
     out = subprocess.run([sys.executable, str(PROJECT_ROOT / "cli.py"), "eval", "--checkpoint", str(best), *flags],
                          capture_output=True, text=True, cwd=tmp_path / "checkout", timeout=300)
     assert out.returncode == 0, out.stderr
-    assert re.search(rf"mean\s+│\s+{100 * two['best']:.1f}\s", out.stderr), out.stderr  # rich prints to stderr
+    assert re.search(rf"mean\s+│\s+{100 * two['best']:.1f}\s", out.stdout), out.stdout  # results: stdout
+    assert f"mIoU {100 * two['best']:.1f}%" in out.stdout
 
 
 def test_the_network_s_backbone_gets_the_base_rate_and_a_network_without_one_is_one_part(own):
@@ -184,7 +196,8 @@ def test_a_changed_factory_is_refused_with_the_difference(toy_world, calibrated,
     last = Path(one["run_dir"]) / "last.pt"
     classes = load_checkpoint(last)["classes"]
     load_trained(last, classes)  # unchanged: fine
-    with pytest.raises(UserError, match="a run is already there, with other settings"):  # another network
+    with pytest.raises(UserError, match=r"a run is already there, trained with other settings \(model \S+:build, now "
+                                        r"\S+:build_split\)"):  # another network
         train_stage(config, "t", recipe_of(own, "build_split", epochs=(2, 1)), 1, name="run", **QUIET)
     factory, _ = own
     factory.write_text(FACTORY.replace("return Net(classes)", "return Net(classes, width=16)"))
@@ -246,11 +259,15 @@ def test_weights_that_do_not_fit_are_one_line_with_counts_and_an_example(tmp_pat
         sys.path.remove(str(own[1]))
     extra = {**model.state_dict(), "aux.weight": torch.zeros(3)}
     missing = {k: v for k, v in model.state_dict().items() if k != "backbone.0.weight"}
-    cases = [(wider, r"does not fit the model: 2 of its 16 tensors fit, 14 of another shape \(12 of them only by the "
-                     r"class count\), 0 missing, 0 unexpected \(e.g. backbone.3.weight: \(16, 16, 3, 3\) in the "
-                     r"file, \(8, 8, 3, 3\) in the model\)"),
-             (extra, r"16 of its 16 tensors fit, 0 of another shape .* 0 missing, 1 unexpected \(e.g. aux.weight "),
-             (missing, r"1 missing, 0 unexpected \(e.g. backbone.0.weight missing\)"),
+    # the counts add up: the model's tensors = fit + another shape + not in the file; the file's = fit + another
+    # shape + the model does not have them
+    cases = [(wider, r"does not fit the model: of the model's 16 tensors, fit 2, another shape in the file 14 \(only by "
+                     r"the class count 12\), absent from the file 0; in the file but not in the model 0 \(e.g. "
+                     r"backbone.3.weight: \(16, 16, 3, 3\) in the file, \(8, 8, 3, 3\) in the model\)"),
+             (extra, r"16 tensors, fit 16, another shape in the file 0 .* absent from the file 0; in the file but not "
+                     r"in the model 1 \(e.g. aux.weight "),
+             (missing, r"16 tensors, fit 15, .* absent from the file 1; in the file but not in the model 0 \(e.g. "
+                       r"backbone.0.weight missing\)"),
              ({"a": 1}, "expected a state dict")]
     for i, (state, match) in enumerate(cases):
         path = tmp_path / f"bad{i}.pth"
@@ -259,7 +276,7 @@ def test_weights_that_do_not_fit_are_one_line_with_counts_and_an_example(tmp_pat
             load_init(build_model(recipe.model, 8, recipe.model_code), path, 8)
         assert "\n" not in str(err.value)
     # a width that equals the class count is not taken for a classifier: the 8 -> 8 convolution differs twice
-    with pytest.raises(UserError, match=r"2 of its 16 tensors fit, 14 of another shape"):
+    with pytest.raises(UserError, match=r"16 tensors, fit 2, another shape in the file 14"):
         torch.save(wider, path)
         load_init(build_model(recipe.model, 8, recipe.model_code), path, 8)
     with pytest.raises(UserError, match="give one"):
@@ -313,11 +330,48 @@ def test_factory_mistakes_are_one_line(toy_world, calibrated, tmp_path, own):
             train_stage(config, "t", replace(TINY, model=spec, model_code=code), 1, name="bad", **QUIET)
         assert "\n" not in str(err.value)
     sys.modules.pop("ownnet", None)  # as in a fresh process
-    with pytest.raises(UserError, match="ModuleNotFoundError: No module named 'ownnet'.*name the folder"):
+    with pytest.raises(UserError, match=r"ModuleNotFoundError: No module named 'ownnet'.*name the folder it imports from \(--model-code, or code in the config's \[train\]\)"):
         build_model(f"{factory}:build", 8)
     with pytest.raises(UserError, match="--model-code .*only a factory"):
         build_model("deeplabv3plus-tiny", 8, code)
     assert factory_record("deeplabv3plus-tiny", None) is None
+
+
+def test_an_error_inside_the_users_network_is_one_line_and_leaves_no_run_folder(toy_world, calibrated, tmp_path, own,
+                                                                                monkeypatch, capsys):
+    factory, code = own
+    config = fresh(toy_world, calibrated, tmp_path)
+    args = ["train", "--stage", "1", "--epochs", "1", "--crop", "32", "--batch-size", "4", "--workers", "0", "--name",
+            "broken", "--model", f"{factory}:build_broken", "--model-code", code, *toy_flags(config)]
+    def train() -> str:
+        monkeypatch.setattr(sys, "argv", ["conformalsam", *map(str, args)])
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+        assert exit_.value.code == 2
+        return capsys.readouterr().err
+
+    said = train()  # the run's start line, then the error in one line
+    err = said.strip().splitlines()[-1]
+    assert "Traceback" not in said and err == (
+        f"error: --model {factory}:build_broken: the network raised RuntimeError on images (8, 3, 32, 32): Expected "
+        "3D (unbatched) or 4D (batched) input to conv2d, but got input of size: [8, 3072] (CONFORMALSAM_DEBUG=1 "
+        "shows the traceback)")
+    assert not (config.work_dir / "runs").exists()  # nothing left of a run that never took a step
+    monkeypatch.setenv("CONFORMALSAM_DEBUG", "1")
+    said = train()
+    assert "Traceback" in said and "ownnet.py" in said and said.strip().splitlines()[-1] == err
+    with pytest.raises(RuntimeError):  # a built-in network's error is the trainer's own: raised as it is
+        Segmenter(build_model("deeplabv3plus-tiny", 8), 8, "deeplabv3plus-tiny")(torch.zeros(2, 5, 32, 32))
+
+
+def test_stage_two_without_the_network_of_stage_one_says_which_to_give(toy_world, calibrated, tmp_path, own):
+    factory, code = own
+    config = fresh(toy_world, calibrated, tmp_path)
+    train_stage(config, "t", recipe_of(own, epochs=(1, 1)), 1, name="run", **QUIET)
+    with pytest.raises(UserError, match=rf"was trained as --model {re.escape(str(factory))}:build, this run builds "
+                                        rf"deeplabv3plus-tiny; give the same --model \S+:build --model-code "
+                                        rf"{re.escape(str(code))} \(or the config's \[train\] table\)"):
+        train_stage(config, "t", replace(TINY, epochs=(1, 1)), 2, name="run", **QUIET)
 
 
 def test_config_names_the_student_beside_the_annotator(tmp_path, own):

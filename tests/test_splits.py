@@ -108,7 +108,7 @@ def test_eval_scores_of_the_stored_annotator(scored, toy_world, tmp_path):
     assert result.exit_code == 0, result.output
     assert "logits.zarr (toy)" in result.output and "mean" in result.output and "pixel accuracy" in result.output
     result = CliRunner().invoke(app, [*args, "--mode", "sliding"])
-    assert isinstance(result.exception, UserError) and "--mode and --crop do not apply" in str(result.exception)
+    assert isinstance(result.exception, UserError) and "--mode, --crop and --device do not apply" in str(result.exception)
     result = CliRunner().invoke(app, [*args[:3], "val", *args[4:], "--val", str(config.val)])
     assert isinstance(result.exception, UserError) and "run `conformalsam logits --split val` first" in str(
         result.exception)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,8 +22,10 @@ from conftest import fresh, toy_flags
 from pipeline import PROJECT_ROOT
 from pipeline.data.datasets import Dataset
 from pipeline.errors import UserError
-from pipeline.stage1.masks import IGNORE
-from pipeline.outputs.summary import collect
+from pipeline.labels import IGNORE
+from pipeline.outputs.summary import collect, trained_on
+from pipeline.stage1.calibrate import Settings, run_calibrate
+from pipeline.stage1.record import UNRECORDED, read_calibration
 from trainer.augment import random_crop
 from trainer.checkpoint import load_checkpoint
 from trainer.data import TrainImages, ValImages, epoch_plan, label_counts
@@ -32,7 +35,7 @@ from trainer.recipes import Recipe, effective_lr, get_recipe
 from trainer.schedule import poly, unlabeled_weight
 from trainer.losses import Criterion, ce, class_weights
 from trainer.methods import self_training
-from trainer.stages import train_stage
+from trainer.stages import run_dir, train_stage
 
 TINY = Recipe(model="deeplabv3plus-tiny", crop=32, batch_size=4, epochs=(2, 1), optimizer="adamw", lr=2e-3,
               head_lr_mult=1.0, scale_range=(0.75, 1.25), workers=0)
@@ -225,8 +228,10 @@ def test_stage_one_then_two_on_the_toy_world_and_clear_errors(toy_world, calibra
     again = train_stage(config, "t", TINY, 1, name="run", log=lambda *_: None)  # finished, same inputs: reused
     assert again["unchanged"] and again["best"] == one["best"]
     assert train_stage(config, "t", TINY, 2, name="run", log=lambda *_: None)["unchanged"]
-    with pytest.raises(UserError, match="other settings.*--resume"):
+    with pytest.raises(UserError, match=r"trained with other settings \(lr 0.002, now 0.001\); pass --resume"):
         train_stage(config, "t", replace(TINY, lr=1e-3), 1, name="run")
+    with pytest.raises(UserError, match=r"started with other settings \(lr 0.002, now 0.001\); resume it with the"):
+        train_stage(config, "t", replace(TINY, lr=1e-3), 1, name="run", resume=True)
 
     # an EMA teacher is what gets scored, so it is what best.pt holds
     stage1 = Path(one["run_dir"]) / "last.pt"
@@ -244,6 +249,11 @@ def test_stage_one_then_two_on_the_toy_world_and_clear_errors(toy_world, calibra
     with pytest.raises(UserError, match="at least 2 per process"):
         train_stage(config, "t", replace(TINY, batch_size=1), 2, name="small", init=stage1)
 
+    from pipeline.stage1.calibrate import Settings, run_calibrate
+
+    run_calibrate(config, Settings(alpha=0.3), jobs=1, warn=lambda *_: None)  # other masks than run's
+    with pytest.raises(UserError, match=r"trained with other cached masks \(calibrate has rewritten them since\)"):
+        train_stage(config, "t", TINY, 1, name="run")
     masks = config.work_dir / "masks"
     victim = sorted(masks.glob("*.png"))[0]
     victim.unlink()
@@ -388,7 +398,54 @@ def test_a_class_weighted_run_says_its_weights_and_is_another_run(toy_world, cal
         "median-frequency"
     plain = train_stage(config, "t", replace(recipe, class_weights="none"), 1, name="p", log=lambda *_: None)
     assert "class_weights" not in load_checkpoint(Path(plain["run_dir"]) / "last.pt")["identity"]["recipe"]
-    with pytest.raises(UserError, match="other settings"):
+    with pytest.raises(UserError, match=r"other settings \(class_weights median-frequency, now none\)"):
         train_stage(config, "t", replace(recipe, class_weights="none"), 1, name="w")
     with pytest.raises(UserError, match="--class-weights inverse: choose one of none, median-frequency, enet"):
         get_recipe("toy", "folder", class_weights="inverse")
+
+
+def test_a_labeled_only_run_needs_no_calibration_and_equals_one_that_read_masks(toy_world, calibrated, tmp_path,
+                                                                                monkeypatch):
+    """Lambda 0 throughout: no masks are read; the result is the one a run that read (and weighed by 0) the
+    cached masks got, so such a run, recorded with its masks' key by earlier versions, is reused."""
+    config = fresh(toy_world, calibrated, tmp_path)
+    recipe = replace(TINY, epochs=(1, 1), lambda_start=0.0, lambda_end=0.0, lambda_schedule="constant")
+    with monkeypatch.context() as patch:  # as earlier versions ran it: the cached masks read, weighed by 0
+        patch.setattr(Recipe, "labeled_only", property(lambda self: False))
+        with_masks = train_stage(config, "t", recipe, 1, name="old", log=lambda *_: None)
+        assert load_checkpoint(Path(with_masks["run_dir"]) / "last.pt")["identity"]["inputs"] is not None
+    assert train_stage(config, "t", recipe, 1, name="old", log=lambda *_: None)["unchanged"]
+
+    for name in ("calibration.json", "masks"):  # no calibration at all
+        path = config.work_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    alone = train_stage(config, "t", recipe, 1, name="new", log=lambda *_: None)
+    old, new = (load_checkpoint(Path(r["run_dir"]) / "last.pt") for r in (with_masks, alone))
+    assert all(torch.equal(old["model"][k], new["model"][k]) for k in old["model"])
+    assert new["masks"] is None and json.loads((Path(alone["run_dir"]) / "run.json").read_text())["masks"] is None
+    with pytest.raises(UserError, match="--allow-missing-masks: a labeled-only run"):
+        train_stage(config, "t", recipe, 1, name="third", allow_missing_masks=True)
+    with pytest.raises(UserError, match="no calibration"):  # a run that weighs the masks still needs them
+        train_stage(config, "t", replace(recipe, lambda_end=0.1), 1, name="fourth")
+
+
+def test_summary_says_what_each_run_trained_on(toy_world, calibrated, tmp_path):
+    config = fresh(toy_world, calibrated, tmp_path)
+    quiet = dict(log=lambda *_: None)
+    short = replace(TINY, epochs=(1, 1))
+    train_stage(config, "t", replace(short, lambda_start=0.0, lambda_end=0.0), 1, name="alone", **quiet)
+    train_stage(config, "t", short, 1, name="filtered", **quiet)
+    train_stage(config, "t", short, 2, name="filtered", **quiet)
+    run_calibrate(config, Settings(rule="argmax"), jobs=1, warn=lambda *_: None)
+    train_stage(config, "t", short, 1, name="raw", **quiet)
+
+    runs = collect(config.work_dir)["runs"]
+    current = read_calibration(config.work_dir)
+    said = {(run, stage): trained_on(r["masks"], current) for run, stages in runs.items() for stage, r in stages.items()}
+    assert said == {("alone", "stage1"): "labeled only",
+                    ("filtered", "stage1"): "filtered masks (paper, alpha 0.1, rule paper), recalibrated since",
+                    ("filtered", "stage2"): "filtered masks (paper, alpha 0.1, rule paper), recalibrated since",
+                    ("raw", "stage1"): "raw masks (rule argmax), the current masks"}
+    (Path(run_dir(config, "raw", 1)) / "run.json").unlink()  # a run of an earlier version
+    assert collect(config.work_dir)["runs"]["raw"]["stage1"]["masks"] == UNRECORDED
+    assert trained_on(UNRECORDED, current) == "not recorded"

@@ -1,4 +1,5 @@
-"""The built wheel, installed without editable mode into a fresh environment, holds every module and runs."""
+"""The built wheel, installed without editable mode into a fresh environment, holds every module and runs the toy
+world's pipeline from any folder without writing into site-packages."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ PACKAGES = ("pipeline", "trainer")
 
 def source_modules() -> list[str]:
     """Every module of the checkout, as dotted names."""
-    names = ["cli"]
+    names = ["conformalsam.cli"]  # cli.py installs inside a package of the project's own name
     for package in PACKAGES:
         for path in sorted((PROJECT_ROOT / package).rglob("*.py")):
             parts = path.relative_to(PROJECT_ROOT).with_suffix("").parts
@@ -40,7 +41,7 @@ def test_the_wheel_installs_every_module_and_its_command_runs(tmp_path):
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
     for package in PACKAGES:
         shutil.copytree(PROJECT_ROOT / package, source / package, ignore=ignore)
-    for name in ("pyproject.toml", "README.md", "cli.py"):
+    for name in ("pyproject.toml", "README.md", "cli.py", "LICENSE"):
         shutil.copy(PROJECT_ROOT / name, source / name)
     wheels = tmp_path / "wheels"
     quiet = dict(check=True, capture_output=True, text=True, timeout=300)
@@ -59,6 +60,8 @@ def test_the_wheel_installs_every_module_and_its_command_runs(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
                     "--no-index", str(wheel)], **quiet)
 
+    top = {p.name for p in site.iterdir() if not p.name.endswith((".dist-info", ".pth")) and p.name != "__pycache__"}
+    assert top == {"conformalsam", "pipeline", "trainer"}  # no generic top-level module such as cli
     modules = source_modules()
     assert {"trainer.models", "trainer.methods", "pipeline.backends", "pipeline.toy"} <= set(modules)
     run = dict(cwd=tmp_path, **quiet)
@@ -74,3 +77,16 @@ def test_the_wheel_installs_every_module_and_its_command_runs(tmp_path):
     subprocess.run([command, "data", "split", str(images), "--masks", str(masks), "--out", str(split),
                     "--labeled", "1", "--root", str(tmp_path)], **run)
     assert len((split / "unlabeled.txt").read_text().splitlines()) == 3
+
+    # the toy world's whole pipeline, in a folder of its own outside any clone, with the shipped annotator
+    installed = sorted(site.rglob("*"))
+    here = tmp_path / "anywhere"
+    here.mkdir()
+    toy = dict(quiet, cwd=here)
+    for step in (["toy", "generate", "--train", "70", "--val", "4", "--size", "32"], ["logits"], ["calibrate"],
+                 ["train", "--stage", "1", "--epochs", "1", "--crop", "32"],
+                 ["train", "--stage", "2", "--epochs", "1", "--crop", "32"]):
+        subprocess.run([command, *step], **toy)
+    result = subprocess.run([command, "eval", "--checkpoint", "work/runs/toy/stage2/best.pt"], **toy)
+    assert "mIoU" in result.stdout and (here / "work" / "masks").is_dir() and (here / "data" / "toy").is_dir()
+    assert sorted(site.rglob("*")) == installed  # nothing written into the installed package

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-from pipeline.stage1.masks import IGNORE
+from pipeline.labels import IGNORE
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # ImageNet statistics, as the backbones were trained
 STD = np.array([0.229, 0.224, 0.225], np.float32)

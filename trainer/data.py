@@ -15,17 +15,20 @@ from PIL import Image
 
 from pipeline.data.datasets import Dataset, Sample, read_image
 from pipeline.errors import UserError, describe
-from pipeline.stage1.masks import IGNORE
+from pipeline.labels import IGNORE
 from trainer.augment import cutmix_box, geometric, photometric, to_tensor
 from trainer.recipes import Recipe
 
-ROLES = {"labeled": 0, "cached": 1, "unlabeled": 2}
+# each role's augmentation stream; a labeled-only run's unlabeled images are cropped as a masked run's are, so the
+# two differ only in the masks' loss
+ROLES = {"labeled": 0, "cached": 1, "images": 1, "unlabeled": 2}
 
 
 class TrainImages(torch.utils.data.Dataset):
-    """role: ``labeled`` (ground truth), ``cached`` (the filtered mask from stage 1), ``unlabeled`` (no
-    label: the weak view and ``strong_views`` strong views with a CutMix box each, for stage II: ``strong`` /
-    ``box``, then ``strong_2`` / ``box_2``)."""
+    """role: ``labeled`` (ground truth), ``cached`` (the filtered mask from stage 1), ``images`` (the weak
+    view alone: a labeled-only stage I's unlabeled images), ``unlabeled`` (no label: the weak view and
+    ``strong_views`` strong views with a CutMix box each, for stage II: ``strong`` / ``box``, then ``strong_2`` /
+    ``box_2``)."""
 
     def __init__(self, dataset: Dataset, samples: list[Sample], role: str, recipe: Recipe,
                  masks_dir: Path | None = None, strong_views: int = 1):

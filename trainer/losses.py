@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.stage1.masks import IGNORE
+from pipeline.labels import IGNORE
 
 
 def ce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,

@@ -46,6 +46,11 @@ class Recipe:
     seed: int = 0
     workers: int = 4
 
+    @property
+    def labeled_only(self) -> bool:
+        """Lambda 0 throughout: stage I's unlabeled images only pass through BatchNorm, so it reads no masks."""
+        return self.lambda_start == 0 and self.lambda_end == 0
+
     def check(self) -> "Recipe":
         choices = {"optimizer": ("sgd", "adamw"), "lambda_schedule": ("exp", "linear", "constant"),
                    "class_weights": CLASS_WEIGHTS,

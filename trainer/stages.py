@@ -7,7 +7,8 @@ Stage II (`--stage 2`, from stage I's last checkpoint): the cached masks are dro
 same weighting.
 
 Writes ``<work>/runs/<name>/stage<N>/`` (stage II with another method than `self`: ``stage2-<method>/``):
-last.pt (every epoch, for --resume), best.pt (best val mIoU), metrics.jsonl (one line per epoch).
+last.pt (every epoch, for --resume), best.pt (best val mIoU), metrics.jsonl (one line per epoch), run.json (the
+calibration its masks came from, for `summary`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from pipeline.config import Config
 from pipeline.data.datasets import Dataset
 from pipeline.errors import UserError
 from pipeline.locks import locked
-from pipeline.stage1.record import cached_masks
-from pipeline.ui import no_progress, percent
+from pipeline.stage1.record import RUN_FILE, UNRECORDED, cached_masks
+from pipeline.ui import no_progress, percent, plural
 from trainer.checkpoint import check_factory, load_checkpoint, load_weights, save_checkpoint
 from trainer.data import TrainImages, ValImages, epoch_plan, label_counts
 from trainer.evaluate import evaluate
@@ -101,9 +102,15 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
     if rank == 0 and (overlap := dataset.overlap()):
         log(f"warning: {overlap}")
     source = Path(init or run_dir(config, name, 1) / "last.pt")
-    if stage == 1:
-        unlabeled, inputs, missing = cached_masks(config.work_dir, unlabeled, allow_missing_masks,
-                                                  "--allow-missing-masks")
+    if stage == 1 and recipe.labeled_only:  # the masks would weigh nothing: none are read, no calibration needed
+        if allow_missing_masks:
+            raise UserError("--allow-missing-masks: a labeled-only run (lambda 0 throughout) reads no masks; "
+                            "leave the flag out")
+        inputs = masks = None
+    elif stage == 1:
+        unlabeled, masks, missing = cached_masks(config.work_dir, unlabeled, allow_missing_masks,
+                                                 "--allow-missing-masks")
+        inputs = masks["key"]
         if missing and rank == 0:
             log(f"--allow-missing-masks: {missing} unlabeled images without a cached mask are left out")
     elif not source.exists():
@@ -125,13 +132,14 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
                 "best": finished["metrics"].get("best_miou"), "last": finished["metrics"].get("miou"),
                 "unchanged": True}
     if rank == 0:  # before an epoch is spent
-        ensure_writable(out, "choose another --work-dir (or --name), or fix the folder's permissions")
+        ensure_writable(out, "choose another --work-dir (or --name), or fix the folder's permissions", keep=False)
         if not resume:  # a run killed before its first checkpoint may have left its first epoch's lines
             for stale in (out / "metrics.jsonl", best_path):
                 stale.unlink(missing_ok=True)
     val = ValImages(dataset, dataset.split("val")) if config.val is not None else None
     train_l = TrainImages(dataset, labeled, "labeled", recipe)
-    train_u = TrainImages(dataset, unlabeled, "cached" if stage == 1 else "unlabeled", recipe,
+    role = "unlabeled" if stage == 2 else "images" if recipe.labeled_only else "cached"
+    train_u = TrainImages(dataset, unlabeled, role, recipe,
                           masks_dir=config.work_dir / "masks", strong_views=stage2.STRONG_VIEWS)
 
     torch.manual_seed(recipe.seed)
@@ -141,6 +149,8 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
                         "method; UniMatch's feature perturbation needs encode(images) -> features and "
                         "decode(features) -> logits (docs/trainer.md 'Bring your own network'), or use --method self")
     start = load_checkpoint(source) if stage == 2 else None
+    if stage == 2:  # what stage I trained on, when its checkpoint says (one from an older version does not)
+        masks = start.get("masks", UNRECORDED)
     if resume:
         checkpoint = load_checkpoint(last)
         _check_compatible(checkpoint, recipe, dataset, last, factory)
@@ -207,7 +217,8 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
         rates = (f"head x{recipe.head_lr_mult:g}" if len(optimizer.param_groups) > 1 else
                  "the network has no backbone: one rate for all of it")
         log(f"stage {stage}: {recipe.model}, {len(labeled)} labeled + {len(unlabeled)} unlabeled images, "
-            f"{epochs} epochs x {steps_per_epoch} steps, batch {recipe.batch_size} ({world} process(es)), "
+            f"{plural(epochs, 'epoch')} x {plural(steps_per_epoch, 'step')}, batch {recipe.batch_size} "
+            f"({plural(world, 'process', 'processes')}), "
             f"crop {recipe.crop}, lr {lr:.2e} (= {recipe.lr:g} x {recipe.batch_size}/8; {rates}), device {dev}")
 
     per_process = recipe.batch_size // world
@@ -270,10 +281,12 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
             state = {"model": (teacher.model if teacher is not None else model).state_dict(),
                      "model_name": recipe.model, "factory": factory,
                      "classes": list(dataset.classes), "identity": identity, "recipe": _plain(asdict(recipe)),
+                     "masks": masks,
                      "stage": stage, "epoch": epoch, "step": step, "best": best,
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "student": model.state_dict() if teacher is not None else None, "rng": rng, "metrics": record}
             _append_metrics(out / "metrics.jsonl", record)
+            write_text_atomic(out / RUN_FILE, json.dumps({"stage": stage, "method": method, "masks": masks}))
             if improved:  # before last.pt: a crash in between must not lose the best weights
                 save_checkpoint(best_path, {**state, "optimizer": None, "scaler": None, "student": None})
             save_checkpoint(last, state)
@@ -292,17 +305,46 @@ def _finished_run(last: Path, identity: dict, epochs: int, resume: bool, factory
     done = load_checkpoint(last)
     if done.get("model_name") == identity["recipe"]["model"]:  # the same factory, but is its code the same?
         check_factory(done, last, factory)
-    same = done.get("identity") == identity
+    same = _same_identity(done.get("identity"), identity)
     if same and done["epoch"] == epochs:
         return done
     if not resume:
-        state = "with other settings or inputs" if not same else f"unfinished (epoch {done['epoch']})"
+        state = f"trained with other {_differences(done.get('identity') or {}, identity)}" if not same else \
+            f"unfinished (epoch {done['epoch']})"
         raise UserError(f"{last.parent}: a run is already there, {state}; pass --resume to continue it, --name for "
                         "a new run, or delete the folder")
     if not same:
-        raise UserError(f"{last}: the run was started with another recipe or other inputs; resume it with the same "
-                        "flags, or start a new run with --name")
+        raise UserError(f"{last}: the run was started with other {_differences(done.get('identity') or {}, identity)};"
+                        " resume it with the same flags and inputs, or start a new run with --name")
     return None
+
+
+def _same_identity(old: dict | None, new: dict) -> bool:
+    """Earlier versions recorded the masks' key for a labeled-only run too, although its result never depended on
+    them (lambda 0): such a run is this one when all else is the same."""
+    return old == new or (new["inputs"] is None and isinstance(old, dict) and {**old, "inputs": None} == new)
+
+
+def _differences(old: dict, new: dict) -> str:
+    """What differs between a run's recorded identity and this one's, e.g. "settings (lr 0.002, now 0.001)"."""
+    said = []
+    before, now = old.get("recipe") or {}, new["recipe"]
+    def value(recipe, k):  # a later field at its default is left out of identities
+        return recipe.get(k, LATER_FIELDS.get(k, "unset"))
+
+    fields = [f"{k} {value(before, k)}, now {value(now, k)}" for k in sorted(set(before) | set(now))
+              if value(before, k) != value(now, k)]
+    if fields:
+        said.append(f"settings ({'; '.join(fields)})")
+    if old.get("inputs") != new["inputs"]:
+        said.append("cached masks (calibrate has rewritten them since)" if not isinstance(new["inputs"], dict) else
+                    "start (another stage I checkpoint or --init file)" if (old.get("inputs") or {}).get("start") !=
+                    new["inputs"]["start"] else "inputs")
+    if old.get("classes") != new["classes"]:
+        said.append("classes")
+    if old.get("unlabeled") != new["unlabeled"]:
+        said.append(f"unlabeled images ({old.get('unlabeled')}, now {new['unlabeled']})")
+    return " and ".join(said) or "inputs"
 
 
 def _optimizer(model: torch.nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
@@ -321,11 +363,12 @@ def _optimizer(model: torch.nn.Module, recipe: Recipe, lr: float) -> torch.optim
 
 
 def _stage1_losses(net, batch_l: dict, batch_u: dict, criterion: Criterion):
-    """One forward over labeled + unlabeled images (shared BatchNorm statistics), CE against GT and cached masks."""
+    """One forward over labeled + unlabeled images (shared BatchNorm statistics), CE against GT and cached masks
+    (a labeled-only run has none: its unlabeled loss is zero)."""
     n = batch_l["image"].shape[0]
     logits = net(torch.cat([batch_l["image"], batch_u["image"]]))
-    return (criterion.ce(logits[:n], batch_l["mask"], batch_l["valid"]),
-            criterion.ce(logits[n:], batch_u["mask"], batch_u["valid"]))
+    unsup = criterion.ce(logits[n:], batch_u["mask"], batch_u["valid"]) if "mask" in batch_u else logits.new_zeros(())
+    return criterion.ce(logits[:n], batch_l["mask"], batch_l["valid"]), unsup
 
 
 def _class_weights(recipe: Recipe, dataset: Dataset, labeled: list, device: torch.device, log) -> torch.Tensor | None:
@@ -348,7 +391,13 @@ def _ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float
 
 
 def _check_compatible(checkpoint: dict, recipe: Recipe, dataset: Dataset, path: Path, factory: dict | None) -> None:
-    if checkpoint.get("model_name") != recipe.model or checkpoint.get("classes") != list(dataset.classes):
+    trained = checkpoint.get("model_name")
+    if trained != recipe.model and checkpoint.get("classes") == list(dataset.classes):
+        code = (checkpoint.get("recipe") or {}).get("model_code")
+        raise UserError(f"{path}: was trained as --model {trained}, this run builds {recipe.model}; give the same "
+                        f"--model {trained}" + (f" --model-code {code}" if code else "") + " (or the config's [train] "
+                        "table) as that run had")
+    if trained != recipe.model or checkpoint.get("classes") != list(dataset.classes):
         raise UserError(f"{path}: checkpoint is a {checkpoint.get('model_name')} for classes "
                         f"{checkpoint.get('classes', [])[:4]}...; this run wants {recipe.model} for "
                         f"{list(dataset.classes)[:4]}...")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline.data.datasets import CITYSCAPES_TRAIN_IDS, LABEL_IDS, SPLITS, TRAIN_IDS, Dataset, parse_split
 from pipeline.errors import UserError
-from pipeline.stage1.masks import write_palette_png
+from pipeline.labels import write_palette_png
 
 LOOKUP = np.full(256, 255, np.uint8)
 for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():

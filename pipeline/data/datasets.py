@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline.config import Config
 from pipeline.errors import DataProblem, UserError
-from pipeline.stage1.masks import IGNORE
+from pipeline.labels import IGNORE
 
 SPLITS = ("labeled", "unlabeled", "val")
 
@@ -84,10 +84,16 @@ class Sample:
     mask: Path | None
 
 
+def split_lines(path: Path) -> list[str]:
+    """The lines of a split list, as every reader of one takes them: UTF-8, and a byte-order mark (a Windows
+    editor's) is not part of the first path."""
+    return Path(path).read_text(encoding="utf-8-sig").splitlines()
+
+
 def parse_split(path: Path, root: Path, need_masks: bool) -> tuple[list[Sample], list[DataProblem]]:
     """The samples of a split list and every problem found in it (bad lines, duplicates, emptiness)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # -sig: a Windows editor's BOM
+        lines = split_lines(path)
     except FileNotFoundError:
         return [], [DataProblem("missing split file", f"{path}: split list not found")]
     except (OSError, UnicodeDecodeError) as exc:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.atomic import write_text_atomic
+from pipeline.data.datasets import split_lines
 from pipeline.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -39,8 +40,7 @@ def source_lines(source: Path, root: Path, masks: Path | None) -> list[str]:
         if masks is not None:
             raise UserError(f"--masks: a split list ({source}) names its masks itself")
         try:
-            lines = [" ".join(line.split()) for line in source.read_text(encoding="utf-8-sig").splitlines()
-                     if line.strip()]  # -sig: a byte-order mark is not part of the first path
+            lines = [" ".join(line.split()) for line in split_lines(source) if line.strip()]
         except (OSError, UnicodeDecodeError) as exc:
             raise UserError(f"{source}: cannot read split list ({exc})") from None
         if not lines:

@@ -36,7 +36,7 @@ from pipeline.atomic import write_text_atomic
 from pipeline.config import Config
 from pipeline.data.datasets import Dataset, Sample
 from pipeline.errors import UserError
-from pipeline.stage1.masks import write_palette_png
+from pipeline.labels import write_palette_png
 from pipeline.stage1.record import MASKS, cached_masks
 
 TARGETS = ("unimatch", "list")

@@ -21,7 +21,7 @@ from pipeline.stage1.calibrate import Settings, cross_calibrate, filtered_mask, 
 from pipeline.stage1.conformal import ScoreHistogram, background_index, check_alpha, fit, to_bins
 from pipeline.data.datasets import Dataset, read_image
 from pipeline.errors import UserError
-from pipeline.stage1.masks import IGNORE, PALETTE
+from pipeline.labels import IGNORE, PALETTE
 from pipeline.stage1.record import HISTOGRAMS, read_calibration
 from pipeline.stage0.store import LogitsStore
 from trainer.augment import to_tensor
@@ -218,7 +218,10 @@ def run_inspect(config, ids: list[str] | None = None, count: int = 6, seed: int 
         order = np.random.default_rng(seed).permutation(len(samples))[:count]
         chosen = [list(samples.values())[i] for i in sorted(order)]
     q = thresholds_of(record)
-    model = load_trained(checkpoint, dataset.classes)[0] if checkpoint else None
+    model, state = load_trained(checkpoint, dataset.classes) if checkpoint else (None, None)
+    if checkpoint:  # which run, stage and epoch the prediction panel shows
+        path = Path(checkpoint)
+        predicted = f"{path.parent.parent.name}/{path.parent.name}/{path.name}, epoch {state['epoch']}"
     out = work / "inspect"
     written = []
     for sample in chosen:
@@ -229,7 +232,7 @@ def run_inspect(config, ids: list[str] | None = None, count: int = 6, seed: int 
         if sample.mask is not None and sample.mask.is_file():
             masks.append(("ground truth", dataset.read_mask(sample.mask, image.shape[:2])))
         if model is not None:
-            masks.append(("checkpoint", _predict(model, image)))
+            masks.append((predicted, _predict(model, image)))
         tiles = [("image", image)] + [(caption, colourise(m)) for caption, m in masks]
         legend = legend_of(dataset.classes, [m for _, m in masks])
         save_png(contact_sheet(tiles, legend), out / f"{sample.id}.png")

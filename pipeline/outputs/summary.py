@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.stage1.record import read_calibration
-from pipeline.ui import percent
+from pipeline.stage1.record import RUN_FILE, UNRECORDED, describe_masks, masks_of, read_calibration
+from pipeline.ui import percent, print_table
 
 
 def _lines(path: Path) -> list[dict]:
@@ -19,8 +19,16 @@ def _lines(path: Path) -> list[dict]:
         return []
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def collect(work: Path) -> dict:
-    """{"calibration": record or None, "runs": {name: {stage: {"best", "best_epoch", "last", "epochs"}}}}."""
+    """{"calibration": record or None, "runs": {name: {stage: {"best", "best_epoch", "last", "epochs",
+    "masks"}}}}; "masks": what the run trained on (see `pipeline.stage1.record.RUN_FILE`)."""
     calibration = read_calibration(work)
     runs: dict = {}
     for metrics in sorted((work / "runs").glob("*/stage*/metrics.jsonl")):
@@ -29,8 +37,18 @@ def collect(work: Path) -> dict:
             continue
         best = max(lines, key=lambda x: x["miou"])
         runs.setdefault(metrics.parent.parent.name, {})[metrics.parent.name] = {
-            "best": best["miou"], "best_epoch": best["epoch"], "last": lines[-1]["miou"], "epochs": lines[-1]["epoch"]}
+            "best": best["miou"], "best_epoch": best["epoch"], "last": lines[-1]["miou"], "epochs": lines[-1]["epoch"],
+            "masks": (_read_json(metrics.parent / RUN_FILE) or {}).get("masks", UNRECORDED)}
     return {"calibration": calibration, "runs": runs}
+
+
+def trained_on(masks, current: dict | None) -> str:
+    """What a run trained on, and whether those are the masks on disk now."""
+    said = describe_masks(masks)
+    if isinstance(masks, dict) and current is not None:
+        said += ", the current masks" if masks["key"] == (current.get("masks") or {}).get("key") else \
+            ", recalibrated since"
+    return said
 
 
 def print_summary(work: Path, console: Console) -> dict:
@@ -39,8 +57,8 @@ def print_summary(work: Path, console: Console) -> dict:
     if calibration:
         unlabeled = calibration["diagnostics"].get("unlabeled") or {}
         quality = unlabeled.get("quality")
-        console.print(f"pseudo-labels: {calibration['mode']} mode, alpha {calibration['alpha']}, rule "
-                      f"{calibration['rule']}, calibrated on {calibration['n_images']} labeled images; "
+        console.print(f"pseudo-labels: {describe_masks(masks_of(calibration))}, calibrated on "
+                      f"{calibration['n_images']} labeled images; "
                       f"{unlabeled.get('images', 0)} unlabeled masks keep {percent(unlabeled.get('kept_fraction'))}% of "
                       "pixels", highlight=False)
         if quality:
@@ -51,20 +69,20 @@ def print_summary(work: Path, console: Console) -> dict:
                           percent(quality["raw"]["pixel_accuracy"]))
             table.add_row("conformal-filtered", f"kept ({percent(unlabeled['kept_fraction'])}%)",
                           percent(quality["filtered_kept"]["miou"]), percent(quality["filtered_kept"]["pixel_accuracy"]))
-            console.print(table)
+            print_table(table, console)
     else:
         console.print(f"{work / 'calibration.json'}: no calibration yet")
     if found["runs"]:
         table = Table(title="trained models, val mIoU")
-        for column in ("run", "stage", "epochs", "best mIoU % (epoch)", "last mIoU %"):
-            table.add_column(column, justify="left" if column in ("run", "stage") else "right")
-        names = {"stage1": "I: labeled + filtered masks", "stage2": "II: self-training",
-                 "stage2-unimatch": "II: UniMatch"}
+        for column in ("run", "stage", "trained on (stage II: its stage I)", "epochs", "best mIoU % (epoch)",
+                       "last mIoU %"):
+            table.add_column(column, justify="right" if "mIoU" in column or column == "epochs" else "left")
+        names = {"stage1": "I", "stage2": "II: self-training", "stage2-unimatch": "II: UniMatch"}
         for run, stages in found["runs"].items():
             for stage, r in sorted(stages.items()):
-                table.add_row(run, names.get(stage, stage), str(r["epochs"]), f"{percent(r['best'])} ({r['best_epoch']})",
-                              percent(r["last"]))
-        console.print(table)
+                table.add_row(run, names.get(stage, stage), trained_on(r["masks"], calibration), str(r["epochs"]),
+                              f"{percent(r['best'])} ({r['best_epoch']})", percent(r["last"]))
+        print_table(table, console)
     else:
         console.print(f"{work / 'runs'}: no trained model with val scores yet")
     return found

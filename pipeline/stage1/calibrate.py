@@ -34,7 +34,7 @@ from pipeline.config import Config
 from pipeline.data.datasets import Dataset, Sample
 from pipeline.errors import UserError
 from pipeline.stage1.held_out import HeldOut, held_out
-from pipeline.stage1.masks import IGNORE, write_palette_png
+from pipeline.labels import IGNORE, write_palette_png
 from pipeline.metrics import confusion, iou_per_class
 from pipeline.parallel import in_threads
 from pipeline.stage0.store import LogitsStore
@@ -130,6 +130,7 @@ def run_calibrate(config: Config, settings: Settings, write_masks: bool = True, 
 
 
 NOOP_KEPT = 0.99  # above this kept fraction the filter is said to remove almost nothing
+WORSE_BY = 0.01  # ... unless its kept labels are this much less accurate than the raw argmax: then it relabels
 
 
 def _warn_if_noop(record: dict, warn) -> None:
@@ -145,6 +146,15 @@ def _warn_if_noop(record: dict, warn) -> None:
     if kept is None or kept <= NOOP_KEPT:
         return
     top1, target = held["top1_accuracy"], 1 - record["alpha"]
+    accuracy = held.get("kept_accuracy")
+    if accuracy is not None and accuracy < top1 - WORSE_BY:  # not the raw argmax: labels changed for the worse
+        fix = "--rule singleton" if record["mode"] == "mondrian" else "a larger alpha, or --rule singleton"
+        warn(f"alpha {record['alpha']:g} keeps {kept:.1%} {where}, but relabels them for the worse: held out, "
+             f"{accuracy:.1%} of the kept labeled pixels are right, against the annotator's top-1 accuracy of "
+             f"{top1:.1%}. The {record['mode']} sets hold so many classes that the paper rule's pick from them, "
+             f"the most probable non-background class, replaces correct background. Use {fix} (a pixel is kept "
+             "only where its set holds one class).")
+        return
     why = (f"it is below 1 - alpha = {target:.0%}: to cover that share of the true classes the threshold must "
            "admit classes the annotator ranks second or lower, so nearly every set holds the most probable class"
            if top1 < target else

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.ui import percent
+from pipeline.ui import percent, print_table
 
 
 def print_report(record: dict, console: Console) -> None:
@@ -44,7 +44,7 @@ def print_report(record: dict, console: Console) -> None:
                 iou = unlabeled["quality"]["per_class_iou"][name]
                 row += [percent(iou["raw"]), percent(iou["filtered_kept"])]
         table.add_row(*row)
-    console.print(table)
+    print_table(table, console)
     if not unlabeled:
         return
     sizes = unlabeled["set_size_histogram"]
@@ -61,7 +61,7 @@ def print_report(record: dict, console: Console) -> None:
         for key, label in (("raw", "raw argmax"), ("filtered_kept", "filtered, kept pixels"),
                            ("filtered_overall", "filtered, ignore = miss")):
             table.add_row(label, percent(quality[key]["miou"]), percent(quality[key]["pixel_accuracy"]))
-        console.print(table)
+        print_table(table, console)
 
 
 def _print_threshold(record: dict, cross: dict, console: Console) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
-from pipeline.stage1.masks import IGNORE
+from pipeline.labels import IGNORE
 
 GRID = 0x3C00 + 1  # fp16 bit patterns 0 .. 0x3C00 = the values 0 .. 1.0
 MODES = ("paper", "mondrian", "crc")

@@ -19,7 +19,7 @@ import torch
 from pipeline.stage1.conformal import ScoreHistogram, background_index, bands, fit, prediction_sets, pseudo_label
 from pipeline.data.datasets import Dataset, Sample
 from pipeline.errors import UserError
-from pipeline.stage1.masks import IGNORE
+from pipeline.labels import IGNORE
 from pipeline.metrics import confusion
 from pipeline.parallel import in_threads
 from pipeline.stage0.store import LogitsStore

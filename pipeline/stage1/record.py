@@ -17,6 +17,8 @@ HISTOGRAMS = "calibration-histograms.npz"  # the score histograms behind calibra
 MASKS = "masks"
 KEY_FILE = ".key"
 SUMS_FILE = ".sums"  # id -> CRC-32 of each mask as written: damage is found and mended by `calibrate`
+RUN_FILE = "run.json"  # in a training run's folder: {"stage", "method", "masks": `masks_of`, None or UNRECORDED}
+UNRECORDED = "unrecorded"  # a stage II run started from a checkpoint that does not say what it trained on
 
 
 def read_calibration(work: Path, required: bool = False) -> dict | None:
@@ -30,12 +32,30 @@ def read_calibration(work: Path, required: bool = False) -> dict | None:
         return None
 
 
-def cached_masks(work: Path, samples: list[Sample], allow_missing: bool, fix: str) -> tuple[list[Sample], str, int]:
-    """(the samples that have a cached mask of the current calibration, that calibration's key, how many
-    have none). A missing mask is an error naming it unless ``allow_missing``; ``fix`` names the flag that
-    allows it."""
+def masks_of(record: dict) -> dict:
+    """What a run trained on says of a calibration: its mode, rule and alpha, and its masks' key."""
+    return {"mode": record.get("mode"), "rule": record.get("rule"), "alpha": record.get("alpha"),
+            "key": (record.get("masks") or {}).get("key")}
+
+
+def describe_masks(masks: dict | None) -> str:
+    """``masks_of``'s record in words; None: a labeled-only run, which read no masks."""
+    if masks is None:
+        return "labeled only"
+    if masks == UNRECORDED:
+        return "not recorded"
+    if masks["rule"] == "argmax":
+        return "raw masks (rule argmax)"
+    return f"filtered masks ({masks['mode']}, alpha {masks['alpha']:g}, rule {masks['rule']})"
+
+
+def cached_masks(work: Path, samples: list[Sample], allow_missing: bool, fix: str) -> tuple[list[Sample], dict, int]:
+    """(the samples that have a cached mask of the current calibration, that calibration as `masks_of` says
+    it, how many have none). A missing mask is an error naming it unless ``allow_missing``; ``fix`` names the
+    flag that allows it."""
     masks = Path(work) / MASKS
-    key = (read_calibration(work, required=True).get("masks") or {}).get("key")
+    calibration = masks_of(read_calibration(work, required=True))
+    key = calibration["key"]
     try:
         on_disk = (masks / KEY_FILE).read_text().strip()
     except OSError:
@@ -54,7 +74,7 @@ def cached_masks(work: Path, samples: list[Sample], allow_missing: bool, fix: st
                             f"from the unlabeled split, or pass {fix} ({len(missing)} without a mask in all)")
         raise UserError(f"{masks / (missing[0] + '.png')}: cached mask missing for unlabeled image '{missing[0]}' "
                         f"({len(missing)} missing in all); rerun `conformalsam calibrate` or pass {fix}")
-    return [s for s in samples if s.id in present], key, len(missing)
+    return [s for s in samples if s.id in present], calibration, len(missing)
 
 
 def _unreadable(work: Path) -> dict[str, str]:

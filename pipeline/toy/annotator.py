@@ -1,7 +1,7 @@
 """The toy world's foundation model: a small fully convolutional net trained on the source domain.
 
 It maps float RGB in [0, 1] (B, 3, H, W) to class logits at 1/4 resolution (B, K, H/4, W/4),
-like SEEM whose masks live at 1/4 of its input. Weights ship in data/toy_annotator.pt.
+like SEEM whose masks live at 1/4 of its input. Weights ship in the package, pipeline/toy/annotator.pt.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Train the toy annotator on the source domain (CPU, a few minutes, deterministic) and score it.
 
-`make toy-annotator` runs this and rewrites data/toy_annotator.pt. The source images are drawn
+`make toy-annotator` runs this and rewrites pipeline/toy/annotator.pt. The source images are drawn
 in memory from the generator (their seeds never overlap the written source val split).
 """
 

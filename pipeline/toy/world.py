@@ -20,7 +20,7 @@ import numpy as np
 from joblib import Parallel, delayed
 from PIL import Image, ImageFilter
 
-from pipeline.stage1.masks import write_palette_png
+from pipeline.labels import write_palette_png
 
 CLASSES = ("background", "disc", "square", "triangle", "ring", "cross", "star", "capsule")
 LABELED_SIZES = (16, 32, 64)

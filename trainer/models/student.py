@@ -14,11 +14,14 @@ their ``forward`` is ``decode(encode(x))``.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import UserError
+from pipeline.factory import is_factory
 
 PROTOCOL = ("encode", "decode")
 
@@ -37,11 +40,26 @@ class Segmenter(nn.Module):
         self.model, self.num_classes, self.name = model, num_classes, name
 
     def forward(self, x: torch.Tensor, perturb: bool = False):
-        if not perturb:
-            return self._logits(self.model(x), x)
-        features = self.model.encode(x)
-        out = self._logits(self.model.decode(_doubled(features, self.training, self.name)), x, 2)
-        return out.chunk(2)
+        with self._own_errors(x):
+            if not perturb:
+                return self._logits(self.model(x), x)
+            features = self.model.encode(x)
+            out = self._logits(self.model.decode(_doubled(features, self.training, self.name)), x, 2)
+            return out.chunk(2)
+
+    @contextmanager
+    def _own_errors(self, x: torch.Tensor):
+        """An exception inside a user's network (`--model file.py:function`) is that network's: one line naming it
+        (CONFORMALSAM_DEBUG=1 prints the traceback too). The built-in networks' are the trainer's: raised as they
+        are."""
+        try:
+            yield
+        except Exception as exc:
+            if isinstance(exc, UserError) or not is_factory(self.name):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+            raise UserError(f"--model {self.name}: the network raised {type(exc).__name__} on images "
+                            f"{tuple(x.shape)}: {first} (CONFORMALSAM_DEBUG=1 shows the traceback)") from exc
 
     def _logits(self, out, x: torch.Tensor, copies: int = 1) -> torch.Tensor:
         n = x.shape[0] * copies

@@ -84,10 +84,10 @@ def load_init(model: nn.Module, path: Path, num_classes: int) -> dict:
         example = (f"e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} in the file, {tuple(own[wrong[0]].shape)} in "
                    "the model" if wrong else f"e.g. {(missing or fit.unexpected)[0]} "
                    f"{'missing' if missing else 'unexpected'}")
-        raise UserError(f"{path}: does not fit the model: {len(fit.fits):,} of its {len(own):,} tensors fit, "
-                        f"{len(fit.other_shape)} of another shape ({len(by_class)} of them only by the class "
-                        f"count), {len(missing)} missing, {len(fit.unexpected)} unexpected ({example}); give the "
-                        "weights of the same architecture")
+        raise UserError(f"{path}: does not fit the model: of the model's {len(own):,} tensors, fit {len(fit.fits):,}, "
+                        f"another shape in the file {len(fit.other_shape)} (only by the class count {len(by_class)}),"
+                        f" absent from the file {len(fit.missing)}; in the file but not in the model "
+                        f"{len(fit.unexpected)} ({example}); give the weights of the same architecture")
     model.load_state_dict({**own, **fit.fits})
     return {"loaded": len(fit.fits), "reinitialised": classifier,
             "file_classes": counts[classifier[0]] if classifier else None}

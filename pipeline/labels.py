@@ -1,4 +1,5 @@
-"""Label masks as palette PNGs: class ids are the pixel values, any viewer shows colours."""
+"""Label masks, shared by every stage: the ignore value (255) and palette PNGs, where class ids are the pixel values
+and any viewer shows colours."""
 
 from __future__ import annotations
 
