@@ -83,29 +83,37 @@ CONFIG_OPTIONS = {
     "weights": (Opt[Path], "Override foundation.weights (checkpoint path)."),
     "work_dir": (Opt[Path], "Override work.dir (where every stage writes)."),
 }
+CONFIG_SECTION = {"backend": "foundation", "weights": "foundation", "work_dir": "work",
+                  **{n: "data" for n in ("format", "root", "labeled", "unlabeled", "val", "classes")}}
 
 
-def with_config(command):
-    """Give a command the --config flag and one override flag per config field; it receives ``config``."""
-    params = [p for p in inspect.signature(command).parameters.values() if p.name != "config"]
-    for name, (kind, help_text) in CONFIG_OPTIONS.items():
-        option = typer.Option(help=help_text, rich_help_panel="Experiment config")
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                        annotation=Annotated[kind, option]))
+def with_config(*reads: str):
+    """Give a command the --config flag and an override flag per config field of the sections it ``reads``
+    (data, foundation, work): a command has no flag for settings it never reads. It receives ``config``."""
+    names = ["config"] + [n for n in CONFIG_OPTIONS if n != "config" and CONFIG_SECTION[n] in reads]
 
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        flags = {name: kwargs.pop(name) for name in CONFIG_OPTIONS}
-        config = cfg.override(cfg.load(flags.pop("config")), **flags)
-        return command(*args, config=config, **kwargs)
+    def decorate(command):
+        params = [p for p in inspect.signature(command).parameters.values() if p.name != "config"]
+        for name in names:
+            kind, help_text = CONFIG_OPTIONS[name]
+            option = typer.Option(help=help_text, rich_help_panel="Experiment config")
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                            annotation=Annotated[kind, option]))
 
-    wrapper.__signature__ = inspect.Signature(params)
-    wrapper.__annotations__ = {p.name: p.annotation for p in params}
-    return wrapper
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            flags = {name: kwargs.pop(name) for name in names}
+            config = cfg.override(cfg.load(flags.pop("config")), **flags)
+            return command(*args, config=config, **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+    return decorate
 
 
 @app.command("logits")
-@with_config
+@with_config("data", "foundation", "work")
 def logits(
     split: Annotated[str, typer.Option(help="labeled | unlabeled | val | all")] = "all",
     batch_size: Annotated[int, typer.Option(help="Images per model call (per process).")] = 8,
@@ -140,7 +148,7 @@ def logits(
 
 
 @app.command("calibrate")
-@with_config
+@with_config("data", "work")
 def calibrate(
     alpha: Annotated[Optional[float], typer.Option(help="Miscoverage level: sets hold the true class with "
                                                    "probability >= 1 - alpha (0.05 was best in the paper). "
@@ -200,7 +208,7 @@ TRAIN = "Training recipe (overrides)"
 
 
 @app.command("train")
-@with_config
+@with_config("data", "work")
 def train(
     stage: Annotated[str, typer.Option(help="1: stage I, labeled + cached filtered masks | 2: stage II, "
                                        "semi-supervised from stage I's checkpoint (--method) | all: I then II.")] = "1",
@@ -262,6 +270,8 @@ def train(
     Writes last.pt, best.pt, metrics.jsonl to <work>/runs/<name>/stage<N>/ (another stage II method: stage2-<method>/).
     Under `torchrun --nproc_per_node N` each process takes its share of every batch (DDP).
     """
+    import torch
+
     from trainer.recipes import get_recipe
     from trainer.stages import run_dir, train_stage
 
@@ -288,6 +298,9 @@ def train(
                      lambda_start=lambda_start, lambda_end=lambda_end, lambda_schedule=lambda_schedule,
                      eval_mode=eval_mode, eval_from=eval_from, amp=amp, seed=seed, workers=workers)
     recipe_name, base = get_recipe(recipe, config.format, **overrides)
+    if amp not in (None, "none") and (device == "cpu" or not torch.cuda.is_available()):
+        raise UserError(f"--amp {amp}: mixed precision is for GPUs; on the CPU a run is fp32 whatever --amp says: "
+                        "drop it")
     run_name = name or recipe_name
     checkpoints = [run_dir(config, run_name, number, method) / "last.pt" for number in stages]
     if resume and not any(path.exists() for path in checkpoints):
@@ -339,7 +352,7 @@ def _print_epoch(record: dict) -> None:
 
 
 @app.command("eval")
-@with_config
+@with_config("data", "work")
 def eval_checkpoint(
     checkpoint: Annotated[Optional[Path], typer.Option(help="A last.pt or best.pt of `conformalsam train`.")] = None,
     scores: Annotated[bool, typer.Option("--scores", help="Instead of a checkpoint: the foundation model's own "
@@ -355,10 +368,15 @@ def eval_checkpoint(
     scores (--scores), on the val split."""
     from pipeline.data.datasets import Dataset
 
-    if (checkpoint is None) == (not scores):
+    if checkpoint is not None and scores:
+        raise UserError("eval: --checkpoint scores a trained model, --scores the stored foundation-model scores; "
+                        "give one, not both")
+    if checkpoint is None and not scores:
         raise UserError("eval: give --checkpoint FILE, or --scores for the stored foundation-model scores")
     if mode not in ("whole", "sliding"):
         raise UserError(f"--mode {mode}: choose whole or sliding")
+    if mode == "whole" and crop is not None and not scores:
+        raise UserError("--crop is the sliding window's size: it applies to --mode sliding only")
     dataset = Dataset(config)
     samples = dataset.split(split)
     if any(s.mask is None for s in samples):
@@ -422,7 +440,7 @@ def _print_ious(title: str, classes, ious, miou: float, accuracy: float) -> None
 
 
 @app.command("inspect")
-@with_config
+@with_config("data", "work")
 def inspect_command(
     ids: Annotated[Optional[str], typer.Option(help="Image ids, comma-separated (default: --count random ones).")] = None,
     count: Annotated[Optional[int], typer.Option(help="How many random images (default 6).")] = None,
@@ -467,7 +485,7 @@ def inspect_command(
 
 
 @app.command("export")
-@with_config
+@with_config("data", "work")
 def export_masks(
     out: Annotated[Path, typer.Argument(metavar="DIR", help="The folder to write (built beside it, then renamed into place).")],
     to: Annotated[str, typer.Option(help="unimatch: UniMatch / AllSpark split files (labeled.txt = ground truth + "
@@ -493,7 +511,7 @@ def export_masks(
 
 
 @app.command("summary")
-@with_config
+@with_config("work")
 def summary(config: cfg.Config = None):
     """What the pipeline produced so far: pseudo-label quality before / after filtering, val mIoU of each run."""
     from pipeline.outputs.summary import print_summary
@@ -561,7 +579,7 @@ def data_list(
 
 
 @data_app.command("convert")
-@with_config
+@with_config("data")
 def data_convert(
     force: Annotated[bool, typer.Option(help="Rewrite trainIds files that already exist.")] = False,
     config: cfg.Config = None,
@@ -577,7 +595,7 @@ def data_convert(
 
 
 @data_app.command("check")
-@with_config
+@with_config("data")
 def data_check(
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Threads reading files.")] = 4,
     examples: Annotated[int, typer.Option(help="Examples shown per problem kind.")] = 3,
@@ -613,7 +631,7 @@ def data_check(
 
 
 @config_app.command("show")
-@with_config
+@with_config("data", "foundation", "work")
 def config_show(config: cfg.Config = None):
     """Print the effective config (after file, preset and flags) with absolute paths."""
     console.print(f"# from {config.source}", style="dim")
@@ -684,7 +702,7 @@ def toy_train_annotator(
 
 
 @toy_app.command("evaluate")
-@with_config
+@with_config("data", "foundation")
 def toy_evaluate(
     split: Annotated[str, typer.Option(help="Split to score: labeled | unlabeled | val.")] = "unlabeled",
     config: cfg.Config = None,

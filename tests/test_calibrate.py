@@ -254,7 +254,7 @@ def test_killed_mask_writing_leaves_no_partial_png_and_resumes(toy_world, scored
 def test_cli_calibrate_prints_report_and_rejects_bad_flags(toy_world, scored, tmp_path):
     config = fresh(toy_world, scored, tmp_path)
     flags = ["--config", "toy", "--root", str(config.root), "--labeled", str(config.labeled), "--unlabeled",
-             str(config.unlabeled), "--weights", str(ANNOTATOR), "--work-dir", str(config.work_dir)]
+             str(config.unlabeled), "--work-dir", str(config.work_dir)]
     result = CliRunner().invoke(app, ["calibrate", "--alpha", "0.1", *flags], terminal_width=120)
     assert result.exit_code == 0, result.output
     assert "qhat" in result.output and "pseudo-label quality" in result.output
@@ -281,7 +281,7 @@ def test_alpha_sweep_from_saved_histograms_matches_a_real_calibration(toy_world,
 def test_inspect_writes_contact_sheets_and_the_sweep(toy_world, scored, tmp_path):
     config = fresh(toy_world, scored, tmp_path)
     flags = ["--config", "toy", "--root", str(config.root), "--labeled", str(config.labeled), "--unlabeled",
-             str(config.unlabeled), "--weights", str(ANNOTATOR), "--work-dir", str(config.work_dir)]
+             str(config.unlabeled), "--work-dir", str(config.work_dir)]
     result = CliRunner().invoke(app, ["inspect", *flags])
     assert isinstance(result.exception, UserError) and "calibrate" in str(result.exception)
     run_calibrate(config, Settings(alpha=0.1), jobs=1)

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import cli
 from conftest import fresh
@@ -396,8 +397,6 @@ def test_alpha_sweep_curves_that_coincide_stay_apart_and_only_legend_colours_are
 def test_reports_say_only_what_applies(toy_world, calibrated, tmp_path):
     import shutil
 
-    from typer.testing import CliRunner
-
     from conftest import fresh
 
     config = fresh(toy_world, calibrated, tmp_path)
@@ -456,6 +455,9 @@ OTHER_FLAGS = [  # (command, flags, what the refusal says)
     (["calibrate", "--rule", "argmax", "--mode", "crc", "--folds", "3"], "--mode, --folds: --rule argmax"),
     (["eval", "--scores", "--device", "cpu"], "--mode, --crop and --device do not apply"),
     (["inspect", "--ids", "x", "--count", "3"], "--count and --seed choose images at random; --ids names them"),
+    (["eval", "--checkpoint", "x.pt", "--crop", "64"], "--crop is the sliding window's size: it applies to --mode"),
+    (["eval", "--checkpoint", "x.pt", "--scores"], "give one, not both"),
+    (["train", "--stage", "1", "--device", "cpu", "--amp", "fp16"], "--amp fp16: mixed precision is for GPUs"),
 ]
 
 
@@ -466,6 +468,21 @@ def test_an_option_that_does_not_apply_to_the_mode_is_refused(toy_world, calibra
     before = (config.work_dir / "calibration.json").read_bytes()
     assert said in run_cli(monkeypatch, capsys, *given, *flags(config))
     assert (config.work_dir / "calibration.json").read_bytes() == before
+
+
+# a command has override flags only for the config sections it reads: the others are unknown options
+UNREAD = [(["summary"], "--root"), (["summary"], "--backend"), (["calibrate"], "--backend"), (["train"], "--weights"),
+          (["eval"], "--backend"), (["export"], "--weights"), (["inspect"], "--weights"), (["data", "check"], "--work-dir"),
+          (["toy", "evaluate"], "--work-dir")]
+
+
+@pytest.mark.parametrize("command,flag", UNREAD, ids=[f"{' '.join(c)} {f}" for c, f in UNREAD])
+def test_a_config_setting_the_command_never_reads_is_no_option_of_it(command, flag):
+    runner = CliRunner()
+    result = runner.invoke(cli.app, [*command, flag, "x"])
+    assert result.exit_code == 2 and "No such option" in result.output
+    assert flag not in runner.invoke(cli.app, [*command, "--help"], terminal_width=200).output
+    assert flag in runner.invoke(cli.app, ["config", "show", "--help"], terminal_width=200).output
 
 
 def test_calibrate_no_masks_says_what_it_left(toy_world, scored, tmp_path, monkeypatch, capsys):

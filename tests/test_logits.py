@@ -100,8 +100,13 @@ def test_mismatched_store_is_refused_then_rebuilt_with_force(toy_world, tmp_path
     with pytest.raises(UserError, match="backend.*--force"):
         run_logits(other, "labeled", workers=0)
     assert len(complete_ids(tmp_path / "w/logits.zarr")) == 16  # untouched
-    assert run_logits(other, "labeled", workers=0, force=True)["written"] == 16
+    run_logits(config, "val", workers=0)
+    said = []
+    assert run_logits(other, "labeled", workers=0, force=True, warn=said.append)["written"] == 16
     assert LogitsStore(tmp_path / "w/logits.zarr").attrs["backend"] == "torchscript"
+    assert len(said) == 1 and said[0].startswith("--force: ") and 'backend: stored "toy" vs now "torchscript"' in said[0]
+    assert said[0].endswith("its 22 images of every split are deleted; rerun `conformalsam logits` for the splits "
+                            "other than labeled")  # what --force deleted, said
 
 
 def test_bad_models_are_clear_errors(toy_world, tmp_path):

@@ -45,10 +45,10 @@ def test_results_go_to_stdout_whole_lines_at_any_columns(toy_world, calibrated, 
     assert "cross-calibration" in out and "cross-calibration" not in err
     assert any(line.startswith(f"wrote {config.work_dir / 'calibration.json'} and ") for line in err.splitlines())
 
-    out, err = run(monkeypatch, capsys, "summary", *toy_flags(config))
+    out, err = run(monkeypatch, capsys, "summary", "--work-dir", str(config.work_dir))
     assert "pseudo-labels:" in out and err == ""
 
-    out, err = run(monkeypatch, capsys, "data", "check", *toy_flags(config))
+    out, err = run(monkeypatch, capsys, "data", "check", *toy_flags(config)[:-2])  # (no --work-dir: reads data only)
     assert f"folder data set at {config.root}: " in out and "no problems found" in out
     for line in (out + err).splitlines():  # nothing cut a path in two
         assert not line.startswith(("-folder", "experiment", "/work")), line

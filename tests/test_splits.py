@@ -102,8 +102,7 @@ def test_eval_scores_of_the_stored_annotator(scored, toy_world, tmp_path):
 
     config = work_copy(toy_world, scored, tmp_path)
     args = ["eval", "--scores", "--split", "labeled", "--root", str(config.root), "--labeled", str(config.labeled),
-            "--unlabeled", str(config.unlabeled), "--work-dir", str(config.work_dir), "--format", "folder",
-            "--backend", "toy", "--weights", str(config.weights)]
+            "--unlabeled", str(config.unlabeled), "--work-dir", str(config.work_dir), "--format", "folder"]
     result = CliRunner().invoke(app, args, terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "logits.zarr (toy)" in result.output and "mean" in result.output and "pixel accuracy" in result.output

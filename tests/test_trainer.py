@@ -212,7 +212,7 @@ def test_schedules_and_lr_rule():
 
 def test_stage_one_then_two_on_the_toy_world_and_clear_errors(toy_world, calibrated, tmp_path):
     config = fresh(toy_world, calibrated, tmp_path)
-    with pytest.raises(UserError, match="run `conformalsam train --stage 1`"):
+    with pytest.raises(UserError, match="run `conformalsam train --stage 1 --name run` first"):
         train_stage(config, "t", TINY, 2, name="run")
     one = train_stage(config, "t", TINY, 1, name="run", log=lambda *_: None)
     two = train_stage(config, "t", TINY, 2, name="run", log=lambda *_: None)
@@ -228,7 +228,7 @@ def test_stage_one_then_two_on_the_toy_world_and_clear_errors(toy_world, calibra
     again = train_stage(config, "t", TINY, 1, name="run", log=lambda *_: None)  # finished, same inputs: reused
     assert again["unchanged"] and again["best"] == one["best"]
     assert train_stage(config, "t", TINY, 2, name="run", log=lambda *_: None)["unchanged"]
-    with pytest.raises(UserError, match=r"trained with other settings \(lr 0.002, now 0.001\); pass --resume"):
+    with pytest.raises(UserError, match=r"other settings \(lr 0.002, now 0.001\); pass --name for a new run, or"):
         train_stage(config, "t", replace(TINY, lr=1e-3), 1, name="run")
     with pytest.raises(UserError, match=r"started with other settings \(lr 0.002, now 0.001\); resume it with the"):
         train_stage(config, "t", replace(TINY, lr=1e-3), 1, name="run", resume=True)
@@ -419,7 +419,9 @@ def test_a_labeled_only_run_needs_no_calibration_and_equals_one_that_read_masks(
     for name in ("calibration.json", "masks"):  # no calibration at all
         path = config.work_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    alone = train_stage(config, "t", recipe, 1, name="new", log=lambda *_: None)
+    said = []
+    alone = train_stage(config, "t", recipe, 1, name="new", log=said.append)
+    assert "16 labeled images (labeled only: the 54 unlabeled pass through BatchNorm, no masks)" in said[0]
     old, new = (load_checkpoint(Path(r["run_dir"]) / "last.pt") for r in (with_masks, alone))
     assert all(torch.equal(old["model"][k], new["model"][k]) for k in old["model"])
     assert new["masks"] is None and json.loads((Path(alone["run_dir"]) / "run.json").read_text())["masks"] is None

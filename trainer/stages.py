@@ -114,8 +114,9 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
         if missing and rank == 0:
             log(f"--allow-missing-masks: {missing} unlabeled images without a cached mask are left out")
     elif not source.exists():
-        raise UserError(f"{source}: stage II starts from stage I's checkpoint; run `conformalsam train --stage 1`"
-                        " first (or pass --init)")
+        named = "" if name == recipe_name else f" --name {name}"
+        raise UserError(f"{source}: stage II starts from stage I's checkpoint; run `conformalsam train --stage 1"
+                        f"{named}` first (or pass --init)")
     else:
         inputs = {"start": _fingerprint(source), "method": method}
     # what the run's result depends on: a finished run with the same identity is reused, not redone
@@ -216,7 +217,10 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
     if rank == 0:
         rates = (f"head x{recipe.head_lr_mult:g}" if len(optimizer.param_groups) > 1 else
                  "the network has no backbone: one rate for all of it")
-        log(f"stage {stage}: {recipe.model}, {len(labeled)} labeled + {len(unlabeled)} unlabeled images, "
+        images = (f"{len(labeled)} labeled images (labeled only: the {len(unlabeled)} unlabeled pass through "
+                  "BatchNorm, no masks)" if stage == 1 and recipe.labeled_only else
+                  f"{len(labeled)} labeled + {len(unlabeled)} unlabeled images")
+        log(f"stage {stage}: {recipe.model}, {images}, "
             f"{plural(epochs, 'epoch')} x {plural(steps_per_epoch, 'step')}, batch {recipe.batch_size} "
             f"({plural(world, 'process', 'processes')}), "
             f"crop {recipe.crop}, lr {lr:.2e} (= {recipe.lr:g} x {recipe.batch_size}/8; {rates}), device {dev}")
@@ -308,11 +312,13 @@ def _finished_run(last: Path, identity: dict, epochs: int, resume: bool, factory
     same = _same_identity(done.get("identity"), identity)
     if same and done["epoch"] == epochs:
         return done
-    if not resume:
-        state = f"trained with other {_differences(done.get('identity') or {}, identity)}" if not same else \
-            f"unfinished (epoch {done['epoch']})"
-        raise UserError(f"{last.parent}: a run is already there, {state}; pass --resume to continue it, --name for "
-                        "a new run, or delete the folder")
+    if not resume and same:
+        raise UserError(f"{last.parent}: a run is already there, unfinished (epoch {done['epoch']}); pass --resume to "
+                        "continue it, --name for a new run, or delete the folder")
+    if not resume:  # --resume would not help: a run continues only with what it started with
+        raise UserError(f"{last.parent}: a run is already there, trained with other "
+                        f"{_differences(done.get('identity') or {}, identity)}; pass --name for a new run, or delete "
+                        "the folder")
     if not same:
         raise UserError(f"{last}: the run was started with other {_differences(done.get('identity') or {}, identity)};"
                         " resume it with the same flags and inputs, or start a new run with --name")
@@ -332,11 +338,11 @@ def _differences(old: dict, new: dict) -> str:
     def value(recipe, k):  # a later field at its default is left out of identities
         return recipe.get(k, LATER_FIELDS.get(k, "unset"))
 
-    fields = [f"{k} {value(before, k)}, now {value(now, k)}" for k in sorted(set(before) | set(now))
-              if value(before, k) != value(now, k)]
+    fields = [f"{'epochs (stage I, II)' if k == 'epochs' else k} {value(before, k)}, now {value(now, k)}"
+              for k in sorted(set(before) | set(now)) if value(before, k) != value(now, k)]
     if fields:
         said.append(f"settings ({'; '.join(fields)})")
-    if old.get("inputs") != new["inputs"]:
+    if old.get("inputs") != new["inputs"] and new["inputs"] is not None:  # (None: labeled only, reads no inputs)
         said.append("cached masks (calibrate has rewritten them since)" if not isinstance(new["inputs"], dict) else
                     "start (another stage I checkpoint or --init file)" if (old.get("inputs") or {}).get("start") !=
                     new["inputs"]["start"] else "inputs")

@@ -150,7 +150,10 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
             warn(warning)
         for name in unmapped(dataset.classes, mapping):
             warn(f"class '{name}' has no model output (foundation.map / foundation.outputs): its scores are zero")
-        open_for_writing(path, identity, force)
+        if deleted := open_for_writing(path, identity, force):
+            rerun = "" if split == "all" else f"; rerun `conformalsam logits` for the splits other than {split}"
+            warn(f"--force: {path} was made with other settings ({'; '.join(deleted[:-1])}): its {deleted[-1]} "
+                 f"of every split are deleted{rerun}")
     distributed.barrier()
     if rank != 0:  # rank 0 created or validated it; only check (cleaning up here could hit its writes)
         check_identity(path, identity)

@@ -183,20 +183,25 @@ def complete_ids(path: Path) -> list[str]:
     return sorted(n for n in os.listdir(folder) if not n.startswith(TMP_PREFIX) and (folder / n / "zarr.json").is_file())
 
 
-def open_for_writing(path: Path, identity: dict, force: bool) -> None:
+def open_for_writing(path: Path, identity: dict, force: bool) -> list[str]:
     """Create the store, or check that an existing one was made by the same model for the same classes.
 
-    ``force`` deletes a mismatching store. Leftovers of killed runs (temporary arrays) are removed.
+    ``force`` deletes a mismatching store: returns what differed (empty when nothing was deleted). Leftovers
+    of killed runs (temporary arrays) are removed.
     """
     path = Path(path)
     if (path / "zarr.json").is_file():
-        if not force or not _differences(path, identity):
+        differences = _differences(path, identity)
+        if not force or not differences:
             check_identity(path, identity)
             _remove_leftovers(path)
-            return
+            return []
+        differences.append(f"{len(complete_ids(path))} images")
         shutil.rmtree(path)
     elif path.exists() and any(path.iterdir()):
         raise UserError(f"{path}: exists and is not a score store; remove it or choose another --work-dir")
+    else:
+        differences = []
     tmp = path.with_name(path.name + TMP_PREFIX.rstrip("-") + f"-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     group = zarr.open_group(tmp, mode="w")
@@ -206,6 +211,7 @@ def open_for_writing(path: Path, identity: dict, force: bool) -> None:
     if path.exists():
         path.rmdir()
     os.replace(tmp, path)  # the group appears complete or not at all
+    return differences
 
 
 def holds(path: Path, identity: dict, ids: list[str], verify: bool = False) -> bool:

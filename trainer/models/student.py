@@ -14,6 +14,7 @@ their ``forward`` is ``decode(encode(x))``.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -58,8 +59,9 @@ class Segmenter(nn.Module):
             if isinstance(exc, UserError) or not is_factory(self.name):
                 raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+            hint = "" if os.environ.get("CONFORMALSAM_DEBUG") else " (CONFORMALSAM_DEBUG=1 shows the traceback)"
             raise UserError(f"--model {self.name}: the network raised {type(exc).__name__} on images "
-                            f"{tuple(x.shape)}: {first} (CONFORMALSAM_DEBUG=1 shows the traceback)") from exc
+                            f"{tuple(x.shape)}: {first}{hint}") from exc
 
     def _logits(self, out, x: torch.Tensor, copies: int = 1) -> torch.Tensor:
         n = x.shape[0] * copies
