@@ -132,13 +132,14 @@ bench-student: setup
 	$(call with_camvid,benchmarks/bench_student.py,$(STUDENT_INPUTS))
 
 # What caps the labeled-only student at CamVid 1/2 (crop, width, scale, steps, lr, head, class weights), one lever at
-# a time: val mIoU against seconds, work/bench/student-recipe.md. Needs bench-student's inputs. ~60 min on 2 cores.
+# a time: val mIoU against seconds, work/bench/student-recipe.md. Needs bench-student's inputs. ~70 min on 2 cores.
 bench-student-recipe: setup
 	$(call with_camvid,benchmarks/bench_student_recipe.py,$(STUDENT_INPUTS))
 
-# The paper's regime on real images: CamVid 1/2 and 1/4, the two weakest annotators (DiCENet s0.5, ESPNetv2 s1.0),
-# labeled only / raw / CP crc / CP mondrian / CP paper, 3 seeds, the student recipe bench-student-recipe chose:
-# work/bench/regime.md. Needs bench-student's inputs and DiCENet s0.5's Cityscapes weights. ~180 min on 2 cores.
+# The paper's regime on real images: CamVid 1/2, the two weakest annotators (DiCENet s0.5, ESPNetv2 s1.0), labeled
+# only / raw / CP crc / CP mondrian, 3 seeds, the student recipe bench-student-recipe chose: work/bench/regime.md.
+# Needs bench-student's inputs and DiCENet s0.5's Cityscapes weights. 192 min on 2 cores. Adding 1_4 to --splits and
+# paper to --variants in REGIME_ARGS measures 1/4 and the paper row too (about 7 hours more).
 REGIME_ARGS ?= --name regime --splits 1_2 --annotators dicenet0.5 s1.0 --variants crc mondrian --stage1-only \
 	--epochs 24 1 --eval-from 0.75 --class-weights median-frequency
 bench-regime: setup
