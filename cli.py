@@ -298,6 +298,9 @@ def train(
                      lambda_start=lambda_start, lambda_end=lambda_end, lambda_schedule=lambda_schedule,
                      eval_mode=eval_mode, eval_from=eval_from, amp=amp, seed=seed, workers=workers)
     recipe_name, base = get_recipe(recipe, config.format, **overrides)
+    if lambda_schedule is not None and base.labeled_only:
+        raise UserError(f"--lambda-schedule {lambda_schedule}: lambda is 0 throughout (--lambda-start and --lambda-end "
+                        "0), so there is no schedule to shape: drop it")
     if amp not in (None, "none") and (device == "cpu" or not torch.cuda.is_available()):
         raise UserError(f"--amp {amp}: mixed precision is for GPUs; on the CPU a run is fp32 whatever --amp says: "
                         "drop it")

@@ -458,6 +458,8 @@ OTHER_FLAGS = [  # (command, flags, what the refusal says)
     (["eval", "--checkpoint", "x.pt", "--crop", "64"], "--crop is the sliding window's size: it applies to --mode"),
     (["eval", "--checkpoint", "x.pt", "--scores"], "give one, not both"),
     (["train", "--stage", "1", "--device", "cpu", "--amp", "fp16"], "--amp fp16: mixed precision is for GPUs"),
+    (["train", "--stage", "1", "--lambda-start", "0", "--lambda-end", "0", "--lambda-schedule", "linear"],
+     "--lambda-schedule linear: lambda is 0 throughout"),
 ]
 
 
