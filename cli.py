@@ -70,39 +70,38 @@ app.add_typer(config_app, name="config")
 app.add_typer(toy_app, name="toy")
 
 Opt = Optional
+CONFIG_FLAG = (Opt[str], f"TOML config file or preset name ({cfg.preset_names()}). "
+               "Default: ./conformalsam.toml, else the toy preset.")
+# one override flag per config field: (the config section it overrides, type, help)
 CONFIG_OPTIONS = {
-    "config": (Opt[str], f"TOML config file or preset name ({cfg.preset_names()}). "
-               "Default: ./conformalsam.toml, else the toy preset."),
-    "format": (Opt[str], f"Override data.format: {' | '.join(cfg.FORMATS)}."),
-    "root": (Opt[Path], "Override data.root (data set folder)."),
-    "labeled": (Opt[Path], "Override data.labeled (split list)."),
-    "unlabeled": (Opt[Path], "Override data.unlabeled (split list)."),
-    "val": (Opt[Path], "Override data.val (split list)."),
-    "classes": (Opt[str], "Override data.classes: names separated by commas, background first."),
-    "backend": (Opt[str], f"Override foundation.backend: {' | '.join(cfg.BACKENDS)}."),
-    "weights": (Opt[Path], "Override foundation.weights (checkpoint path)."),
-    "work_dir": (Opt[Path], "Override work.dir (where every stage writes)."),
+    "format": ("data", Opt[str], f"Override data.format: {' | '.join(cfg.FORMATS)}."),
+    "root": ("data", Opt[Path], "Override data.root (data set folder)."),
+    "labeled": ("data", Opt[Path], "Override data.labeled (split list)."),
+    "unlabeled": ("data", Opt[Path], "Override data.unlabeled (split list)."),
+    "val": ("data", Opt[Path], "Override data.val (split list)."),
+    "classes": ("data", Opt[str], "Override data.classes: names separated by commas, background first."),
+    "backend": ("foundation", Opt[str], f"Override foundation.backend: {' | '.join(cfg.BACKENDS)}."),
+    "weights": ("foundation", Opt[Path], "Override foundation.weights (checkpoint path)."),
+    "work_dir": ("work", Opt[Path], "Override work.dir (where every stage writes)."),
 }
-CONFIG_SECTION = {"backend": "foundation", "weights": "foundation", "work_dir": "work",
-                  **{n: "data" for n in ("format", "root", "labeled", "unlabeled", "val", "classes")}}
 
 
 def with_config(*reads: str):
     """Give a command the --config flag and an override flag per config field of the sections it ``reads``
     (data, foundation, work): a command has no flag for settings it never reads. It receives ``config``."""
-    names = ["config"] + [n for n in CONFIG_OPTIONS if n != "config" and CONFIG_SECTION[n] in reads]
+    options = {"config": CONFIG_FLAG, **{n: (kind, text) for n, (section, kind, text) in CONFIG_OPTIONS.items()
+                                         if section in reads}}
 
     def decorate(command):
         params = [p for p in inspect.signature(command).parameters.values() if p.name != "config"]
-        for name in names:
-            kind, help_text = CONFIG_OPTIONS[name]
+        for name, (kind, help_text) in options.items():
             option = typer.Option(help=help_text, rich_help_panel="Experiment config")
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                             annotation=Annotated[kind, option]))
 
         @functools.wraps(command)
         def wrapper(*args, **kwargs):
-            flags = {name: kwargs.pop(name) for name in names}
+            flags = {name: kwargs.pop(name) for name in options}
             config = cfg.override(cfg.load(flags.pop("config")), **flags)
             return command(*args, config=config, **kwargs)
 
@@ -181,11 +180,11 @@ def calibrate(
     defaults = Settings()
     settings = Settings(alpha=defaults.alpha if alpha is None else alpha, mode=mode or defaults.mode, rule=rule,
                         folds=defaults.folds if folds is None else folds)
-    earlier = (config.work_dir / "calibration.json").exists()
+    path = config.work_dir / "calibration.json"
+    earlier = path.exists()
     start = time.perf_counter()
     record = run_calibrate(config, settings, masks, jobs, progress, warn=warn)
     took = time.perf_counter() - start
-    path = config.work_dir / "calibration.json"
     if record.get("repaired"):
         repaired = record["repaired"]
         console.print(f"{path} is up to date; {len(repaired)} damaged masks rewritten in {config.work_dir / 'masks'} "
@@ -539,7 +538,7 @@ SOURCE = Annotated[Path, typer.Argument(metavar="SOURCE", help="A folder of imag
 MASKS = Annotated[Optional[Path], typer.Option(help="The folder of the images' masks (<stem>.png).")]
 ROOT = Annotated[Optional[Path], typer.Option(help="The data set folder the lines are relative to (default: "
                                               "data.root of --config).")]
-CONFIG = Annotated[Optional[str], typer.Option(help=CONFIG_OPTIONS["config"][1])]
+CONFIG = Annotated[Optional[str], typer.Option(help=CONFIG_FLAG[1])]
 FORCE = Annotated[bool, typer.Option(help="Overwrite existing split files.")]
 
 

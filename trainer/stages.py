@@ -29,7 +29,7 @@ from pipeline.config import Config
 from pipeline.data.datasets import Dataset
 from pipeline.errors import UserError
 from pipeline.locks import locked
-from pipeline.stage1.record import RUN_FILE, UNRECORDED, cached_masks
+from pipeline.stage1.record import UNRECORDED, cached_masks, write_run_record
 from pipeline.ui import no_progress, percent, plural
 from trainer.checkpoint import check_factory, load_checkpoint, load_weights, save_checkpoint
 from trainer.data import TrainImages, ValImages, epoch_plan, label_counts
@@ -290,7 +290,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "student": model.state_dict() if teacher is not None else None, "rng": rng, "metrics": record}
             _append_metrics(out / "metrics.jsonl", record)
-            write_text_atomic(out / RUN_FILE, json.dumps({"stage": stage, "method": method, "masks": masks}))
+            write_run_record(out, stage, method, masks)
             if improved:  # before last.pt: a crash in between must not lose the best weights
                 save_checkpoint(best_path, {**state, "optimizer": None, "scaler": None, "student": None})
             save_checkpoint(last, state)

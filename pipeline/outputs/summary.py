@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.stage1.record import RUN_FILE, UNRECORDED, describe_masks, masks_of, read_calibration
+from pipeline.stage1.record import describe_masks, masks_of, read_calibration, trained_masks
 from pipeline.ui import percent, print_table
 
 
@@ -19,16 +19,9 @@ def _lines(path: Path) -> list[dict]:
         return []
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def collect(work: Path) -> dict:
     """{"calibration": record or None, "runs": {name: {stage: {"best", "best_epoch", "last", "epochs",
-    "masks"}}}}; "masks": what the run trained on (see `pipeline.stage1.record.RUN_FILE`)."""
+    "masks"}}}}; "masks": what the run trained on (`pipeline.stage1.record.trained_masks`)."""
     calibration = read_calibration(work)
     runs: dict = {}
     for metrics in sorted((work / "runs").glob("*/stage*/metrics.jsonl")):
@@ -38,7 +31,7 @@ def collect(work: Path) -> dict:
         best = max(lines, key=lambda x: x["miou"])
         runs.setdefault(metrics.parent.parent.name, {})[metrics.parent.name] = {
             "best": best["miou"], "best_epoch": best["epoch"], "last": lines[-1]["miou"], "epochs": lines[-1]["epoch"],
-            "masks": (_read_json(metrics.parent / RUN_FILE) or {}).get("masks", UNRECORDED)}
+            "masks": trained_masks(metrics.parent)}
     return {"calibration": calibration, "runs": runs}
 
 

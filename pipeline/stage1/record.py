@@ -9,6 +9,7 @@ import json
 import zlib
 from pathlib import Path
 
+from pipeline.atomic import write_text_atomic
 from pipeline.data.datasets import Sample
 from pipeline.errors import UserError
 
@@ -21,15 +22,32 @@ RUN_FILE = "run.json"  # in a training run's folder: {"stage", "method", "masks"
 UNRECORDED = "unrecorded"  # a stage II run started from a checkpoint that does not say what it trained on
 
 
+def _read_json(path: Path):
+    """A JSON file's contents; None when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def read_calibration(work: Path, required: bool = False) -> dict | None:
     """The record of ``<work>/calibration.json``; None when there is none, or a clear error if ``required``."""
     path = Path(work) / CALIBRATION
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        if required:
-            raise UserError(f"{path}: no calibration; run `conformalsam calibrate` first") from None
-        return None
+    record = _read_json(path)
+    if record is None and required:
+        raise UserError(f"{path}: no calibration; run `conformalsam calibrate` first")
+    return record
+
+
+def write_run_record(run: Path, stage: int, method: str, masks) -> None:
+    """``run``'s RUN_FILE: what the run in that folder trained on (``masks``: `masks_of`, None or UNRECORDED)."""
+    write_text_atomic(Path(run) / RUN_FILE, json.dumps({"stage": stage, "method": method, "masks": masks}))
+
+
+def trained_masks(run: Path):
+    """What the run in folder ``run`` trained on, from its RUN_FILE; UNRECORDED when it has none (an earlier
+    version's run)."""
+    return (_read_json(Path(run) / RUN_FILE) or {}).get("masks", UNRECORDED)
 
 
 def masks_of(record: dict) -> dict:
