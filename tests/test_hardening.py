@@ -118,7 +118,7 @@ def test_logits_beyond_float16_are_stored_softmax_equal_and_calibrate_runs(toy_w
     torch.jit.script(Huge(len(classes))).save(str(path))
     config = replace(base, backend="torchscript", weights=path, work_dir=tmp_path / "work", outputs=classes)
     for split in ("labeled", "unlabeled"):
-        run_logits(config, split, workers=0, info=lambda m: None, warn=lambda m: None)
+        run_logits(config, split, workers=0, info=lambda m: None, warn=lambda m: None, encoding="float16")
     store = LogitsStore(config.work_dir / "logits.zarr")
     sample = Dataset(base).split("labeled")[0]
     stored = torch.from_numpy(store.read(sample.id)).float()

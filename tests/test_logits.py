@@ -60,28 +60,57 @@ def _same_store(a, b) -> None:
         assert sa.attrs[key] == sb.attrs[key], key
 
 
-def test_toy_store_holds_native_resolution_fp16_scores(toy_world, tmp_path):
+@pytest.mark.parametrize("encoding", [None, "float16"])
+def test_toy_store_holds_native_resolution_scores_in_its_encoding(toy_world, tmp_path, encoding):
     config = replace(toy_config(toy_world), weights=ANNOTATOR, work_dir=tmp_path / "w")
-    result = run_logits(config, "all", batch_size=16, workers=0)
+    result = run_logits(config, "all", batch_size=16, workers=0, encoding=encoding)
     ids = {s.id for split in ("labeled", "unlabeled", "val") for s in Dataset(config).split(split)}
     assert result["written"] == len(ids) == 76 and result["failed"] == 0
     raw = zarr.open_group(tmp_path / "w/logits.zarr", mode="r")  # plain zarr reads it
     assert set(raw["scores"].keys()) == ids
     arr = raw["scores"]["val_00000"]
-    assert arr.dtype == np.float16 and arr.shape == (8, 8, 8) and arr.chunks == arr.shape
-    assert raw.attrs["score_kind"] == "logits" and raw.attrs["classes"][0] == "background"
+    assert arr.shape == (8, 8, 8) and arr.chunks == arr.shape
+    assert raw.attrs["classes"][0] == "background"
     assert len(raw.attrs["weights_sha256"]) == 64 and raw.attrs["tool_version"]
     model, _ = load_annotator(ANNOTATOR)
     image, _ = Dataset(config).load(Dataset(config).split("val")[0])
     with torch.no_grad():
         expected = model(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)[0]
     store = LogitsStore(tmp_path / "w/logits.zarr")
-    np.testing.assert_allclose(store.read("val_00000"), expected.numpy(), atol=2e-2, rtol=1e-3)
     probs = store.probabilities("val_00000")
-    torch.testing.assert_close(probs.sum(0), torch.ones(8, 8), atol=1e-3, rtol=0)
+    if encoding is None:  # the default: 8-bit probabilities, decoded as the store's attributes say
+        assert arr.dtype == np.uint8 and raw.attrs["encoding"] == "uint8" and raw.attrs["score_kind"] == "probabilities"
+        assert raw.attrs["decode"] == "probability = (value / 255) ** 1.5"
+        np.testing.assert_allclose((arr[...] / 255) ** 1.5, probs.numpy(), rtol=1e-6, atol=0)
+        levels = (np.arange(256) / 255) ** 1.5
+        step = np.interp(expected.softmax(0).numpy(), levels[:-1], np.diff(levels))  # the level spacing there
+        assert (np.abs(probs.numpy() - expected.softmax(0).numpy()) <= step / 2 + 1e-6).all()  # the nearest level
+    else:
+        assert arr.dtype == np.float16 and raw.attrs["encoding"] == "float16" and raw.attrs["score_kind"] == "logits"
+        np.testing.assert_allclose(store.read("val_00000"), expected.numpy(), atol=2e-2, rtol=1e-3)
+        torch.testing.assert_close(probs.sum(0), torch.ones(8, 8), atol=1e-3, rtol=0)
+    assert store.encoding == raw.attrs["encoding"]
     assert store.image_size("val_00000") == (32, 32)
-    again = run_logits(config, "all", batch_size=16, workers=0)
+    again = run_logits(config, "all", batch_size=16, workers=0)  # no --encoding: the store's own
     assert again["written"] == 0 and again["skipped"] == 76
+    other = "float16" if encoding is None else "uint8"
+    with pytest.raises(UserError, match=f'encoding: stored "{raw.attrs["encoding"]}" vs now "{other}".*--force'):
+        run_logits(config, "all", workers=0, encoding=other)
+    with pytest.raises(UserError, match="--encoding int4: choose uint8 or float16"):
+        run_logits(config, "all", workers=0, encoding="int4")
+
+
+def test_a_store_from_before_encodings_is_float16_and_is_completed_as_such(toy_world, tmp_path):
+    config = replace(toy_config(toy_world), weights=ANNOTATOR, work_dir=tmp_path / "w")
+    run_logits(config, "labeled", workers=0, encoding="float16")
+    group = zarr.open_group(tmp_path / "w/logits.zarr", mode="r+")
+    for key in ("encoding", "decode"):  # as written by earlier versions
+        del group.attrs[key]
+    assert run_logits(config, "unlabeled", workers=0)["written"] == 54
+    store = LogitsStore(tmp_path / "w/logits.zarr")
+    assert store.encoding == "float16" and "encoding" not in store.attrs
+    assert {store.read(i).dtype for i in store.ids()} == {np.dtype(np.float32)}
+    assert zarr.open_array(tmp_path / "w/logits.zarr/scores" / store.ids()[-1]).dtype == np.float16
 
 
 def test_scale_option_and_splits(toy_world, tmp_path):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import zarr
 
 from pipeline import distributed
 from pipeline.atomic import ensure_writable
@@ -29,7 +30,8 @@ from pipeline.config import Config
 from pipeline.data.datasets import SPLITS, Dataset, Sample, image_size, read_image
 from pipeline.errors import DataProblem, UserError
 from pipeline.parallel import thread_map
-from pipeline.stage0.store import check_identity, holds, intact_ids, open_for_writing, record_failures, write_scores
+from pipeline.stage0.store import (DEFAULT_ENCODING, ENCODINGS, check_identity, encode, holds, intact_ids,
+                                   open_for_writing, record_failures, stored_encoding, write_scores)
 
 
 @dataclass(frozen=True)
@@ -118,9 +120,12 @@ def resolve_device(name: str | None) -> torch.device:
 @locked("logits", lambda **_: (["scores"], []))
 def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: str | None = None,
                force: bool = False, workers: int | None = None, scale: float | None = None,
-               progress=None, warn=print, info=print, verify: bool = False) -> dict:
+               progress=None, warn=print, info=print, verify: bool = False, encoding: str | None = None) -> dict:
     """Fill ``<work>/logits.zarr`` for a split; returns counts (written, skipped, failed). Images already
-    there are skipped unless damaged (`store.intact_ids`; ``verify``: every chunk read and checked)."""
+    there are skipped unless damaged (`store.intact_ids`; ``verify``: every chunk read and checked).
+    ``encoding`` (`store.ENCODINGS`): by default an existing store's (it is being completed), else uint8."""
+    if encoding is not None and encoding not in ENCODINGS:
+        raise UserError(f"--encoding {encoding}: choose {' or '.join(ENCODINGS)}")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     if scale is not None and not 0 < scale <= 1:
@@ -132,9 +137,12 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     cls, mapping, weights = resolve_backend(config, dataset.classes)
     model_id, weights_sha256 = cls.fingerprint(weights, config)
     path = config.work_dir / "logits.zarr"
+    encoding = encoding or (_existing_encoding(path) if not force else None) or DEFAULT_ENCODING
     identity = {"classes": list(dataset.classes), "backend": cls.name, "model_id": model_id,
-                "weights_sha256": weights_sha256, "score_kind": mapping.score_kind(cls.score_kind),
-                "scale": "native" if scale is None else scale, "class_map": mapping.describe(dataset.classes)}
+                "weights_sha256": weights_sha256,
+                "score_kind": mapping.score_kind(cls.score_kind) if encoding == "float16" else "probabilities",
+                "scale": "native" if scale is None else scale, "class_map": mapping.describe(dataset.classes),
+                "encoding": encoding}
     if not force and (path / "zarr.json").is_file():
         check_identity(path, identity)  # refused before a model is loaded (SEEM takes a minute)
     if holds(path, identity, [s.id for s in samples], verify):  # finished: no model to load
@@ -166,8 +174,8 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     skipped = sum(len(b) for b in mine) - sum(len(b) for b in todo)
     undecodable: dict[str, str] = {}  # found by this rank's loader
     with heap_reused(dev.type == "cpu"):
-        written = _score(backend, mapping, todo, done, path, dev, scale, workers, progress, undecodable, skipped,
-                         sum(map(len, mine)))
+        written = _score(backend, mapping, todo, done, path, dev, scale, encoding, workers, progress, undecodable,
+                         skipped, sum(map(len, mine)))
     for reason in sorted({**(unreadable if rank == 0 else {}), **undecodable}.values()):
         warn(f"skipped unreadable image: {reason}")
     all_failed = {**unreadable, **distributed.gather_dicts(undecodable)}
@@ -176,6 +184,14 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     distributed.barrier()
     return {"written": written, "skipped": skipped, "failed": len(all_failed), "images": len(samples),
             "store": path, "rank": rank, "world": world}
+
+
+def _existing_encoding(path) -> str | None:
+    """The encoding of the store at ``path``, if there is one."""
+    try:
+        return stored_encoding(dict(zarr.open_group(path, mode="r").attrs)) if (path / "zarr.json").is_file() else None
+    except Exception:  # unreadable: check_identity says so
+        return None
 
 
 @contextlib.contextmanager
@@ -209,8 +225,8 @@ def _glibc():
         return None
 
 
-def _score(backend: Backend, mapping: ClassMap, todo, done, path, device, scale, workers, progress, failed, skipped,
-           total) -> int:
+def _score(backend: Backend, mapping: ClassMap, todo, done, path, device, scale, encoding, workers, progress, failed,
+           skipped, total) -> int:
     if workers is None:
         workers = min(8, max(1, (os.cpu_count() or 2) - 1))
     loader = torch.utils.data.DataLoader(
@@ -224,7 +240,7 @@ def _score(backend: Backend, mapping: ClassMap, todo, done, path, device, scale,
         for items, batch, bad in loader:
             failed.update(bad)
             if batch is not None:
-                scores = _predict(backend, mapping, batch.to(device, non_blocking=True), items, scale)
+                scores = _predict(backend, mapping, batch.to(device, non_blocking=True), items, scale, encoding)
                 for item, image_scores in zip(items, scores):
                     if item.sample.id not in done:
                         pending.append(writers.submit(write_scores, path, item.sample.id, image_scores, item.size))
@@ -247,7 +263,8 @@ def _settle(pending: list, limit: int) -> list:
     return pending
 
 
-def _predict(backend: Backend, mapping: ClassMap, batch: torch.Tensor, items: list[Item], scale: float | None):
+def _predict(backend: Backend, mapping: ClassMap, batch: torch.Tensor, items: list[Item], scale: float | None,
+             encoding: str):
     with torch.autocast("cuda", dtype=torch.float16, enabled=backend.autocast and batch.is_cuda):
         scores = backend.predict(batch)
     scores = mapping.apply(scores.float(), backend.score_kind)
@@ -261,7 +278,9 @@ def _predict(backend: Backend, mapping: ClassMap, batch: torch.Tensor, items: li
         if scale is not None:
             size = (max(1, round(item.size[0] * scale)), max(1, round(item.size[1] * scale)))
             image_scores = F.interpolate(image_scores[None], size=size, mode="bilinear", align_corners=False)[0]
-        out.append(_fp16_range(image_scores, kind, item.sample.image).half().cpu().numpy())
+        if encoding == "float16":
+            image_scores = _fp16_range(image_scores, kind, item.sample.image)
+        out.append(encode(image_scores, kind, encoding))
     return out
 
 

@@ -1,12 +1,24 @@
-"""The score store (`work/logits.zarr`): one compressed fp16 array per image, readable with plain zarr.
+"""The score store (`work/logits.zarr`): one compressed array per image, readable with plain zarr.
 
 Layout (zarr v3, local folder)::
 
     logits.zarr/                 group; attrs: classes, backend, model_id, weights_sha256, score_kind,
                                  scale, class_map (class -> model outputs summed; null: one each),
-                                 created, tool_version, failed (images that could not be read)
-    logits.zarr/scores/<id>      float16 (K, h, w), one chunk, blosc-zstd + byte shuffle;
-                                 attrs: image_size [H, W], chunk_bytes, chunk_crc32
+                                 encoding, decode, created, tool_version, failed (images that could not be read)
+    logits.zarr/scores/<id>      (K, h, w), one chunk; attrs: image_size [H, W], chunk_bytes, chunk_crc32
+
+Two encodings (`logits --encoding`):
+
+- ``uint8`` (the default): 8-bit class probabilities, probability = (value / 255) ** 1.5, blosc-zstd level 5.
+  The power spends the 256 levels where conformal thresholds fall (a per-class threshold can sit near 0.001)
+  and still rounds most near-zero probabilities of large vocabularies to 0, which compresses to almost nothing:
+  about 10x smaller than float16 at 150 classes (`make bench-scale`, docs/annotators.md). score_kind is then
+  always ``probabilities``.
+- ``float16``: the scores as the model gave them (logits, probabilities or SEEM's scores), blosc-zstd with byte
+  shuffle. Stores written before encodings existed are of this kind (no ``encoding`` attribute).
+
+Conformal prediction stays valid on either: stage 1 fits its thresholds on exactly the probabilities it writes
+the masks from.
 
 An image's array is written under a temporary name and renamed into place, so an array that exists
 under its id is complete: a killed run loses at most the images in flight, and a rerun skips the rest.
@@ -17,7 +29,8 @@ that the scores are finite, and refuses a damaged image in one line. A `logits` 
 images whose chunk is missing or of the wrong size (a stat per image); `logits --verify` also checks every
 CRC and value, for damage that keeps the size.
 
-    >>> import zarr; zarr.open_group("work/logits.zarr")["scores/2007_000032"][:]   # (K, h, w) fp16
+    >>> import zarr; v = zarr.open_group("work/logits.zarr")["scores/2007_000032"][:]   # (K, h, w) uint8
+    >>> p = (v / 255) ** 1.5                                                              # probabilities
 """
 
 from __future__ import annotations
@@ -40,9 +53,37 @@ from pipeline.errors import UserError, describe
 SCORE_KINDS = ("logits", "probabilities", "scores")  # scores: non-negative, unnormalised (SEEM's sem_seg)
 SCORES = "scores"
 TMP_PREFIX = ".tmp-"
-CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2)
+ENCODINGS = ("uint8", "float16")
+DEFAULT_ENCODING = "uint8"
+POWER = 1.5  # uint8: probability = (value / 255) ** POWER
+DECODE = {"uint8": f"probability = (value / 255) ** {POWER}", "float16": "scores of score_kind, as stored"}
+CODECS = {"float16": BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2),
+          "uint8": BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle", typesize=1)}
 # Attributes that must match for a store to be reused; the rest describe the run.
-IDENTITY = ("classes", "backend", "model_id", "weights_sha256", "score_kind", "scale", "class_map")
+IDENTITY = ("classes", "backend", "model_id", "weights_sha256", "score_kind", "scale", "class_map", "encoding")
+
+
+def stored_encoding(attrs: dict) -> str:
+    """A store's encoding; stores from before encodings existed hold float16."""
+    return attrs.get("encoding", "float16")
+
+
+def _levels() -> np.ndarray:
+    """float64 (256,): the probability each uint8 value stands for."""
+    return (np.arange(256) / 255.0) ** POWER
+
+
+LEVELS = _levels().astype(np.float32)
+_MIDPOINTS = torch.from_numpy((_levels()[1:] + _levels()[:-1]) / 2)  # value v covers (mid[v-1], mid[v]]
+
+
+def encode(scores: torch.Tensor, kind: str, encoding: str) -> np.ndarray:
+    """The array the store keeps for (K, h, w) scores of ``kind``: float16 as given, or uint8 probabilities (the
+    nearest level; on the scores' device)."""
+    if encoding == "float16":
+        return scores.half().cpu().numpy()
+    p = to_probabilities(scores, kind).double()
+    return torch.bucketize(p, _MIDPOINTS.to(p.device)).to(torch.uint8).cpu().numpy()
 
 
 def to_probabilities(scores: torch.Tensor, kind: str) -> torch.Tensor:
@@ -99,10 +140,14 @@ class LogitsStore:
         except FileNotFoundError:
             raise UserError(f"{self.path}: no scores for image '{image_id}' (rerun `conformalsam logits`)") from None
 
+    @property
+    def encoding(self) -> str:
+        return stored_encoding(self.attrs)
+
     def read(self, image_id: str) -> np.ndarray:
-        """float32 (K, h, w). Arrays in the layout this tool writes are decoded straight from their one chunk
-        file (3x faster than going through zarr's machinery); any other layout is read through zarr. A
-        damaged image is a one-line error saying how to rebuild it."""
+        """float32 (K, h, w) scores (uint8 arrays: their probabilities). Arrays in the layout this tool writes are
+        decoded straight from their one chunk file (3x faster than going through zarr's machinery); any other
+        layout is read through zarr. A damaged image is a one-line error saying how to rebuild it."""
         meta = self._meta(image_id)
         try:
             if _single_blosc_chunk(meta):
@@ -113,6 +158,8 @@ class LogitsStore:
             raise
         except Exception as exc:
             raise Damaged(self.path, image_id, describe(exc)) from None
+        if data.dtype == np.uint8:
+            return LEVELS[data]
         data = data.astype(np.float32)
         if not np.isfinite(data).all():  # on float32: 10x faster than on float16
             raise Damaged(self.path, image_id, "scores that are not finite")
@@ -141,10 +188,11 @@ def _decode_chunk(folder: Path, meta: dict) -> np.ndarray:
     attrs = meta.get("attributes", {})
     if "chunk_crc32" in attrs and (len(raw) != attrs["chunk_bytes"] or zlib.crc32(raw) != attrs["chunk_crc32"]):
         raise ValueError(f"chunk of {len(raw)} bytes does not match its recorded size and CRC-32")
-    expected = 2 * int(np.prod(meta["shape"]))
+    dtype = np.dtype(DTYPES[meta["data_type"]])
+    expected = dtype.itemsize * int(np.prod(meta["shape"]))
     if len(raw) < 16 or blosc._cbuffer_sizes(raw)[:2] != (expected, len(raw)):
         raise ValueError("chunk header does not match the array")
-    return np.frombuffer(blosc.decompress(raw), dtype="<f2").reshape(meta["shape"])
+    return np.frombuffer(blosc.decompress(raw), dtype=dtype).reshape(meta["shape"])
 
 
 def intact_ids(path: Path, verify: bool = False) -> list[str]:
@@ -159,7 +207,7 @@ def intact_ids(path: Path, verify: bool = False) -> list[str]:
             if recorded is not None and folder.joinpath(image_id, *CHUNK).stat().st_size != recorded:
                 continue
             if verify and _single_blosc_chunk(meta) and not np.isfinite(
-                    _decode_chunk(folder / image_id, meta).astype(np.float32)).all():
+                    _decode_chunk(folder / image_id, meta).astype(np.float32)).all():  # uint8: the CRC check
                 continue
         except Exception:  # unreadable metadata, a missing chunk, a bad CRC: to be rebuilt
             continue
@@ -167,10 +215,13 @@ def intact_ids(path: Path, verify: bool = False) -> list[str]:
     return intact
 
 
+DTYPES = {"float16": "<f2", "uint8": "u1"}
+
+
 def _single_blosc_chunk(meta: dict) -> bool:
     codecs = [c.get("name") for c in meta.get("codecs", [])]
-    return (meta.get("data_type") == "float16" and codecs == ["bytes", "blosc"]
-            and meta["codecs"][0].get("configuration", {}).get("endian") == "little"
+    return (meta.get("data_type") in DTYPES and codecs == ["bytes", "blosc"]
+            and meta["codecs"][0].get("configuration", {}).get("endian", "little") == "little"  # none for bytes
             and meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape") == meta.get("shape")
             and meta.get("chunk_key_encoding") == {"name": "default", "configuration": {"separator": "/"}}
             and len(meta.get("shape", [])) == 3)
@@ -206,7 +257,8 @@ def open_for_writing(path: Path, identity: dict, force: bool) -> list[str]:
     shutil.rmtree(tmp, ignore_errors=True)
     group = zarr.open_group(tmp, mode="w")
     group.create_group(SCORES)
-    group.attrs.update({**identity, "created": _now(), "tool_version": __version__, "failed": {}})
+    group.attrs.update({**identity, "decode": DECODE[stored_encoding(identity)], "created": _now(),
+                        "tool_version": __version__, "failed": {}})
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         path.rmdir()
@@ -225,6 +277,7 @@ def holds(path: Path, identity: dict, ids: list[str], verify: bool = False) -> b
 
 def _differences(path: Path, identity: dict) -> list[str]:
     attrs = dict(zarr.open_group(path, mode="r").attrs)
+    attrs["encoding"] = stored_encoding(attrs)
     return [f"{k}: stored {_short(attrs.get(k), identity.get(k))} vs now {_short(identity.get(k), attrs.get(k))}"
             for k in IDENTITY if attrs.get(k) != identity.get(k)]
 
@@ -245,13 +298,16 @@ def _remove_leftovers(path: Path) -> None:
 
 
 def write_scores(path: Path, image_id: str, scores: np.ndarray, image_size: tuple[int, int]) -> None:
-    """Write one image's (K, h, w) scores as fp16 under a temporary name, then rename it into place."""
+    """Write one image's encoded (K, h, w) array (`encode`: float16 or uint8) under a temporary name, then rename
+    it into place."""
     folder = Path(path) / SCORES
     tmp = folder / f"{TMP_PREFIX}{image_id}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    data = np.ascontiguousarray(scores, dtype=np.float16)
-    array = zarr.create_array(tmp, shape=data.shape, chunks=data.shape, dtype="float16",
-                              compressors=CODEC, fill_value=0, attributes={"image_size": list(image_size)})
+    data = np.ascontiguousarray(scores)
+    encoding = "uint8" if data.dtype == np.uint8 else "float16"
+    data = data.astype(np.float16, copy=False) if encoding == "float16" else data
+    array = zarr.create_array(tmp, shape=data.shape, chunks=data.shape, dtype=encoding,
+                              compressors=CODECS[encoding], fill_value=0, attributes={"image_size": list(image_size)})
     array[...] = data
     raw = tmp.joinpath(*CHUNK).read_bytes()  # just written: from the page cache
     array.attrs.update({"chunk_bytes": len(raw), "chunk_crc32": zlib.crc32(raw)})

@@ -27,9 +27,9 @@ import torch
 from pipeline import __version__
 from pipeline.atomic import atomic_write, ensure_writable, write_text_atomic
 from pipeline.locks import locked
-from pipeline.stage1.conformal import (GRID, MODES, RULES, ScoreHistogram, Thresholds, background_index,
-                                check_alpha, fit, nonconformity, prediction_sets, pseudo_label,
-                                require_crc_images, set_sizes, to_bins, upsampler, bands)
+from pipeline.stage1.conformal import (GRID, MODES, RULES, ScoreHistogram, Thresholds, background_index, bands,
+                                       candidates, check_alpha, fit, lift, nonconformity, position, prediction_sets,
+                                       pseudo_label, require_crc_images, set_sizes, to_bins, upsampler)
 from pipeline.config import Config
 from pipeline.data.datasets import Dataset, Sample
 from pipeline.errors import UserError
@@ -323,18 +323,23 @@ def filtered_mask(store: LogitsStore, image_id: str, q: torch.Tensor, rule: str,
     """(filtered label, raw argmax, set size, two highest probabilities (2, H, W)) of one stored image at
     full resolution, each (H, W) but the last.
 
-    Rows are processed in bands of at most ``band_elements`` class scores (ADE20K: 150 classes).
+    Only the classes that can matter are upsampled (`candidates`: the labels, argmax and sets are those of all
+    classes; a second-highest probability below the smallest per-pixel total / K may be a lower bound). Rows are
+    processed in bands of at most ``band_elements`` class scores.
     """
     height, width = store.image_size(image_id)
     label = torch.empty(height, width, dtype=torch.uint8)
     raw = torch.empty(height, width, dtype=torch.int64)
     sizes = torch.empty(height, width, dtype=torch.int16)
     top2 = torch.empty(2, height, width)
-    for start, stop, full in bands(store.probabilities(image_id), (height, width), band_elements):
+    probs = store.probabilities(image_id)
+    keep = candidates(probs, q)
+    q, background = q[keep], position(keep, background)
+    for start, stop, full in bands(probs[keep], (height, width), band_elements):
         sets = prediction_sets(full, q)
-        label[start:stop] = pseudo_label(full, sets, rule, background)
+        label[start:stop] = lift(pseudo_label(full, sets, rule, background), keep)
         best = full.max(0)
-        raw[start:stop] = best.indices
+        raw[start:stop] = keep[best.indices]
         sizes[start:stop] = set_sizes(sets)
         top2[0, start:stop] = best.values
         top2[1, start:stop] = full.scatter(0, best.indices[None], -1.0).amax(0).clamp_min(0)

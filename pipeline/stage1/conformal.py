@@ -129,6 +129,38 @@ def bands(probs: torch.Tensor, size: tuple[int, int], band_elements: int = 1 << 
         yield start, stop, up.rows(cols, start, stop)
 
 
+MARGIN = 1e-5  # well above float32 rounding of a bilinear sum, so a class that can matter is never left out
+
+
+def candidates(probs: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+    """The classes (ascending ids) of (K, h, w) probabilities that can matter anywhere once they are upsampled:
+    those that can enter a prediction set at thresholds ``q`` ((K,) or rows of them), and those that can be the
+    most probable class. Bilinear upsampling mixes source pixels with convex weights, so a class never exceeds
+    its peak over the image there, and the most probable class holds at least the smallest per-pixel total / K.
+    Every other class stays out of every set and below the best class at every pixel: leaving it out changes no
+    set, label or argmax, and with 150 classes most are such (stage 1 then upsamples a handful, not all)."""
+    num_classes = probs.shape[0]
+    peak = probs.reshape(num_classes, -1).amax(1)
+    keep = peak >= float(probs.sum(0).min()) / num_classes * (1 - MARGIN) - MARGIN
+    if q is not None and q.numel():
+        keep |= nonconformity(peak) <= q.reshape(-1, num_classes).amax(0) + MARGIN
+    return keep.nonzero().flatten()
+
+
+def lift(label: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Labels computed on the ``keep`` classes (255 = ignore) as class ids of the whole vocabulary."""
+    ids = keep[label.long().clamp_max(len(keep) - 1)]
+    return torch.where(label == IGNORE, IGNORE, ids).to(torch.uint8)
+
+
+def position(keep: torch.Tensor, cls: int | None) -> int | None:
+    """Where class ``cls`` sits among the ``keep`` classes (None: not there, or no such class)."""
+    if cls is None:
+        return None
+    where = (keep == cls).nonzero()
+    return int(where[0]) if len(where) else None
+
+
 def _axis(n_in: int, n_out: int):
     scale = n_in / n_out
     src = ((torch.arange(n_out, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_min(0)
