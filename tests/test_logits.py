@@ -56,7 +56,7 @@ def _same_store(a, b) -> None:
     for image_id in sa.ids():
         np.testing.assert_array_equal(sa.read(image_id), sb.read(image_id), err_msg=image_id)
         assert sa.image_size(image_id) == sb.image_size(image_id)
-    for key in ("classes", "backend", "model_id", "weights_sha256", "score_kind", "scale", "failed"):
+    for key in ("classes", "backend", "model_id", "weights_sha256", "score_kind", "scale", "encoding", "failed"):
         assert sa.attrs[key] == sb.attrs[key], key
 
 

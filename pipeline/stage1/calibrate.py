@@ -28,7 +28,7 @@ from pipeline import __version__
 from pipeline.atomic import atomic_write, ensure_writable, write_text_atomic
 from pipeline.locks import locked
 from pipeline.stage1.conformal import (GRID, MODES, RULES, ScoreHistogram, Thresholds, background_index, bands,
-                                       candidates, check_alpha, fit, lift, nonconformity, position, prediction_sets,
+                                       check_alpha, fit, lift, nonconformity, position, prediction_sets,
                                        pseudo_label, require_crc_images, set_sizes, to_bins, upsampler)
 from pipeline.config import Config
 from pipeline.data.datasets import Dataset, Sample
@@ -323,8 +323,8 @@ def filtered_mask(store: LogitsStore, image_id: str, q: torch.Tensor, rule: str,
     """(filtered label, raw argmax, set size, two highest probabilities (2, H, W)) of one stored image at
     full resolution, each (H, W) but the last.
 
-    Only the classes that can matter are upsampled (`candidates`: the labels, argmax and sets are those of all
-    classes; a second-highest probability below the smallest per-pixel total / K may be a lower bound). Rows are
+    Only the classes that can matter are upsampled (`bands`, `candidates`): everything is as from all classes,
+    except a second-highest probability below 2^-11 (whose score bin is that of 0), which may be lower. Rows are
     processed in bands of at most ``band_elements`` class scores.
     """
     height, width = store.image_size(image_id)
@@ -332,12 +332,9 @@ def filtered_mask(store: LogitsStore, image_id: str, q: torch.Tensor, rule: str,
     raw = torch.empty(height, width, dtype=torch.int64)
     sizes = torch.empty(height, width, dtype=torch.int16)
     top2 = torch.empty(2, height, width)
-    probs = store.probabilities(image_id)
-    keep = candidates(probs, q)
-    q, background = q[keep], position(keep, background)
-    for start, stop, full in bands(probs[keep], (height, width), band_elements):
-        sets = prediction_sets(full, q)
-        label[start:stop] = lift(pseudo_label(full, sets, rule, background), keep)
+    for start, stop, keep, full in bands(store.probabilities(image_id), (height, width), q, True, band_elements):
+        sets = prediction_sets(full, q[keep])
+        label[start:stop] = lift(pseudo_label(full, sets, rule, position(keep, background)), keep)
         best = full.max(0)
         raw[start:stop] = keep[best.indices]
         sizes[start:stop] = set_sizes(sets)

@@ -117,32 +117,70 @@ def upsampler(src: tuple[int, int], dst: tuple[int, int]) -> Upsampler:
     return Upsampler(src, dst)
 
 
-def bands(probs: torch.Tensor, size: tuple[int, int], band_elements: int = 1 << 23):
-    """Yield (start, stop, probabilities of output rows start..stop-1) of (K, h, w) upsampled to ``size``, in
-    bands of at most ``band_elements`` class scores: memory stays bounded for many classes and big images."""
+BAND_ROWS = 32  # output rows per band: a few source rows, whose candidate classes are fewer than the image's
+
+
+def bands(probs: torch.Tensor, size: tuple[int, int], q: torch.Tensor | None = None, second: bool = False,
+          band_elements: int = 1 << 23):
+    """Yield (start, stop, keep, probabilities of the ``keep`` classes at output rows start..stop-1) of (K, h, w)
+    upsampled to ``size``. Each band upsamples only the source rows it uses and, of them, only the classes that
+    can matter there (`candidates` at thresholds ``q``, with ``second``); bands hold at most ``band_elements`` class scores, so
+    memory stays bounded for many classes and big images. The values are those of `Upsampler.full`, bit for bit."""
     height, width = size
     up = upsampler(tuple(probs.shape[1:]), (height, width))
-    cols = up.columns(probs)
-    step = max(1, band_elements // (probs.shape[0] * width))
+    step = max(1, min(BAND_ROWS, band_elements // (probs.shape[0] * width)))
     for start in range(0, height, step):
         stop = min(height, start + step)
-        yield start, stop, up.rows(cols, start, stop)
+        lo, hi = int(up.y0[start]), int(up.y1[stop - 1]) + 1
+        block = probs[:, lo:hi]
+        keep = candidates(block, q, second)
+        cols = up.columns(block[keep])
+        out = cols.index_select(1, up.y0[start:stop] - lo).mul_(up.wy0[start:stop, None])
+        yield start, stop, keep, out.add_(cols.index_select(1, up.y1[start:stop] - lo).mul_(up.wy1[start:stop, None]))
 
 
 MARGIN = 1e-5  # well above float32 rounding of a bilinear sum, so a class that can matter is never left out
 
 
-def candidates(probs: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+SECOND_FLOOR = 2.0 ** -11  # a probability below it has score 1 - p in the top bin, as 0 has: nothing to tell apart
+
+
+def candidates(probs: torch.Tensor, q: torch.Tensor | None = None, second: bool = False) -> torch.Tensor:
     """The classes (ascending ids) of (K, h, w) probabilities that can matter anywhere once they are upsampled:
-    those that can enter a prediction set at thresholds ``q`` ((K,) or rows of them), and those that can be the
-    most probable class. Bilinear upsampling mixes source pixels with convex weights, so a class never exceeds
-    its peak over the image there, and the most probable class holds at least the smallest per-pixel total / K.
-    Every other class stays out of every set and below the best class at every pixel: leaving it out changes no
-    set, label or argmax, and with 150 classes most are such (stage 1 then upsamples a handful, not all)."""
+    those that can enter a prediction set at thresholds ``q`` ((K,) or rows of them), those that can be the
+    most probable class somewhere and, with ``second``, those that can be the second most probable at a value
+    whose score bin (`to_bins`) differs from that of 0. Every other class is left out of every set and below the best class at every
+    pixel, so dropping it changes no set, label or argmax; with 150 classes most are such, and stage 1 upsamples
+    the few that remain.
+
+    Bilinear upsampling gives each output pixel a convex mix of one 2x2 cell of source pixels. There a class
+    never exceeds its largest value in the cell, and the best class holds at least the larger of two bounds:
+    m = max over classes of their smallest value in the cell, and min over corners of (the summed probability
+    of the n distinct classes that top some corner) / n (the best of those n holds at least their mean). A class
+    can be the best somewhere only if it reaches that bound in some cell, and the second only if it reaches the
+    second largest of the classes' smallest values in the cell. A class can enter a set only if its peak over the
+    image is within its threshold."""
     num_classes = probs.shape[0]
-    peak = probs.reshape(num_classes, -1).amax(1)
-    keep = peak >= float(probs.sum(0).min()) / num_classes * (1 - MARGIN) - MARGIN
+    cells = probs
+    if cells.shape[1] == 1 or cells.shape[2] == 1:  # one row or column: its cells are the pixels themselves
+        cells = cells.repeat(1, 2 if cells.shape[1] == 1 else 1, 2 if cells.shape[2] == 1 else 1)
+    corners = (cells[:, :-1, :-1], cells[:, :-1, 1:], cells[:, 1:, :-1], cells[:, 1:, 1:])
+    high = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
+    low = torch.minimum(torch.minimum(corners[0], corners[1]), torch.minimum(corners[2], corners[3]))
+    tops = [c.argmax(0, keepdim=True) for c in corners]  # (1, h-1, w-1): the class topping each corner
+    distinct = [torch.ones_like(tops[0], dtype=torch.bool)]
+    for a in range(1, 4):
+        distinct.append(torch.stack([tops[a] != tops[b] for b in range(a)]).all(0))
+    count = torch.stack(distinct).sum(0)
+    held = torch.stack([sum(corner.gather(0, top) * d for top, d in zip(tops, distinct)) for corner in corners])
+    mean_bound = held.amin(0) / count
+    best_at_least = torch.maximum(low.amax(0, keepdim=True), mean_bound)[0] * (1 - MARGIN) - MARGIN
+    if second:
+        second_at_least = low.topk(min(2, num_classes), 0).values[-1].clamp_min(SECOND_FLOOR)
+        best_at_least = torch.minimum(best_at_least, second_at_least * (1 - MARGIN) - MARGIN)
+    keep = (high >= best_at_least).reshape(num_classes, -1).any(1)
     if q is not None and q.numel():
+        peak = high.reshape(num_classes, -1).amax(1)
         keep |= nonconformity(peak) <= q.reshape(-1, num_classes).amax(0) + MARGIN
     return keep.nonzero().flatten()
 

@@ -16,8 +16,8 @@ from functools import reduce
 import numpy as np
 import torch
 
-from pipeline.stage1.conformal import (ScoreHistogram, background_index, bands, candidates, fit, lift, position,
-                                       prediction_sets, pseudo_label)
+from pipeline.stage1.conformal import (ScoreHistogram, background_index, bands, fit, lift, position, prediction_sets,
+                                       pseudo_label)
 from pipeline.data.datasets import Dataset, Sample
 from pipeline.errors import UserError
 from pipeline.labels import IGNORE
@@ -82,11 +82,8 @@ def held_out(store: LogitsStore, dataset: Dataset, samples: list[Sample], fold_o
             size = store.image_size(sample.id)
             truth = torch.from_numpy(dataset.read_mask(sample.mask, size).astype(np.int64))
             fold = fold_of[sample.id]
-            probs = store.probabilities(sample.id)
-            keep = candidates(probs, q[:, fold])  # only the classes that can matter (conformal.candidates)
-            mine, bg = q[:, fold][:, keep], position(keep, background)
-            for start, stop, full in bands(probs[keep], size):
-                band = truth[start:stop]
+            for start, stop, keep, full in bands(store.probabilities(sample.id), size, q[:, fold]):
+                band, mine, bg = truth[start:stop], q[:, fold][:, keep], position(keep, background)
                 top1 += confusion(keep[full.argmax(0)], band, k)
                 for a in range(len(alphas)):
                     label = lift(pseudo_label(full, prediction_sets(full, mine[a]), rule, bg), keep).long()

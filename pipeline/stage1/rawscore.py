@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.stage1.conformal import bands, candidates
+from pipeline.stage1.conformal import bands
 from pipeline.data.datasets import Dataset, Sample
 from pipeline.metrics import confusion
 from pipeline.stage0.store import LogitsStore
@@ -13,11 +13,9 @@ from pipeline.stage0.store import LogitsStore
 
 def raw_argmax(store: LogitsStore, image_id: str, band_elements: int = 1 << 23) -> torch.Tensor:
     """(H, W) class of the highest stored score, upsampled bilinearly to the image as calibration does (only the
-    classes that can be highest somewhere: `candidates`)."""
-    probs = store.probabilities(image_id)
-    keep = candidates(probs)
-    return torch.cat([keep[full.argmax(0)] for _, _, full in bands(probs[keep], store.image_size(image_id),
-                                                                  band_elements)])
+    classes that can be highest somewhere: `bands`)."""
+    return torch.cat([keep[full.argmax(0)] for _, _, keep, full in
+                      bands(store.probabilities(image_id), store.image_size(image_id), band_elements=band_elements)])
 
 
 def raw_confusion(store: LogitsStore, dataset: Dataset, samples: list[Sample], progress=None) -> np.ndarray:
