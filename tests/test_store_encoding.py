@@ -159,3 +159,30 @@ def test_a_float16_store_from_before_encodings_still_calibrates(toy_world, tmp_p
     old = run_calibrate(config, Settings(), jobs=1, warn=lambda m: None)
     assert old["qhat"] == new["qhat"] and old["diagnostics"]["unlabeled"] == new["diagnostics"]["unlabeled"]
     assert LogitsStore(tmp_path / "old/logits.zarr").encoding == "float16"
+
+
+@pytest.mark.parametrize("background", [None, 1])
+def test_pseudo_label_shortcut_equals_the_rules_definition(background):
+    """The most probable class decides wherever it is a member; elsewhere the members are searched."""
+    from pipeline.stage1.conformal import prediction_sets, pseudo_label
+
+    gen = torch.Generator().manual_seed(3)
+    p = torch.rand(6, 9, 11, generator=gen) ** 3
+    p /= p.sum(0)
+    for q in (torch.full((6,), 0.7), torch.rand(6, generator=gen) * 0.6 + 0.4):  # pooled, then per class
+        sets = prediction_sets(p, q)
+        for rule in ("paper", "singleton", "argmax"):
+            got = pseudo_label(p, sets, rule, background)
+            for y in range(9):
+                for x in range(11):
+                    members = [c for c in range(6) if sets[c, y, x]]
+                    if rule == "argmax":
+                        want = int(p[:, y, x].argmax())
+                    elif rule == "singleton":
+                        want = members[0] if len(members) == 1 else 255
+                    elif not members:
+                        want = 255
+                    else:
+                        others = [c for c in members if c != background] or members
+                        want = max(others, key=lambda c: float(p[c, y, x]))
+                    assert int(got[y, x]) == want, (rule, y, x)

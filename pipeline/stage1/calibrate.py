@@ -333,9 +333,8 @@ def filtered_mask(store: LogitsStore, image_id: str, q: torch.Tensor, rule: str,
     sizes = torch.empty(height, width, dtype=torch.int16)
     top2 = torch.empty(2, height, width)
     for start, stop, keep, full in bands(store.probabilities(image_id), (height, width), q, True, band_elements):
-        sets = prediction_sets(full, q[keep])
-        label[start:stop] = lift(pseudo_label(full, sets, rule, position(keep, background)), keep)
-        best = full.max(0)
+        sets, best = prediction_sets(full, q[keep]), full.max(0)
+        label[start:stop] = lift(pseudo_label(full, sets, rule, position(keep, background), best), keep)
         raw[start:stop] = keep[best.indices]
         sizes[start:stop] = set_sizes(sets)
         top2[0, start:stop] = best.values

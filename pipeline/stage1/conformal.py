@@ -124,65 +124,94 @@ def bands(probs: torch.Tensor, size: tuple[int, int], q: torch.Tensor | None = N
           band_elements: int = 1 << 23):
     """Yield (start, stop, keep, probabilities of the ``keep`` classes at output rows start..stop-1) of (K, h, w)
     upsampled to ``size``. Each band upsamples only the source rows it uses and, of them, only the classes that
-    can matter there (`candidates` at thresholds ``q``, with ``second``); bands hold at most ``band_elements`` class scores, so
-    memory stays bounded for many classes and big images. The values are those of `Upsampler.full`, bit for bit."""
+    can matter there (`Candidates` at thresholds ``q``, with ``second``); bands hold at most ``band_elements``
+    class scores, so memory stays bounded for many classes and big images. The values are those of
+    `Upsampler.full`, bit for bit."""
     height, width = size
     up = upsampler(tuple(probs.shape[1:]), (height, width))
     step = max(1, min(BAND_ROWS, band_elements // (probs.shape[0] * width)))
+    matter = Candidates(probs, q, second)
     for start in range(0, height, step):
         stop = min(height, start + step)
         lo, hi = int(up.y0[start]), int(up.y1[stop - 1]) + 1
-        block = probs[:, lo:hi]
-        keep = candidates(block, q, second)
-        cols = up.columns(block[keep])
+        keep = matter.rows(lo, hi)
+        cols = up.columns(probs[keep, lo:hi])
         out = cols.index_select(1, up.y0[start:stop] - lo).mul_(up.wy0[start:stop, None])
         yield start, stop, keep, out.add_(cols.index_select(1, up.y1[start:stop] - lo).mul_(up.wy1[start:stop, None]))
 
 
 MARGIN = 1e-5  # well above float32 rounding of a bilinear sum, so a class that can matter is never left out
-
-
 SECOND_FLOOR = 2.0 ** -11  # a probability below it has score 1 - p in the top bin, as 0 has: nothing to tell apart
 
 
-def candidates(probs: torch.Tensor, q: torch.Tensor | None = None, second: bool = False) -> torch.Tensor:
-    """The classes (ascending ids) of (K, h, w) probabilities that can matter anywhere once they are upsampled:
+class Candidates:
+    """Which classes of (K, h, w) probabilities can matter once they are upsampled, per band of source rows:
     those that can enter a prediction set at thresholds ``q`` ((K,) or rows of them), those that can be the
     most probable class somewhere and, with ``second``, those that can be the second most probable at a value
-    whose score bin (`to_bins`) differs from that of 0. Every other class is left out of every set and below the best class at every
-    pixel, so dropping it changes no set, label or argmax; with 150 classes most are such, and stage 1 upsamples
-    the few that remain.
+    whose score bin (`to_bins`) differs from that of 0. Every other class stays out of every set and below the
+    best class at every pixel, so leaving it out changes no set, label or argmax; with 150 classes most are such.
 
     Bilinear upsampling gives each output pixel a convex mix of one 2x2 cell of source pixels. There a class
     never exceeds its largest value in the cell, and the best class holds at least the larger of two bounds:
     m = max over classes of their smallest value in the cell, and min over corners of (the summed probability
     of the n distinct classes that top some corner) / n (the best of those n holds at least their mean). A class
-    can be the best somewhere only if it reaches that bound in some cell, and the second only if it reaches the
-    second largest of the classes' smallest values in the cell. A class can enter a set only if its peak over the
-    image is within its threshold."""
-    num_classes = probs.shape[0]
-    cells = probs
-    if cells.shape[1] == 1 or cells.shape[2] == 1:  # one row or column: its cells are the pixels themselves
-        cells = cells.repeat(1, 2 if cells.shape[1] == 1 else 1, 2 if cells.shape[2] == 1 else 1)
-    corners = (cells[:, :-1, :-1], cells[:, :-1, 1:], cells[:, 1:, :-1], cells[:, 1:, 1:])
-    high = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
-    low = torch.minimum(torch.minimum(corners[0], corners[1]), torch.minimum(corners[2], corners[3]))
-    tops = [c.argmax(0, keepdim=True) for c in corners]  # (1, h-1, w-1): the class topping each corner
-    distinct = [torch.ones_like(tops[0], dtype=torch.bool)]
-    for a in range(1, 4):
-        distinct.append(torch.stack([tops[a] != tops[b] for b in range(a)]).all(0))
-    count = torch.stack(distinct).sum(0)
-    held = torch.stack([sum(corner.gather(0, top) * d for top, d in zip(tops, distinct)) for corner in corners])
-    mean_bound = held.amin(0) / count
-    best_at_least = torch.maximum(low.amax(0, keepdim=True), mean_bound)[0] * (1 - MARGIN) - MARGIN
-    if second:
-        second_at_least = low.topk(min(2, num_classes), 0).values[-1].clamp_min(SECOND_FLOOR)
-        best_at_least = torch.minimum(best_at_least, second_at_least * (1 - MARGIN) - MARGIN)
-    keep = (high >= best_at_least).reshape(num_classes, -1).any(1)
-    if q is not None and q.numel():
-        peak = high.reshape(num_classes, -1).amax(1)
-        keep |= nonconformity(peak) <= q.reshape(-1, num_classes).amax(0) + MARGIN
-    return keep.nonzero().flatten()
+    can be the best in a cell only if it reaches that bound there, and the second only if it reaches the second
+    largest of the classes' smallest values there."""
+
+    def __init__(self, probs: torch.Tensor, q: torch.Tensor | None = None, second: bool = False):
+        num_classes = probs.shape[0]
+        if probs.shape[1] == 1 or probs.shape[2] == 1:  # one row or column: its cells are the pixels themselves
+            probs = probs.repeat(1, 2 if probs.shape[1] == 1 else 1, 2 if probs.shape[2] == 1 else 1)
+        peak = probs.amax((1, 2))
+        # Every pixel's most probable class holds at least (its total) / K: the bounds below need only the
+        # classes reaching that somewhere (fewer classes give smaller bounds, which stay bounds)
+        strong = (peak >= float(probs.sum(0).min()) / num_classes * (1 - MARGIN) - MARGIN).nonzero().flatten()
+        low = _cells(probs[strong], torch.minimum)
+        top = strong[probs[strong].max(0, keepdim=True).indices]  # max(dim): far faster than argmax over dim 0
+        tops = (top[:, :-1, :-1], top[:, :-1, 1:], top[:, 1:, :-1], top[:, 1:, 1:])  # the class topping each corner
+        distinct = [torch.ones_like(tops[0], dtype=torch.bool)]
+        for a in range(1, 4):
+            distinct.append(torch.stack([tops[a] != tops[b] for b in range(a)]).all(0))
+        count = torch.stack(distinct).sum(0)
+        corners = (probs[:, :-1, :-1], probs[:, :-1, 1:], probs[:, 1:, :-1], probs[:, 1:, 1:])
+        held = torch.stack([sum(corner.gather(0, t) * d for t, d in zip(tops, distinct)) for corner in corners])
+        best = low.amax(0)
+        floor = torch.maximum(best, held.amin(0)[0] / count[0])
+        if second:  # the second largest smallest value: the second most probable class holds at least that
+            ties = (low == best).sum(0) >= 2
+            runner_up = torch.where(ties, best, low.masked_fill_(low == best, 0).amax(0))
+            floor = torch.minimum(floor, runner_up.clamp_min(SECOND_FLOOR))
+        self.floor = floor * (1 - MARGIN) - MARGIN
+        self.q = q.reshape(-1, num_classes).amax(0) + MARGIN if q is not None and q.numel() else None
+        # only classes that pass somewhere need their cell maxima
+        pool = peak >= float(self.floor.min())
+        if self.q is not None:
+            pool |= nonconformity(peak) <= self.q
+        self.pool = pool.nonzero().flatten()
+        self.high = _cells(probs[self.pool], torch.maximum)
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        """The classes (ascending ids) that can matter where output pixels mix source rows lo..hi-1."""
+        last = self.floor.shape[0] - 1
+        first = min(lo, last)
+        band = slice(first, max(first, min(hi - 2, last)) + 1)  # the cells those pixels fall in
+        high = self.high[:, band].flatten(1)
+        keep = (high >= self.floor[band].flatten()).any(1)
+        if self.q is not None:
+            keep |= nonconformity(high.amax(1)) <= self.q[self.pool]
+        return self.pool[keep]
+
+
+def _cells(probs: torch.Tensor, pick) -> torch.Tensor:
+    """(K, h-1, w-1): ``pick`` (torch.maximum or torch.minimum) over each 2x2 cell of source pixels."""
+    out = pick(probs[:, :-1, :-1], probs[:, :-1, 1:])
+    pick(out, probs[:, 1:, :-1], out=out)
+    return pick(out, probs[:, 1:, 1:], out=out)
+
+
+def candidates(probs: torch.Tensor, q: torch.Tensor | None = None, second: bool = False) -> torch.Tensor:
+    """The classes that can matter anywhere in (K, h, w) probabilities upsampled (`Candidates`)."""
+    return Candidates(probs, q, second).rows(0, probs.shape[1])
 
 
 def lift(label: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -342,28 +371,39 @@ def prediction_sets(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return nonconformity(p) <= q.view(-1, *([1] * (p.dim() - 1)))
 
 
-def pseudo_label(p: torch.Tensor, sets: torch.Tensor, rule: str, background: int | None) -> torch.Tensor:
+def pseudo_label(p: torch.Tensor, sets: torch.Tensor, rule: str, background: int | None, best=None) -> torch.Tensor:
     """uint8 (H, W) label from probabilities (K, H, W) and prediction sets; 255 where the rule keeps nothing.
 
     ``paper``: empty set -> 255; otherwise the most probable class of the set that is not background,
     and background only when it is alone in the set. ``singleton``: only one-class sets are kept.
     ``argmax``: the sets are ignored, every pixel keeps the most probable class (unfiltered masks).
+    ``best``: ``p.max(0)`` when the caller has it.
     """
     sizes = set_sizes(sets)
+    best = p.max(0) if best is None else best  # max(dim) rather than argmax: far faster over the leading dim
+    if rule == "argmax":
+        return best.indices.to(torch.uint8)
+    # where the most probable class is a member (not background, for the paper rule) the rule's label is that
+    # class; the search over the members runs only if some pixel needs it (with one threshold for every class:
+    # never, as the most probable class enters first)
+    own = sets.gather(0, best.indices[None])[0]
     if rule == "singleton":
-        label = sets.to(torch.uint8).max(0).indices  # the first (here: only) member
-        keep = sizes == 1
-    elif rule == "argmax":
-        label = p.max(0).indices
-        keep = torch.ones_like(sizes, dtype=torch.bool)
+        keep, decided = sizes == 1, own
     elif rule == "paper":
-        ranked = torch.where(sets, p, torch.tensor(-1.0))  # probabilities are >= 0 > -1
-        if background is not None:  # below every other member, above every non-member
-            ranked[background] = torch.where(sets[background], torch.tensor(-0.5), torch.tensor(-1.0))
-        label = ranked.max(0).indices  # max(dim) rather than argmax: far faster over the leading dim
         keep = sizes > 0
+        decided = own if background is None else own & (best.indices != background)
     else:
         raise UserError(f"--rule {rule}: choose one of {', '.join(RULES)}")
+    label = best.indices
+    if not decided[keep].all():
+        if rule == "singleton":
+            members = sets.to(torch.uint8).max(0).indices  # the first (here: only) member
+        else:
+            ranked = torch.where(sets, p, torch.tensor(-1.0))  # probabilities are >= 0 > -1
+            if background is not None:  # below every other member, above every non-member
+                ranked[background] = torch.where(sets[background], torch.tensor(-0.5), torch.tensor(-1.0))
+            members = ranked.max(0).indices
+        label = torch.where(decided, label, members)
     return torch.where(keep, label, torch.tensor(IGNORE)).to(torch.uint8)
 
 

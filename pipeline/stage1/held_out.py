@@ -83,10 +83,10 @@ def held_out(store: LogitsStore, dataset: Dataset, samples: list[Sample], fold_o
             truth = torch.from_numpy(dataset.read_mask(sample.mask, size).astype(np.int64))
             fold = fold_of[sample.id]
             for start, stop, keep, full in bands(store.probabilities(sample.id), size, q[:, fold]):
-                band, mine, bg = truth[start:stop], q[:, fold][:, keep], position(keep, background)
-                top1 += confusion(keep[full.argmax(0)], band, k)
+                band, mine, bg, best = truth[start:stop], q[:, fold][:, keep], position(keep, background), full.max(0)
+                top1 += confusion(keep[best.indices], band, k)
                 for a in range(len(alphas)):
-                    label = lift(pseudo_label(full, prediction_sets(full, mine[a]), rule, bg), keep).long()
+                    label = lift(pseudo_label(full, prediction_sets(full, mine[a]), rule, bg, best), keep).long()
                     conf[a] += confusion(label.masked_fill(label == IGNORE, k), band, k, k + 1)
             update(1)
         return HeldOut(alphas, conf, top1)
