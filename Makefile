@@ -12,7 +12,7 @@ RUN    ?= toy
 
 .PHONY: setup test demo toy toy-annotator seem-logits seem-setup test-seem bench-seem calibrate bench-logits bench-calibrate \
 	bench-train bench-quality bench-real bench-student bench-student-recipe bench-regime bench-alpha bench-alpha-real \
-	camvid-splits gpu-check train clean
+	bench-scale camvid-splits gpu-check train clean
 
 setup: $(STAMP)
 
@@ -144,6 +144,12 @@ REGIME_ARGS ?= --name regime --splits 1_2 --annotators dicenet0.5 s1.0 --variant
 	--epochs 24 1 --eval-from 0.75 --class-weights median-frequency
 bench-regime: setup
 	$(call with_camvid,benchmarks/bench_student.py $(REGIME_ARGS),$(STUDENT_INPUTS) data/weights/dicenet_s_0.5_city_1024x512.pth)
+
+# The score store and stage 1 at ADE20K / COCO / VOC scale (500 images each, from real softmax maps on CamVid) and on
+# the real CamVid store, float16 against uint8: bytes, write cost, stage 1 time and peak RSS, mask agreement, and
+# projections to the full data sets: work/bench/scale.md. Needs bench-student's inputs. ~30 min on 2 cores.
+bench-scale: setup
+	$(call with_camvid,benchmarks/bench_scale.py,$(STUDENT_INPUTS) data/weights/espnetv2_s_2.0_pascal_384x384.pth)
 
 # What alpha is worth to the student: stage I on each alpha of a grid (paper and crc, 3 seeds, 2 splits), and the
 # rules that choose alpha from the labeled set against it: work/bench/alpha-quality.md (toy world, ~62 min on 2

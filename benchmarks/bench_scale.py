@@ -283,7 +283,16 @@ def calibrate_job(name: str, encoding: str) -> dict:
         shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     start = time.perf_counter()
     run_calibrate(config, Settings(), jobs=2, warn=quiet)
-    return {"seconds": time.perf_counter() - start}
+    return {"seconds": time.perf_counter() - start, "rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident size since it started (VmHWM; the rusage figure of a forked child also
+    counts the parent's pages it held before exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit("no VmHWM in /proc/self/status: peak RSS needs Linux")
 
 
 def labels_of(store: LogitsStore, image_id: str, q: torch.Tensor, background) -> dict:
@@ -379,8 +388,8 @@ def main() -> None:
         for encoding in ENCODINGS:
             print(f"{name}: stage 1 on {encoding}", file=sys.stderr)
             path = world_config(name, encoding).work_dir / "logits.zarr"
-            job, rss = measure(__file__, [name, encoding])
-            record[encoding] = {"bytes": store_bytes(path), "seconds": job["seconds"], "rss_mb": rss}
+            job, _ = measure(__file__, [name, encoding])
+            record[encoding] = {"bytes": store_bytes(path), **job}
         store = LogitsStore(world_config(name, "float16").work_dir / "logits.zarr")
         record["peakedness"] = peakedness(np.stack([store.probabilities(i).numpy() for i in store.ids()[:50]]))
         print(f"{name}: agreement", file=sys.stderr)

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.atomic import atomic_write
 from pipeline.stage1.calibrate import Settings, cross_calibrate, filtered_mask, thresholds_of
-from pipeline.stage1.conformal import ScoreHistogram, background_index, check_alpha, fit, to_bins
+from pipeline.stage1.conformal import SECOND_FLOOR, ScoreHistogram, background_index, check_alpha, fit, to_bins
 from pipeline.data.datasets import Dataset, read_image
 from pipeline.errors import UserError
 from pipeline.labels import IGNORE, PALETTE
@@ -98,7 +98,8 @@ def alpha_sweep(histograms: dict, alphas) -> list[dict]:
         row = {"alpha": alpha, "qhat": q, "coverage": coverage}
         if pixels:
             row["kept_paper"] = float(best[: b + 1].sum() / pixels)
-            row["kept_singleton"] = float((best[: b + 1].sum() - second[: b + 1].sum()) / pixels)
+            if q < 1 - SECOND_FLOOR:  # beyond, second probabilities below SECOND_FLOOR (recorded as 0) would count
+                row["kept_singleton"] = float((best[: b + 1].sum() - second[: b + 1].sum()) / pixels)
         rows.append(row)
     return rows
 

@@ -159,7 +159,7 @@ class LogitsStore:
         except Exception as exc:
             raise Damaged(self.path, image_id, describe(exc)) from None
         if data.dtype == np.uint8:
-            return LEVELS[data]
+            return np.take(LEVELS, data)  # 2x faster than LEVELS[data]
         data = data.astype(np.float32)
         if not np.isfinite(data).all():  # on float32: 10x faster than on float16
             raise Damaged(self.path, image_id, "scores that are not finite")

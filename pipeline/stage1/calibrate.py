@@ -27,8 +27,8 @@ import torch
 from pipeline import __version__
 from pipeline.atomic import atomic_write, ensure_writable, write_text_atomic
 from pipeline.locks import locked
-from pipeline.stage1.conformal import (GRID, MODES, RULES, ScoreHistogram, Thresholds, background_index, bands,
-                                       check_alpha, fit, lift, nonconformity, position, prediction_sets,
+from pipeline.stage1.conformal import (GRID, MODES, RULES, SECOND_FLOOR, ScoreHistogram, Thresholds, background_index,
+                                       bands, check_alpha, fit, lift, nonconformity, position, prediction_sets,
                                        pseudo_label, require_crc_images, set_sizes, to_bins, upsampler)
 from pipeline.config import Config
 from pipeline.data.datasets import Dataset, Sample
@@ -323,9 +323,9 @@ def filtered_mask(store: LogitsStore, image_id: str, q: torch.Tensor, rule: str,
     """(filtered label, raw argmax, set size, two highest probabilities (2, H, W)) of one stored image at
     full resolution, each (H, W) but the last.
 
-    Only the classes that can matter are upsampled (`bands`, `candidates`): everything is as from all classes,
-    except a second-highest probability below 2^-11 (whose score bin is that of 0), which may be lower. Rows are
-    processed in bands of at most ``band_elements`` class scores.
+    Only the classes that can matter are upsampled (`bands`, `Candidates`): everything is as from all classes,
+    except that a second-highest probability below SECOND_FLOOR (2^-7) is given as 0. Rows are processed in
+    bands of at most ``band_elements`` class scores.
     """
     height, width = store.image_size(image_id)
     label = torch.empty(height, width, dtype=torch.uint8)
@@ -338,7 +338,8 @@ def filtered_mask(store: LogitsStore, image_id: str, q: torch.Tensor, rule: str,
         raw[start:stop] = keep[best.indices]
         sizes[start:stop] = set_sizes(sets)
         top2[0, start:stop] = best.values
-        top2[1, start:stop] = full.scatter(0, best.indices[None], -1.0).amax(0).clamp_min(0)
+        second = full.scatter(0, best.indices[None], -1.0).amax(0)
+        top2[1, start:stop] = second.masked_fill_(second < SECOND_FLOOR, 0)  # below it, classes were left out
     return label, raw, sizes, top2
 
 

@@ -141,14 +141,16 @@ def bands(probs: torch.Tensor, size: tuple[int, int], q: torch.Tensor | None = N
 
 
 MARGIN = 1e-5  # well above float32 rounding of a bilinear sum, so a class that can matter is never left out
-SECOND_FLOOR = 2.0 ** -11  # a probability below it has score 1 - p in the top bin, as 0 has: nothing to tell apart
+# The masks' second-highest probability (for `inspect`'s singleton curve) is kept from 2^-7 (0.8%) up and given as
+# 0 below: tracking every class that reaches a few thousandths somewhere costs stage 1 a sixth more time at K=150
+SECOND_FLOOR = 2.0 ** -7
 
 
 class Candidates:
     """Which classes of (K, h, w) probabilities can matter once they are upsampled, per band of source rows:
     those that can enter a prediction set at thresholds ``q`` ((K,) or rows of them), those that can be the
-    most probable class somewhere and, with ``second``, those that can be the second most probable at a value
-    whose score bin (`to_bins`) differs from that of 0. Every other class stays out of every set and below the
+    most probable class somewhere and, with ``second``, those that can be the second most probable at a value of
+    at least SECOND_FLOOR. Every other class stays out of every set and below the
     best class at every pixel, so leaving it out changes no set, label or argmax; with 150 classes most are such.
 
     Bilinear upsampling gives each output pixel a convex mix of one 2x2 cell of source pixels. There a class
