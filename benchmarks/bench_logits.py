@@ -1,8 +1,8 @@
 """`make bench-logits`: the stage-0 data path on VOC-sized images, against the naive alternative.
 
 A trivially cheap TorchScript model (4x average pool + 1x1 conv to K=21 logits) keeps the model out
-of the measurement: what is timed is decoding, preprocessing, batching, fp16 conversion, compression
-and writing. The naive alternative writes one fp32 .npy per image at full resolution.
+of the measurement: what is timed is decoding, preprocessing, batching, encoding (the store's default, uint8
+since issue 32), compression and writing. The naive alternative writes one fp32 .npy per image at full resolution.
 
 Then the CPU allocator's share (`pipeline.stage0.logits.heap_reused`), in the same run: a convolutional network with
 an annotator's activations (ESPNetv2-like widths, 1/8 stride, 12 classes) on CamVid-sized images (480x360),
