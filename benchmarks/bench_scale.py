@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -252,7 +253,7 @@ def camvid_stores() -> dict:
     fp16 = OUT / "camvid" / "float16"
     fp16.mkdir(parents=True, exist_ok=True)
     if not (fp16 / "logits.zarr").exists():
-        (fp16 / "logits.zarr").symlink_to(source / "logits.zarr")
+        (fp16 / "logits.zarr").symlink_to(os.path.relpath(source / "logits.zarr", fp16))  # relative: the tree moves
     store = LogitsStore(fp16 / "logits.zarr")
     target = OUT / "camvid" / "uint8" / "logits.zarr"
     if not (target.parent / "done").is_file():
