@@ -14,7 +14,7 @@ import pipeline.stage1.conformal as conformal
 from conftest import work_copy
 from pipeline.stage0.store import LEVELS, LogitsStore, encode, open_for_writing, write_scores
 from pipeline.stage1.calibrate import Settings, filtered_mask, run_calibrate
-from pipeline.stage1.conformal import ScoreHistogram, candidates, fit, nonconformity, to_bins, upsampler
+from pipeline.stage1.conformal import Candidates, ScoreHistogram, fit, nonconformity, to_bins, upsampler
 from pipeline.stage1.rawscore import raw_argmax
 
 IDENTITY = {"classes": [f"c{i}" for i in range(150)], "backend": "t", "model_id": "m", "weights_sha256": "",
@@ -67,7 +67,15 @@ def test_every_score_kind_is_encoded_as_its_probabilities(kind):
 
 def _dense(monkeypatch):
     """Every class upsampled everywhere: what stage 1 computed before it left out the classes that cannot matter."""
-    monkeypatch.setattr(conformal, "candidates", lambda probs, q=None, second=False: torch.arange(probs.shape[0]))
+    real = Candidates.rows
+    calls = []
+
+    def every_class(self, lo, hi):
+        calls.append(len(real(self, lo, hi)))
+        return torch.arange(self.num_classes)
+
+    monkeypatch.setattr(conformal.Candidates, "rows", every_class)
+    return calls
 
 
 @pytest.mark.parametrize("rule", ["paper", "singleton", "argmax"])
@@ -80,12 +88,13 @@ def test_upsampling_only_the_candidate_classes_changes_no_mask(tmp_path, monkeyp
     for q in (torch.full((150,), 0.6), torch.full((150,), 0.97), per_class):
         for image_id in store.ids():
             probs = store.probabilities(image_id)
-            keep = candidates(probs, q)
+            keep = Candidates(probs, q).rows(0, probs.shape[1])
             assert len(keep) < 150 // 3  # most of the 150 classes cannot matter, and are not upsampled
             restricted = filtered_mask(store, image_id, q, rule, background)
             with monkeypatch.context() as patch:
-                _dense(patch)
+                restricted_sizes = _dense(patch)
                 dense = filtered_mask(store, image_id, q, rule, background)
+            assert restricted_sizes and max(restricted_sizes) < 150  # the reference really upsampled more
             for a, b in zip(restricted[:3], dense[:3]):  # label, raw argmax, set sizes: bit for bit
                 assert torch.equal(a, b)
             assert torch.equal(restricted[3][0], dense[3][0])  # the best probability

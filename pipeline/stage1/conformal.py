@@ -161,7 +161,7 @@ class Candidates:
     largest of the classes' smallest values there."""
 
     def __init__(self, probs: torch.Tensor, q: torch.Tensor | None = None, second: bool = False):
-        num_classes = probs.shape[0]
+        self.num_classes = num_classes = probs.shape[0]
         if probs.shape[1] == 1 or probs.shape[2] == 1:  # one row or column: its cells are the pixels themselves
             probs = probs.repeat(1, 2 if probs.shape[1] == 1 else 1, 2 if probs.shape[2] == 1 else 1)
         peak = probs.amax((1, 2))
@@ -209,11 +209,6 @@ def _cells(probs: torch.Tensor, pick) -> torch.Tensor:
     out = pick(probs[:, :-1, :-1], probs[:, :-1, 1:])
     pick(out, probs[:, 1:, :-1], out=out)
     return pick(out, probs[:, 1:, 1:], out=out)
-
-
-def candidates(probs: torch.Tensor, q: torch.Tensor | None = None, second: bool = False) -> torch.Tensor:
-    """The classes that can matter anywhere in (K, h, w) probabilities upsampled (`Candidates`)."""
-    return Candidates(probs, q, second).rows(0, probs.shape[1])
 
 
 def lift(label: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
