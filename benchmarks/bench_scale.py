@@ -37,6 +37,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +138,7 @@ def compute_maps(pairs) -> tuple[np.ndarray, np.ndarray]:
     return out[0], out[1]
 
 
-def world_image(name: str, j: int, city: np.ndarray, pascal: np.ndarray, perms) -> tuple[np.ndarray, np.ndarray]:
+def world_image(name: str, j: int, city: np.ndarray, pascal: np.ndarray, perms: list) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities float32 (K, h, w), class of each Cityscapes output or None for VOC) of world image j."""
     n = len(city)
     c = j % n
@@ -150,7 +151,7 @@ def world_image(name: str, j: int, city: np.ndarray, pascal: np.ndarray, perms) 
         channels.append(pascal[(c + partner + 7 * (j // n)) % n, 1:].astype(np.float32))  # non-background
     p = np.concatenate(channels)[:classes]
     p /= p.sum(0, keepdims=True)
-    perm = perms[name][j % SCENES]
+    perm = perms[j % SCENES]
     placed = np.empty_like(p)
     placed[perm] = p  # channel i goes to class id perm[i]
     return placed, perm[:20]
@@ -168,7 +169,7 @@ def build_world(name: str, count: int, labeled: int, city, pascal, pairs) -> dic
     (root / "agreement.json").unlink(missing_ok=True)
     (root / "data" / "masks").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    perms = {name: [rng.permutation(classes) for _ in range(SCENES)]}
+    perms = [rng.permutation(classes) for _ in range(SCENES)]
     identity = {"backend": "bench-scale", "model_id": f"{name} world from CamVid real maps",
                 "weights_sha256": "", "score_kind": "probabilities", "scale": "native", "class_map": None}
     lines = {"labeled": [], "unlabeled": []}
@@ -235,8 +236,6 @@ dir = "{OUT / name / encoding}"
 
 
 def replace_work(config, work: Path):
-    from dataclasses import replace
-
     return replace(config, work_dir=work)
 
 

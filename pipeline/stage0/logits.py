@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import zarr
 
 from pipeline import distributed
 from pipeline.atomic import ensure_writable
@@ -30,8 +29,8 @@ from pipeline.config import Config
 from pipeline.data.datasets import SPLITS, Dataset, Sample, image_size, read_image
 from pipeline.errors import DataProblem, UserError
 from pipeline.parallel import thread_map
-from pipeline.stage0.store import (DEFAULT_ENCODING, ENCODINGS, check_identity, encode, holds, intact_ids,
-                                   open_for_writing, record_failures, stored_encoding, write_scores)
+from pipeline.stage0.store import (DEFAULT_ENCODING, ENCODINGS, check_identity, encode, existing_encoding, holds,
+                                   intact_ids, open_for_writing, record_failures, write_scores)
 
 
 @dataclass(frozen=True)
@@ -137,7 +136,7 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     cls, mapping, weights = resolve_backend(config, dataset.classes)
     model_id, weights_sha256 = cls.fingerprint(weights, config)
     path = config.work_dir / "logits.zarr"
-    encoding = encoding or (_existing_encoding(path) if not force else None) or DEFAULT_ENCODING
+    encoding = encoding or (existing_encoding(path) if not force else None) or DEFAULT_ENCODING
     identity = {"classes": list(dataset.classes), "backend": cls.name, "model_id": model_id,
                 "weights_sha256": weights_sha256,
                 "score_kind": mapping.score_kind(cls.score_kind) if encoding == "float16" else "probabilities",
@@ -184,14 +183,6 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     distributed.barrier()
     return {"written": written, "skipped": skipped, "failed": len(all_failed), "images": len(samples),
             "store": path, "rank": rank, "world": world}
-
-
-def _existing_encoding(path) -> str | None:
-    """The encoding of the store at ``path``, if there is one."""
-    try:
-        return stored_encoding(dict(zarr.open_group(path, mode="r").attrs)) if (path / "zarr.json").is_file() else None
-    except Exception:  # unreadable: check_identity says so
-        return None
 
 
 @contextlib.contextmanager

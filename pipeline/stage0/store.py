@@ -68,6 +68,14 @@ def stored_encoding(attrs: dict) -> str:
     return attrs.get("encoding", "float16")
 
 
+def existing_encoding(path: Path) -> str | None:
+    """The encoding of the store at ``path``, if there is one (an unreadable one: None, `check_identity` says why)."""
+    try:
+        return stored_encoding(dict(zarr.open_group(path, mode="r").attrs)) if (path / "zarr.json").is_file() else None
+    except Exception:
+        return None
+
+
 def _levels() -> np.ndarray:
     """float64 (256,): the probability each uint8 value stands for."""
     return (np.arange(256) / 255.0) ** POWER

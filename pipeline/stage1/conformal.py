@@ -91,11 +91,16 @@ class Upsampler:
         """(K, h, w) -> (K, h, W): the first pass (the gather along the last axis runs on the small tensor)."""
         return p.index_select(2, self.x0).mul_(self.wx0).add_(p.index_select(2, self.x1).mul_(self.wx1))
 
-    def rows(self, cols: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """(K, h, W) -> (K, stop - start, W): output rows start..stop-1, so big images can go in bands."""
+    def rows(self, cols: torch.Tensor, start: int, stop: int, first: int = 0) -> torch.Tensor:
+        """(K, rows, W) -> (K, stop - start, W): output rows start..stop-1, so big images can go in bands; ``cols``
+        holds the source rows from ``first`` on (at least those the band uses, `source_rows`)."""
         band = slice(start, stop)
-        out = cols.index_select(1, self.y0[band]).mul_(self.wy0[band, None])
-        return out.add_(cols.index_select(1, self.y1[band]).mul_(self.wy1[band, None]))
+        out = cols.index_select(1, self.y0[band] - first).mul_(self.wy0[band, None])
+        return out.add_(cols.index_select(1, self.y1[band] - first).mul_(self.wy1[band, None]))
+
+    def source_rows(self, start: int, stop: int) -> tuple[int, int]:
+        """(lo, hi): output rows start..stop-1 mix source rows lo..hi-1."""
+        return int(self.y0[start]), int(self.y1[stop - 1]) + 1
 
     def at(self, p: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(K, h, w), (H, W) class ids in 0..K-1 -> (H, W): p[label] upsampled, at each pixel."""
@@ -133,11 +138,9 @@ def bands(probs: torch.Tensor, size: tuple[int, int], q: torch.Tensor | None = N
     matter = Candidates(probs, q, second)
     for start in range(0, height, step):
         stop = min(height, start + step)
-        lo, hi = int(up.y0[start]), int(up.y1[stop - 1]) + 1
+        lo, hi = up.source_rows(start, stop)
         keep = matter.rows(lo, hi)
-        cols = up.columns(probs[keep, lo:hi])
-        out = cols.index_select(1, up.y0[start:stop] - lo).mul_(up.wy0[start:stop, None])
-        yield start, stop, keep, out.add_(cols.index_select(1, up.y1[start:stop] - lo).mul_(up.wy1[start:stop, None]))
+        yield start, stop, keep, up.rows(up.columns(probs[keep, lo:hi]), start, stop, lo)
 
 
 MARGIN = 1e-5  # well above float32 rounding of a bilinear sum, so a class that can matter is never left out
@@ -376,10 +379,10 @@ def pseudo_label(p: torch.Tensor, sets: torch.Tensor, rule: str, background: int
     ``argmax``: the sets are ignored, every pixel keeps the most probable class (unfiltered masks).
     ``best``: ``p.max(0)`` when the caller has it.
     """
-    sizes = set_sizes(sets)
     best = p.max(0) if best is None else best  # max(dim) rather than argmax: far faster over the leading dim
     if rule == "argmax":
         return best.indices.to(torch.uint8)
+    sizes = set_sizes(sets)
     # where the most probable class is a member (not background, for the paper rule) the rule's label is that
     # class; the search over the members runs only if some pixel needs it (with one threshold for every class:
     # never, as the most probable class enters first)
