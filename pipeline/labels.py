@@ -28,6 +28,14 @@ def voc_palette() -> np.ndarray:
 
 
 PALETTE = voc_palette()
+IGNORE_COLOUR = (255, 255, 255)  # ignore in pictures: white, which no palette entry 0..254 is (grey 128: VOC's car)
+
+
+def colourise(mask: np.ndarray) -> np.ndarray:
+    """uint8 (H, W) labels -> (H, W, 3) RGB in the palette's colours, ignore white."""
+    rgb = PALETTE[mask]
+    rgb[mask == IGNORE] = IGNORE_COLOUR
+    return rgb
 
 
 def write_palette_png(path: Path, mask: np.ndarray) -> None:

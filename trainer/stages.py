@@ -8,7 +8,7 @@ same weighting.
 
 Writes ``<work>/runs/<name>/stage<N>/`` (stage II with another method than `self`: ``stage2-<method>/``):
 last.pt (every epoch, for --resume), best.pt (best val mIoU), metrics.jsonl (one line per epoch), run.json (the
-calibration its masks came from, for `summary`).
+calibration its masks came from, for `summary`), and TensorBoard event files (`trainer/curves.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pipeline.errors import UserError
 from pipeline.locks import locked
 from pipeline.stage1.record import UNRECORDED, cached_masks, write_run_record
 from pipeline.ui import no_progress, percent, plural
+from trainer.curves import Curves
 from trainer.checkpoint import check_factory, load_checkpoint, load_weights, save_checkpoint
 from trainer.data import TrainImages, ValImages, epoch_plan, label_counts
 from trainer.evaluate import evaluate
@@ -226,6 +227,8 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
             f"crop {recipe.crop}, lr {lr:.2e} (= {recipe.lr:g} x {recipe.batch_size}/8; {rates}), device {dev}")
 
     per_process = recipe.batch_size // world
+    # rank 0's curves; what a crash leaves unflushed lies past the last checkpoint, which a resume purges anyway
+    curves = Curves(out if rank == 0 else None, offset + step if resume else None, log)
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp else None
     summary = {"run_dir": str(out), "stage": stage, "epochs": epochs, "best": None, "last": None, "unchanged": False}
     while epoch < epochs:
@@ -257,8 +260,10 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
                 scaler.update()
                 if teacher is not None:
                     _ema_update(teacher.model, model, recipe.ema)
-                totals += torch.tensor([loss.item(), sup.item(), unsup.item()])
+                terms = [loss.item(), sup.item(), unsup.item()]
+                totals += torch.tensor(terms)
                 step += 1
+                curves.step(offset + step, *terms, weight, optimizer.param_groups[0]["lr"])
                 update(1)
         epoch += 1
         seconds = time.perf_counter() - started
@@ -290,6 +295,10 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "student": model.state_dict() if teacher is not None else None, "rng": rng, "metrics": record}
             _append_metrics(out / "metrics.jsonl", record)
+            curves.epoch(offset + step, record, dataset.classes)
+            if scored:
+                curves.images(offset + step, eval_model, val, dev, recipe.eval_mode, recipe.crop, autocast)
+            curves.flush()  # before the checkpoint: every step it holds has its events on disk
             write_run_record(out, stage, method, masks)
             if improved:  # before last.pt: a crash in between must not lose the best weights
                 save_checkpoint(best_path, {**state, "optimizer": None, "scaler": None, "student": None})
@@ -298,6 +307,7 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
                 on_epoch(record)
         distributed.barrier()
         summary.update(last=record.get("miou"), best=None if val is None else best, epochs_run=epoch)
+    curves.close()
     return summary
 
 

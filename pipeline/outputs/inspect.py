@@ -21,21 +21,14 @@ from pipeline.stage1.calibrate import Settings, cross_calibrate, filtered_mask, 
 from pipeline.stage1.conformal import SECOND_FLOOR, ScoreHistogram, background_index, check_alpha, fit, to_bins
 from pipeline.data.datasets import Dataset, read_image
 from pipeline.errors import UserError
-from pipeline.labels import IGNORE, PALETTE
+from pipeline.labels import IGNORE, IGNORE_COLOUR, PALETTE, colourise
 from pipeline.stage1.record import HISTOGRAMS, read_calibration
 from pipeline.stage0.store import LogitsStore
 from trainer.augment import to_tensor
 from trainer.checkpoint import load_trained
 
-IGNORE_COLOUR = (255, 255, 255)  # ignore (255): white, which no palette entry 0..254 is (grey 128 is VOC's car)
 BACKGROUND = (40, 40, 40)  # the sheet's own background, so that white ignore regions read as regions
 TILE = 256  # tiles are scaled (nearest for labels) so that small images stay legible
-
-
-def colourise(mask: np.ndarray) -> np.ndarray:
-    rgb = PALETTE[mask]
-    rgb[mask == IGNORE] = IGNORE_COLOUR
-    return rgb
 
 
 def contact_sheet(tiles: list[tuple[str, np.ndarray]], legend: list[tuple[str, tuple]] = ()) -> Image.Image:
