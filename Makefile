@@ -10,7 +10,7 @@ CLI    := $(BIN)/conformalsam
 WORK   ?= work
 RUN    ?= toy
 
-.PHONY: setup test demo toy toy-annotator seem-logits seem-setup test-seem bench-seem calibrate bench-logits bench-calibrate \
+.PHONY: setup browser screenshot test demo toy toy-annotator seem-logits seem-setup test-seem bench-seem calibrate bench-logits bench-calibrate \
 	bench-train bench-quality bench-real bench-student bench-student-recipe bench-regime bench-alpha bench-alpha-real \
 	bench-scale camvid-splits gpu-check train clean
 
@@ -29,8 +29,16 @@ $(STAMP): pyproject.toml
 	$(call new_venv,$(VENV))
 	touch $@
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
+
+# Debian's chromium and its driver, for the test that renders inspect's page (skipped without them, except in CI)
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+	else echo "make browser: install Debian's chromium and chromium-driver (as root) for the page test"; fi
 
 toy: setup
 	$(CLI) toy generate
@@ -174,6 +182,11 @@ gpu-check: setup
 	$(BIN)/python benchmarks/gpu_check.py
 
 # Retrain the shipped toy annotator (pipeline/toy/annotator.pt) on the source domain: ~3 min on 2 cores.
+# the README's picture of inspect's page, from the demo's work folder (run `make demo` first)
+screenshot: setup browser
+	$(CLI) inspect --count 4 $(CFG)
+	$(BIN)/python tests/browser.py $(WORK)/inspect/index.html docs/inspect-page.png
+
 toy-annotator: toy
 	$(CLI) toy train-annotator --out pipeline/toy/annotator.pt
 

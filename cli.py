@@ -447,24 +447,32 @@ def _print_ious(title: str, classes, ious, miou: float, accuracy: float) -> None
 @app.command("inspect")
 @with_config("data", "work")
 def inspect_command(
-    ids: Annotated[Optional[str], typer.Option(help="Image ids, comma-separated (default: --count random ones).")] = None,
-    count: Annotated[Optional[int], typer.Option(help="How many random images (default 6).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the random choice (default 0).")] = None,
-    split: Annotated[str, typer.Option(help="unlabeled | labeled | val (images must be scored).")] = "unlabeled",
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Add this trained model's prediction.")] = None,
+    ids: Annotated[Optional[str], typer.Option(help="Image ids for contact sheets, comma-separated (default: --count "
+                                               "random ones).")] = None,
+    count: Annotated[Optional[int], typer.Option(help="How many random images get a contact sheet, and how many per "
+                                                 "row group of the page (default 6).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the random choices (default 0).")] = None,
+    split: Annotated[str, typer.Option(help="unlabeled | labeled | val: the contact sheets' split (images must be "
+                                       "scored).")] = "unlabeled",
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Add this trained model's prediction to the sheets.")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Worker threads (default: all cores).")] = None,
     config: cfg.Config = None,
 ):
-    """Pictures in <work>/inspect/: a contact sheet per image, and coverage / kept fraction against alpha.
+    """What calibration did, in <work>/inspect/: index.html (open it in a browser), contact sheets, the alpha sweep.
 
-    Sheet: image | raw foundation argmax | filtered mask | ground truth | checkpoint, and a legend;
-    ignore (255) is white.
+    The page: which calibration made the masks, the alpha sweep, each class's kept share, and the masks the filter
+    emptied most, least, random ones, labeled and val images beside their ground truth. Sheet: image | raw
+    foundation argmax | filtered mask | ground truth | checkpoint, and a legend; ignore (255) is white.
     """
     from pipeline.outputs.inspect import run_inspect
 
     if ids and (count is not None or seed is not None):
         raise UserError("--count and --seed choose images at random; --ids names them: give one or the other")
+    if count is not None and count < 1:
+        raise UserError(f"--count {count}: give at least 1")
     chosen = [i.strip() for i in ids.split(",") if i.strip()] if ids else None
-    result = run_inspect(config, chosen, 6 if count is None else count, seed or 0, split, checkpoint)
+    result = run_inspect(config, chosen, 6 if count is None else count, seed or 0, split, checkpoint,
+                         jobs=jobs or os.cpu_count() or 1, progress=progress)
     record = result["record"]
     unlabeled = record["diagnostics"].get("unlabeled") or {}
     quality = unlabeled.get("quality") or {}
@@ -476,17 +484,22 @@ def inspect_command(
         precision = (quality.get("per_class_precision") or {}).get(name)
         table.add_row(name, percent(kept), percent(precision))
     print_table(table)
-    if result["sweep"]:
-        shown = [r for r in result["sweep"] if round(r["alpha"] * 100) in (1, 5, 10, 20, 30, 50)]
-        table = Table(title="alpha sweep (pooled threshold, from the saved histograms)")
-        for column in ("alpha", "qhat", "coverage %", "kept % paper", "kept % singleton"):
+    swept = result["sweep"]
+    if swept["rows"]:
+        table = Table(title=f"alpha sweep ({swept['mode']} mode, {swept['rule']} rule; labeled pixels held out by fold)")
+        for column in ("alpha", "coverage %" + (" (per image)" if swept["mode"] == "crc" else ""), "kept %",
+                       "accuracy % of kept", "kept % unlabeled"):
             table.add_column(column, justify="right")
-        for r in shown:
-            table.add_row(f"{r['alpha']:.2f}", f"{r['qhat']:.4f}", percent(r["coverage"]),
-                          percent(r.get("kept_paper")), percent(r.get("kept_singleton")))
+        for r in swept["rows"]:
+            table.add_row(f"{r['alpha']:.2f}" + (" *" if r["alpha"] == swept["alpha"] else ""),
+                          percent(r["coverage"]), percent(r["kept"]), percent(r["accuracy"]),
+                          percent(r["kept_unlabeled"]))
         print_table(table)
-    console.print(f"wrote {plural(len(result['sheets']), 'contact sheet')} and {result['sweep_png'].name} to "
-                  f"{config.work_dir / 'inspect'}")
+        out.print(f"* calibrated; the annotator's argmax is right on {percent(swept['top1'])}% of the labeled "
+                  "pixels", highlight=False)
+    figures = ", ".join(p.name for p in result["figures"])
+    console.print(f"wrote {plural(len(result['sheets']), 'contact sheet')}{', ' + figures if figures else ''} and "
+                  f"the page {result['page']} (open it in a browser)", soft_wrap=True, highlight=False)
 
 
 @app.command("export")
@@ -517,11 +530,21 @@ def export_masks(
 
 @app.command("summary")
 @with_config("work")
-def summary(config: cfg.Config = None):
+def summary(
+    plot: Annotated[bool, typer.Option(help="Also draw every run's val mIoU and loss to "
+                                       "<work>/inspect/training-curves.png.")] = False,
+    config: cfg.Config = None,
+):
     """What the pipeline produced so far: pseudo-label quality before / after filtering, val mIoU of each run."""
+    from pipeline.outputs.inspect import training_curves
     from pipeline.outputs.summary import print_summary
 
     print_summary(config.work_dir, out)
+    if plot:
+        path = training_curves(config.work_dir)
+        if path is None:
+            raise UserError(f"--plot: no run in {config.work_dir / 'runs'} has metrics yet; train one first")
+        console.print(f"wrote {path}", soft_wrap=True, highlight=False)
 
 
 def _split_source(source: Path, masks: Optional[Path], root: Optional[Path], config: Optional[str]) -> list[str]:

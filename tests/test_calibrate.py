@@ -264,20 +264,6 @@ def test_cli_calibrate_prints_report_and_rejects_bad_flags(toy_world, scored, tm
     assert isinstance(result.exception, UserError) and "--rule" in str(result.exception)
 
 
-@pytest.mark.parametrize("rule", ["paper", "singleton"])
-def test_alpha_sweep_from_saved_histograms_matches_a_real_calibration(toy_world, scored, tmp_path, rule):
-    from pipeline.outputs.inspect import alpha_sweep, load_histograms
-
-    config = fresh(toy_world, scored, tmp_path)
-    for alpha in (0.1, 0.3):
-        record = run_calibrate(config, Settings(alpha=alpha, rule=rule), jobs=1)
-        row = alpha_sweep(load_histograms(config.work_dir / "calibration-histograms.npz"), [alpha])[0]
-        assert row["qhat"] == record["qhat"]
-        assert row["coverage"] == pytest.approx(record["diagnostics"]["cross_calibration"]["pixel_coverage"])
-        kept = record["diagnostics"]["unlabeled"]["kept_fraction"]
-        assert row[f"kept_{rule}"] == pytest.approx(kept)
-
-
 def test_inspect_writes_contact_sheets_and_the_sweep(toy_world, scored, tmp_path):
     config = fresh(toy_world, scored, tmp_path)
     flags = ["--config", "toy", "--root", str(config.root), "--labeled", str(config.labeled), "--unlabeled",
@@ -292,7 +278,8 @@ def test_inspect_writes_contact_sheets_and_the_sweep(toy_world, scored, tmp_path
     with Image.open(sheets[0]) as img:
         assert img.mode == "RGB" and img.height >= 256 and img.width > 4 * 256  # 4 tiles: no checkpoint given
     with Image.open(config.work_dir / "inspect" / "alpha-sweep.png") as img:
-        assert img.size == (640, 420)
+        assert img.width > 600 and img.height > 600  # three panels
+    assert (config.work_dir / "inspect" / "index.html").is_file()
     result = CliRunner().invoke(app, ["inspect", "--ids", "nope", *flags])
     assert isinstance(result.exception, UserError) and "nope" in str(result.exception)
 

@@ -220,11 +220,12 @@ def test_inspect_pictures_have_an_ignore_colour_outside_the_palette_a_legend_and
     swatch = tuple(PALETTE[0])  # background is in every toy mask: its legend swatch is drawn below the tiles
     below = sheet[280:]
     assert (below == swatch).all(2).any()
-    sweep = np.asarray(Image.open(result["sweep_png"]))
-    plain = tmp_path / "plain.png"
-    from pipeline.outputs.inspect import plot_sweep
-    plot_sweep(result["sweep"], plain)  # the same curves without the marked alpha
-    assert (np.asarray(Image.open(plain)) != sweep).any()
+    swept = result["sweep"]
+    sweep = np.asarray(Image.open(result["figures"][0]))
+    elsewhere = tmp_path / "elsewhere.png"
+    from pipeline.outputs.plots import plot_sweep
+    plot_sweep({**swept, "alpha": 0.3}, elsewhere)  # the same curves with another alpha marked
+    assert (np.asarray(Image.open(elsewhere)) != sweep).any()
 
 
 def test_a_damaged_store_is_refused_on_read_and_rebuilt_by_logits(toy_world, scored, tmp_path):
@@ -367,33 +368,6 @@ def test_a_byte_order_mark_in_split_lists_classes_and_config_is_read_everywhere(
     assert load(toml).format == "folder"
 
 
-def test_alpha_sweep_curves_that_coincide_stay_apart_and_only_legend_colours_are_drawn(tmp_path):
-    import numpy as np
-    from PIL import Image
-
-    from pipeline.outputs.inspect import SERIES, plot_sweep
-
-    alphas = [0.05 * i for i in range(1, 9)]
-    same = [{"alpha": a, "coverage": 1 - a, "kept_paper": 1 - a, "kept_singleton": 1 - a} for a in alphas]
-    plot_sweep(same, tmp_path / "same.png", chosen=0.1)  # all four curves on one line
-    pixels = np.asarray(Image.open(tmp_path / "same.png").convert("RGB")).reshape(-1, 3)
-    colours = {tuple(int(c) for c in p) for p in pixels}
-    lines = {colour for _, colour, *_ in SERIES}
-    assert lines <= colours  # every curve visible where they coincide
-    # no blend of two line colours: besides the lines, only text, frame and grid greys (r == g == b)
-    assert all(c in lines or c[0] == c[1] == c[2] for c in colours), sorted(colours - lines)[:5]
-    styles = [(dash, marker) for _, _, dash, marker, _ in SERIES]
-    assert len({marker for _, marker in styles}) == len(SERIES)  # one marker each, as in the legend
-    # each curve drawn differently: dashes and markers, so the pictures of single curves all differ
-    pictures = []
-    for drop in ("coverage", "kept_paper", "kept_singleton"):
-        rows = [{k: v for k, v in r.items() if k != drop} if drop != "coverage" else {**r, "coverage": 0.0}
-                for r in same]
-        plot_sweep(rows, tmp_path / f"{drop}.png")
-        pictures.append(np.asarray(Image.open(tmp_path / f"{drop}.png")))
-    assert all((a != b).any() for i, a in enumerate(pictures) for b in pictures[i + 1:])
-
-
 def test_reports_say_only_what_applies(toy_world, calibrated, tmp_path):
     import shutil
 
@@ -525,7 +499,7 @@ def test_small_wordings_say_what_is_there(toy_world, calibrated, tmp_path, monke
     with pytest.raises(SystemExit):
         cli.main()
     assert captions[0][-1] == "one/stage1/best.pt, epoch 1"
-    assert "wrote 1 contact sheet and alpha-sweep.png" in capsys.readouterr().err
+    assert "wrote 1 contact sheet, alpha-sweep.png, training-curves.png and the page" in capsys.readouterr().err
 
     monkeypatch.setattr(sys, "argv", ["conformalsam", "export", str(tmp_path / "list"), "--to", "list",
                                       *map(str, flags(config))])

@@ -29,12 +29,12 @@ SHOWN = 3  # val images shown per evaluation
 
 class Curves:
     """A run's TensorBoard writer; nothing is written for ``out`` None (ranks other than 0) or where TensorBoard is
-    not installed."""
+    not installed. The event file is created at the first step: a run that fails before it leaves no folder."""
 
     def __init__(self, out: Path | None, resume_step: int | None, log):
         """``resume_step``: the step of the checkpoint a resumed run continues from (None: a new run, whose
         earlier event files, of a run deleted or killed before its first checkpoint, go)."""
-        self.writer = None
+        self.writer = self.open = None
         if out is None:
             return
         try:
@@ -46,10 +46,12 @@ class Curves:
         if resume_step is None:
             for old in out.glob(EVENTS):
                 old.unlink()
-        self.writer = SummaryWriter(str(out), purge_step=None if resume_step is None else resume_step + 1,
-                                    flush_secs=30)
+        self.open = lambda: SummaryWriter(str(out), purge_step=None if resume_step is None else resume_step + 1,
+                                          flush_secs=30)
 
     def step(self, step: int, loss: float, sup: float, unsup: float, weight: float, lr: float) -> None:
+        if self.open and not self.writer:
+            self.writer = self.open()
         if self.writer:
             for tag, value in (("loss/total", loss), ("loss/supervised", sup), ("loss/unsupervised", unsup),
                                ("schedule/lambda", weight), ("schedule/lr", lr)):

@@ -3,22 +3,29 @@
 - one contact sheet per chosen image: image | raw foundation argmax | filtered mask | ground truth (when
   the split has it) | a trained checkpoint's prediction (when given), and a legend of the classes shown;
   ignore (255) is white, a colour no class of the palette has;
-- ``alpha-sweep.png``: cross-calibrated coverage and the kept fraction of unlabeled pixels against alpha,
-  computed from the histograms calibrate saved (no new pass over the data, no retraining), with the
-  calibrated alpha marked.
+- ``alpha-sweep.png`` (and its figures in ``alpha-sweep.json``): what the calibrated mode and rule do at each
+  alpha, from the labeled set (cross-calibrated coverage, held-out kept share and accuracy of the kept labels)
+  and the saved histograms, with the calibrated alpha marked; no retraining;
+- ``training-curves.png``: val mIoU and loss of the work folder's runs;
+- ``index.html``: the page of the masks (`pipeline.outputs.page`).
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.atomic import atomic_write
-from pipeline.stage1.calibrate import Settings, cross_calibrate, filtered_mask, thresholds_of
+from pipeline.atomic import atomic_write, write_text_atomic
+from pipeline.outputs.page import write_page
+from pipeline.outputs.plots import plot_sweep, plot_training
+from pipeline.stage1.calibrate import Settings, assign_folds, cross_calibrate, filtered_mask, thresholds_of
 from pipeline.stage1.conformal import SECOND_FLOOR, ScoreHistogram, background_index, check_alpha, fit, to_bins
+from pipeline.stage1.held_out import held_out
 from pipeline.data.datasets import Dataset, read_image
 from pipeline.errors import UserError
 from pipeline.labels import IGNORE, IGNORE_COLOUR, PALETTE, colourise
@@ -29,6 +36,7 @@ from trainer.checkpoint import load_trained
 
 BACKGROUND = (40, 40, 40)  # the sheet's own background, so that white ignore regions read as regions
 TILE = 256  # tiles are scaled (nearest for labels) so that small images stay legible
+SWEEP_PNG, CURVES_PNG = "alpha-sweep.png", "training-curves.png"
 
 
 def contact_sheet(tiles: list[tuple[str, np.ndarray]], legend: list[tuple[str, tuple]] = ()) -> Image.Image:
@@ -72,120 +80,51 @@ def save_png(image: Image.Image, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
-def alpha_sweep(histograms: dict, alphas) -> list[dict]:
-    """Per alpha, in the pooled (paper) mode: qhat on all labeled pixels, its coverage by cross-calibration
-    over the saved folds (calibrate's own `fit` and `cross_calibrate`), and the fraction of unlabeled
-    pixels kept by the paper and singleton rules."""
+SWEEP_ALPHAS = tuple(round(0.02 * i, 2) for i in range(1, 21))  # 0.02 .. 0.40, and the calibrated alpha
+
+
+def sweep(record: dict, store: LogitsStore, dataset: Dataset, histograms: dict, alphas=SWEEP_ALPHAS, jobs: int = 1,
+          progress=None) -> dict:
+    """What the calibrated mode and rule would do at each alpha, from the labeled set and the saved histograms
+    (no retraining): cross-calibrated coverage (per image for crc, whose guarantee that is; per pixel otherwise),
+    the held-out share of labeled pixels kept and the accuracy of their labels (`held_out`), and, where one
+    threshold serves every class (paper and crc modes), the share of unlabeled pixels the masks would keep."""
+    mode, rule = record["mode"], record["rule"]
+    settings = Settings(alpha=record["alpha"], mode=mode, rule=rule, **record["settings"])
     hist = ScoreHistogram.from_arrays(histograms["counts"], histograms["mass"], histograms["images"])
-    best, second = histograms.get("unlabeled_best"), histograms.get("unlabeled_second")
-    pixels = None if best is None else best.sum()
-    rows = []
+    labeled = [s for s in dataset.split("labeled") if s.id in store]
+    alphas = sorted({*alphas, record["alpha"]})
     for alpha in alphas:
         check_alpha(alpha)
-        try:
-            q = float(fit(hist.total(), alpha, "paper").q[0])
-        except UserError:
-            continue  # infinite threshold: nothing to draw
-        b = int(to_bins(torch.tensor([q]))[0])
-        coverage = cross_calibrate(hist, Settings(alpha=alpha), range(hist.num_classes))["pixel_coverage"]
-        row = {"alpha": alpha, "qhat": q, "coverage": coverage}
-        if pixels:
-            row["kept_paper"] = float(best[: b + 1].sum() / pixels)
-            if q < 1 - SECOND_FLOOR:  # beyond, second probabilities below SECOND_FLOOR (recorded as 0) would count
-                row["kept_singleton"] = float((best[: b + 1].sum() - second[: b + 1].sum()) / pixels)
-        rows.append(row)
-    return rows
+    held = held_out(store, dataset, labeled, assign_folds(labeled, settings), hist, mode, rule, alphas, jobs,
+                    progress)
+    coverage = "image_coverage" if mode == "crc" else "pixel_coverage"
+    rows = []
+    for i, alpha in enumerate(held.alphas):
+        cross = cross_calibrate(hist, replace(settings, alpha=alpha), range(hist.num_classes))
+        rows.append({"alpha": alpha, "coverage": cross[coverage], "kept": float(held.kept[i]),
+                     "accuracy": None if np.isnan(held.accuracy[i]) else float(held.accuracy[i]),
+                     "kept_unlabeled": unlabeled_kept(histograms, hist, alpha, mode, rule)})
+    return {"mode": mode, "rule": rule, "alpha": record["alpha"], "coverage": coverage, "top1": held.top1_accuracy,
+            "rows": rows}
 
 
-# label, colour, dash (on, off pixels; None: solid), marker, value of a sweep row
-SERIES = [("1 - alpha (target)", (120, 120, 120), (6, 4), "ring", lambda r: 1 - r["alpha"]),
-          ("coverage (cross-cal.)", (31, 119, 180), None, "square", lambda r: r["coverage"]),
-          ("kept, paper rule", (214, 39, 40), (2, 3), "diamond", lambda r: r.get("kept_paper")),
-          ("kept, singleton rule", (44, 160, 44), None, "dot", lambda r: r.get("kept_singleton"))]
-
-
-def _polyline(draw: ImageDraw.ImageDraw, points: list, colour: tuple, dash: tuple | None, width: int = 2) -> None:
-    """Segments of a polyline, solid or dashed (the pattern runs on across the vertices)."""
-    phase = 0.0
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        length = ((x1 - x0) ** 2 + (y1 - y0) ** 2) ** 0.5
-        if dash is None or length == 0:
-            draw.line([(x0, y0), (x1, y1)], fill=colour, width=width)
-            continue
-        at = 0.0
-        while at < length:
-            period = dash[0] + dash[1]
-            on = dash[0] - phase % period
-            if on > 0:
-                end = min(at + on, length)
-                draw.line([(x0 + (x1 - x0) * at / length, y0 + (y1 - y0) * at / length),
-                           (x0 + (x1 - x0) * end / length, y0 + (y1 - y0) * end / length)], fill=colour,
-                          width=width)
-                step = end - at
-            else:
-                step = min(period - phase % period, length - at)
-            at += step
-            phase += step
-
-
-def _marker(draw: ImageDraw.ImageDraw, centre: tuple, shape: str, colour: tuple) -> None:
-    """From the largest to the smallest: a ring (r 7), a square (5), a diamond (4), a dot (2)."""
-    x, y = centre
-    if shape == "ring":
-        draw.ellipse([x - 7, y - 7, x + 7, y + 7], outline=colour, width=2)
-    elif shape == "square":
-        draw.rectangle([x - 5, y - 5, x + 5, y + 5], outline=colour, width=2)
-    elif shape == "diamond":
-        draw.polygon([(x, y - 4), (x + 4, y), (x, y + 4), (x - 4, y)], outline=colour, width=1)
-    else:
-        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-
-
-def plot_sweep(rows: list[dict], path: Path, chosen: float | None = None, note: str = "") -> None:
-    """A line chart (pillow only): coverage and kept fractions (y, 0..1) against alpha (x), the ``chosen``
-    (calibrated) alpha marked. Each curve has its own colour, dash and marker (nested shapes of different
-    sizes), so curves that coincide stay apart and the legend shows each as drawn; nothing is blended."""
-    width, height, left, right, top, bottom = 640, 420, 56, 170, 34, 44
-    image = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    x_max = max(r["alpha"] for r in rows)
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    def xy(alpha, value):
-        return left + alpha / x_max * plot_w, top + (1 - value) * plot_h
-
-    draw.rectangle([left, top, left + plot_w, top + plot_h], outline=(0, 0, 0))
-    for i in range(6):
-        v = i / 5
-        y = top + (1 - v) * plot_h
-        draw.line([left - 4, y, left, y], fill=(0, 0, 0))
-        draw.line([left + 1, y, left + plot_w - 1, y], fill=(230, 230, 230))
-        draw.text((8, y - 6), f"{v:.1f}", fill=(0, 0, 0), font=font)
-        a = x_max * i / 5
-        x = left + plot_w * i / 5
-        draw.line([x, top + plot_h, x, top + plot_h + 4], fill=(0, 0, 0))
-        draw.text((x - 12, top + plot_h + 8), f"{a:.2f}", fill=(0, 0, 0), font=font)
-    draw.text((left + plot_w / 2 - 40, height - 18), "alpha (miscoverage)", fill=(0, 0, 0), font=font)
-    draw.text((4, top - 16), "fraction", fill=(0, 0, 0), font=font)
-    draw.text((left, 4), "Pooled (paper-mode) threshold against alpha: coverage of labeled pixels and unlabeled "
-              "pixels kept", fill=(0, 0, 0), font=font)
-    if chosen is not None and 0 < chosen <= x_max:
-        x = xy(chosen, 0)[0]
-        _polyline(draw, [(x, top), (x, top + plot_h)], (0, 0, 0), (4, 4), width=1)
-        draw.text((x + 3, top + 2), note or f"alpha {chosen:g}", fill=(0, 0, 0), font=font)
-    for i, (label, colour, dash, marker, value) in enumerate(SERIES):
-        points = [xy(r["alpha"], value(r)) for r in rows if value(r) is not None]
-        _polyline(draw, points, colour, dash)
-        y = top + 10 + 18 * i
-        _polyline(draw, [(width - right + 6, y), (width - right + 34, y)], colour, dash)
-        _marker(draw, (width - right + 20, y), marker, colour)
-        draw.text((width - right + 40, y - 6), label, fill=(0, 0, 0), font=font)
-    for label, colour, dash, marker, value in SERIES:  # after every line: coinciding curves keep their marks
-        for r in rows:
-            if value(r) is not None:
-                _marker(draw, xy(r["alpha"], value(r)), marker, colour)
-    save_png(image, path)
+def unlabeled_kept(histograms: dict, hist: ScoreHistogram, alpha: float, mode: str, rule: str) -> float | None:
+    """The share of unlabeled pixels the masks keep at ``alpha``, from the histograms of each pixel's best and
+    second score (with one threshold q a set is non-empty iff best <= q, a singleton iff also second > q); None
+    for mondrian (a threshold per class) and where the histograms cannot tell."""
+    best, second = histograms.get("unlabeled_best"), histograms.get("unlabeled_second")
+    if mode == "mondrian" or best is None or not best.sum():
+        return None
+    if rule == "argmax":
+        return 1.0
+    q = float(fit(hist.total(), alpha, mode).q[0])
+    b = int(to_bins(torch.tensor([q]))[0])
+    if rule == "paper":
+        return float(best[: b + 1].sum() / best.sum())
+    if q >= 1 - SECOND_FLOOR:  # second probabilities below SECOND_FLOOR (recorded as 0) would count
+        return None
+    return float((best[: b + 1].sum() - second[: b + 1].sum()) / best.sum())
 
 
 def load_histograms(path: Path) -> dict:
@@ -197,8 +136,9 @@ def load_histograms(path: Path) -> dict:
 
 
 def run_inspect(config, ids: list[str] | None = None, count: int = 6, seed: int = 0, split: str = "unlabeled",
-                checkpoint: Path | None = None, alphas=None) -> dict:
-    """Contact sheets for chosen (or ``count`` random) images of a split, the per-class table and the sweep."""
+                checkpoint: Path | None = None, alphas=SWEEP_ALPHAS, jobs: int = 1, progress=None) -> dict:
+    """Contact sheets for chosen (or ``count`` random) images of a split, the alpha sweep (PNG and JSON), the
+    training curves of the work folder's runs, and the page of the masks (`pipeline.outputs.page`)."""
     work = config.work_dir
     record = read_calibration(work, required=True)
     dataset, store = Dataset(config), LogitsStore(work / "logits.zarr")
@@ -231,11 +171,26 @@ def run_inspect(config, ids: list[str] | None = None, count: int = 6, seed: int 
         legend = legend_of(dataset.classes, [m for _, m in masks])
         save_png(contact_sheet(tiles, legend), out / f"{sample.id}.png")
         written.append(out / f"{sample.id}.png")
-    rows = alpha_sweep(load_histograms(work / HISTOGRAMS), alphas or [a / 100 for a in range(1, 51)])
-    if rows:
-        plot_sweep(rows, out / "alpha-sweep.png", record["alpha"], f"calibrated: alpha {record['alpha']:g}, "
-                   f"{record['mode']} mode")
-    return {"sheets": written, "sweep": rows, "record": record, "sweep_png": out / "alpha-sweep.png"}
+    swept = sweep(record, store, dataset, load_histograms(work / HISTOGRAMS), alphas, jobs, progress)
+    figures = {}
+    if swept["rows"]:
+        plot_sweep(swept, out / SWEEP_PNG)
+        write_text_atomic(out / "alpha-sweep.json", json.dumps(swept, indent=1) + "\n")
+        figures["Alpha sweep"] = out / SWEEP_PNG
+    if training_curves(work):
+        figures["Training curves"] = out / CURVES_PNG
+    page = write_page(out, record, store, dataset, count, seed, figures, work, progress)
+    return {"sheets": written, "sweep": swept, "record": record, "figures": list(figures.values()), "page": page}
+
+
+def training_curves(work: Path) -> Path | None:
+    """``<work>/inspect/training-curves.png`` from every run's metrics.jsonl, or None when no run has one."""
+    runs = {}
+    for metrics in sorted((work / "runs").glob("*/stage*/metrics.jsonl")):
+        lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        runs.setdefault(metrics.parent.parent.name, {})[metrics.parent.name] = lines
+    path = work / "inspect" / CURVES_PNG
+    return path if plot_training(runs, path) else None
 
 
 @torch.no_grad()

@@ -1,0 +1,190 @@
+"""`<work>/inspect/index.html`: a page of the masks, static files with relative links (copy the folder anywhere).
+
+It shows which calibration made the masks, the alpha sweep, the class legend with the share of each class's
+raw-argmax pixels that the unlabeled masks keep (the number that tells a class is being erased), and rows of
+pictures: image | raw argmax | filtered mask | ground truth (where the split has it), with the kept share and,
+against ground truth, the accuracy of the kept labels. Unlabeled rows are the masks on disk: those the filter
+emptied most, least, and random ones; labeled and val rows are computed from the store with the same thresholds.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.atomic import atomic_write, write_text_atomic
+from pipeline.data.datasets import Dataset, Sample, read_image
+from pipeline.labels import IGNORE, IGNORE_COLOUR, PALETTE, colourise
+from pipeline.stage0.store import LogitsStore
+from pipeline.stage1.calibrate import filtered_mask, thresholds_of
+from pipeline.stage1.conformal import background_index
+from pipeline.stage1.record import MASKS
+from pipeline.ui import no_progress
+
+PAGE = "index.html"
+PICTURES = "images"
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; }
+td, th { padding: 2px 8px; text-align: right; border-bottom: 1px solid #ddd; }
+td:nth-child(2), th:nth-child(2) { text-align: left; }
+.swatch { display: inline-block; width: 14px; height: 14px; border: 1px solid #888; vertical-align: middle; }
+.bar { display: inline-block; height: 10px; background: #4a7; vertical-align: middle; }
+.low td { background: #fde2e2; }
+.row { display: flex; gap: 6px; align-items: flex-start; margin: 4px 0 14px; flex-wrap: wrap; }
+.row figure { margin: 0; }
+.row img { height: 180px; image-rendering: pixelated; display: block; }
+figcaption, .caption { font-size: 12px; color: #555; }
+.broken { color: #b00; font-weight: bold; }
+.figures { display: flex; gap: 24px; flex-wrap: wrap; align-items: flex-start; }
+.figures img { max-width: 640px; width: 100%; }
+"""
+
+# Says on the page itself when a picture is missing (a folder copied in part).
+CHECK = """
+window.addEventListener("load", () => {
+  const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0);
+  const note = document.getElementById("broken");
+  note.textContent = broken.length ? broken.length + " picture(s) did not load: " +
+    broken.map(i => i.getAttribute("src")).join(", ") : "";
+});
+"""
+
+
+def write_page(out: Path, record: dict, store: LogitsStore, dataset: Dataset, count: int, seed: int,
+               figures: dict[str, Path], work: Path, progress=None) -> Path:
+    """Write ``out/index.html`` and its pictures (under ``out/images``); ``figures`` maps a heading to a
+    figure already in ``out``. Returns the page's path."""
+    rng = np.random.default_rng(seed)
+    unscored = ""
+    q, background = thresholds_of(record), background_index(dataset.classes)
+    written: set[Path] = set()
+    body = [f"<h1>Filtered masks: {html.escape(str(work))}</h1>", _calibration(record),
+            '<p id="broken" class="broken"></p>']
+    body.append(_classes(record))
+    body.append('<div class="figures">' + "".join(
+        f'<div><h2>{html.escape(heading)}</h2><img src="{figure.name}" alt="{html.escape(heading)}"></div>'
+        for heading, figure in figures.items()) + "</div>")
+
+    unlabeled = [s for s in dataset.split("unlabeled") if (work / MASKS / f"{s.id}.png").is_file()]
+    kept = _kept_shares(work, unlabeled, progress)
+    order = np.argsort([kept[s.id] for s in unlabeled], kind="stable")
+    emptied, full = [unlabeled[i] for i in order[:count]], [unlabeled[i] for i in order[::-1][:count]]
+    shown = {s.id for s in emptied + full}
+    rest = [s for s in unlabeled if s.id not in shown]
+    random = [rest[i] for i in sorted(rng.permutation(len(rest))[:count])]
+    groups = [("Unlabeled: the masks the filter emptied most", "most", emptied),
+              ("Unlabeled: the masks it emptied least", "least", full),
+              ("Unlabeled: random masks", "random", random)]
+    for split in ("labeled", "val"):
+        samples = [s for s in dataset.split(split) if s.id in store] if split == "labeled" or dataset.config.val \
+            else []
+        picked = [samples[i] for i in sorted(rng.permutation(len(samples))[:count])]
+        if picked:
+            groups.append((f"{split.capitalize()}: masks of the same thresholds (fitted on the labeled images), "
+                           "with ground truth", split, picked))
+        elif split == "val" and dataset.config.val:
+            unscored = "<p>Val images: none scored (`conformalsam logits --split val` adds them here).</p>"
+    for heading, tag, samples in groups:
+        body.append(f"<h2>{html.escape(heading)}</h2>")
+        if not samples:
+            body.append("<p>none</p>")
+        for i, sample in enumerate(samples):
+            on_disk = work / MASKS / f"{sample.id}.png" if tag in ("most", "least", "random") else None
+            body.append(_row(out, f"{tag}-{i}", sample, dataset, store, q, record["rule"], background, on_disk,
+                             written))
+    body.append(unscored)
+    for stale in (out / PICTURES).glob("*"):
+        if stale not in written:
+            stale.unlink()
+    page = out / PAGE
+    write_text_atomic(page, "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+                      f"<title>conformalsam masks</title><style>{STYLE}</style></head>\n<body>\n"
+                      + "\n".join(body) + f"\n<script>{CHECK}</script>\n</body></html>\n")
+    return page
+
+
+def _calibration(record: dict) -> str:
+    unlabeled = record["diagnostics"].get("unlabeled") or {}
+    store = record.get("store") or {}
+    kept = unlabeled.get("kept_fraction")
+    return (f"<p>Calibration: <b>{html.escape(record['mode'])} mode, {html.escape(record['rule'])} rule, alpha "
+            f"{record['alpha']:g}</b>, fitted on {record['n_images']} labeled images ({record['created']}); scores of "
+            f"{html.escape(str(store.get('backend')))} {html.escape(str(store.get('model_id') or ''))}. "
+            f"{unlabeled.get('images', 0)} unlabeled masks keep "
+            f"{'-' if kept is None else f'{kept:.1%}'} of their pixels; ignore (255) is white.</p>")
+
+
+def _classes(record: dict) -> str:
+    """The legend, with each class's kept share over every unlabeled mask (calibrate's own count)."""
+    per_class = (record["diagnostics"].get("unlabeled") or {}).get("per_class") or {}
+    overall = (record["diagnostics"].get("unlabeled") or {}).get("kept_fraction")
+    rows = []
+    for c, name in enumerate(record["classes"]):
+        figures = per_class.get(name) or {}
+        share = figures.get("kept_fraction")
+        low = share is not None and overall and share < overall / 2
+        bar = "" if share is None else f'<span class="bar" style="width:{round(share * 120)}px"></span> {share:.1%}'
+        rows.append(f'<tr{" class=low" if low else ""}><td><span class="swatch" style="background:'
+                    f'rgb{tuple(int(v) for v in PALETTE[c])}"></span></td><td>{html.escape(name)}</td>'
+                    f"<td>{figures.get('raw_pixels', '-')}</td><td style=\"text-align:left\">{bar}</td>"
+                    f"<td>{figures.get('filtered_pixels', '-')}</td></tr>")
+    rows.append(f'<tr><td><span class="swatch" style="background:rgb{IGNORE_COLOUR}"></span></td>'
+                "<td>ignore (255)</td><td></td><td></td><td></td></tr>")
+    return ("<h2>Classes</h2><p>Kept share: of the unlabeled pixels whose raw argmax is the class, the share the "
+            "filtered masks keep (red: under half the overall share).</p><table><tr><th></th><th>class</th>"
+            "<th>raw argmax pixels</th><th style=\"text-align:left\">kept share</th><th>pixels labelled so</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def _kept_shares(work: Path, samples: list[Sample], progress) -> dict[str, float]:
+    """Each unlabeled mask's kept share, read from its PNG on disk."""
+    shares = {}
+    with (progress or no_progress)("masks read") as update:
+        update(0, len(samples))
+        for sample in samples:
+            with Image.open(work / MASKS / f"{sample.id}.png") as img:
+                shares[sample.id] = float((np.asarray(img) != IGNORE).mean())
+            update(1)
+    return shares
+
+
+def _row(out: Path, stem: str, sample: Sample, dataset: Dataset, store: LogitsStore, q, rule: str, background,
+         on_disk: Path | None, written: set) -> str:
+    image = read_image(sample.image)
+    label, raw, _, _ = filtered_mask(store, sample.id, q, rule, background)
+    label = label.numpy()
+    if on_disk is not None:  # the mask the trainer reads
+        with Image.open(on_disk) as img:
+            label = np.asarray(img)
+    truth = dataset.read_mask(sample.mask, image.shape[:2]) if sample.mask is not None and sample.mask.is_file() \
+        else None
+    tiles = [("image", image, "jpg"), ("raw argmax", colourise(raw.numpy().astype(np.uint8)), "png"),
+             ("filtered", colourise(label), "png")]
+    if truth is not None:
+        tiles.append(("ground truth", colourise(truth), "png"))
+    figures = []
+    for caption, picture, ext in tiles:
+        path = out / PICTURES / f"{stem}-{caption.split()[0]}.{ext}"
+        _save(picture, path)
+        written.add(path)
+        figures.append(f'<figure><img src="{PICTURES}/{path.name}" alt="{caption}"><figcaption>{caption}'
+                       "</figcaption></figure>")
+    kept = label != IGNORE
+    said = [html.escape(sample.id), f"kept {kept.mean():.1%}"]
+    if truth is not None:
+        scored = kept & (truth != IGNORE)
+        said.append("accuracy of kept labels " + (f"{(label[scored] == truth[scored]).mean():.1%}" if scored.any()
+                                                  else "-"))
+    return f'<div class="caption">{" · ".join(said)}</div><div class="row">{"".join(figures)}</div>'
+
+
+def _save(picture: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(picture)).save(tmp, format="JPEG" if path.suffix == ".jpg" else "PNG",
+                                                            **({"quality": 90} if path.suffix == ".jpg" else {}))
