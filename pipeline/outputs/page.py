@@ -80,15 +80,17 @@ def write_page(out: Path, record: dict, store: LogitsStore, dataset: Dataset, co
     groups = [("Unlabeled: the masks the filter emptied most", "most", emptied),
               ("Unlabeled: the masks it emptied least", "least", full),
               ("Unlabeled: random masks", "random", random)]
+    val = dataset.config.val
     for split in ("labeled", "val"):
-        samples = [s for s in dataset.split(split) if s.id in store] if split == "labeled" or dataset.config.val \
-            else []
+        listed = split == "labeled" or (val is not None and Path(val).is_file())  # inspect needs no val list
+        samples = [s for s in dataset.split(split) if s.id in store] if listed else []
         picked = [samples[i] for i in sorted(rng.permutation(len(samples))[:count])]
         if picked:
             groups.append((f"{split.capitalize()}: masks of the same thresholds (fitted on the labeled images), "
                            "with ground truth", split, picked))
-        elif split == "val" and dataset.config.val:
-            unscored = "<p>Val images: none scored (`conformalsam logits --split val` adds them here).</p>"
+        elif split == "val" and val is not None:
+            unscored = ("<p>Val images: none scored (`conformalsam logits --split val` adds them here).</p>"
+                        if listed else f"<p>Val images: the val list {html.escape(str(val))} is not there.</p>")
     for heading, tag, samples in groups:
         body.append(f"<h2>{html.escape(heading)}</h2>")
         if not samples:
