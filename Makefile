@@ -12,7 +12,7 @@ RUN    ?= toy
 
 .PHONY: setup browser screenshot test demo toy toy-annotator seem-logits seem-setup test-seem bench-seem calibrate bench-logits bench-calibrate \
 	bench-train bench-quality bench-real bench-student bench-student-recipe bench-regime bench-alpha bench-alpha-real \
-	bench-scale camvid-splits gpu-check train clean
+	bench-scale camvid-splits gpu-check gpu-student-smoke train clean
 
 setup: $(STAMP)
 
@@ -178,6 +178,12 @@ camvid-splits: setup
 
 # On a GPU machine, ~3-8 min: stage 0 on CUDA, train + resume (bf16, channels-last) for R101 and MiT-B5, stage II
 # unimatch, sliding eval, AMP vs fp32 throughput -> work/gpu-check.json (the test suite runs its --dry CPU path).
+# The GPU kit of issue 34 on the CPU with tiny settings: the whole path of `gpu_student.sh run`, a few minutes.
+# Needs .gpu-student/ from `bash benchmarks/gpu_student.sh prepare [UNIMATCH_SRC]` (bench-student's inputs).
+gpu-student-smoke: setup
+	@if [ -f .gpu-student/quality.json ]; then OUT=$(WORK)/gpu-student-smoke bash benchmarks/gpu_student.sh run --smoke; \
+	else echo "make gpu-student-smoke: no .gpu-student/ here; run bash benchmarks/gpu_student.sh prepare first"; fi
+
 gpu-check: setup
 	$(BIN)/python benchmarks/gpu_check.py
 

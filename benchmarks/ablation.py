@@ -80,8 +80,9 @@ def split_config(world: World, root: Path, split: str, variant: str) -> Config:
     """The split's config, working in its own folder that shares the one score store."""
     work = root / split / variant
     work.mkdir(parents=True, exist_ok=True)
-    if not (work / "logits.zarr").exists():
-        (work / "logits.zarr").symlink_to(root / "logits.zarr")
+    link = work / "logits.zarr"
+    if not link.is_symlink() and not link.exists():  # (a link to a store not there, as on the GPU kit's machine)
+        link.symlink_to(root / "logits.zarr")
     return replace(world.config(split), work_dir=work)
 
 
