@@ -1,16 +1,17 @@
 """The strong-student regime table on a lent GPU, in one call (`benchmarks/gpu_student.sh`, issue 34).
 
-    prepare   here: what the GPU machine needs and cannot fetch, into one folder (gpu_student.sh adds the wheels
-              and checks the 60 MiB budget with the working tree): CamVid train and val images re-encoded as JPEG with their label PNGs, the labeled splits'
-              lists, each annotator's raw and CP masks with their calibration records (computed here, by
-              bench-student's own stage 0 and stage 1), the annotators' quality figures, EdgeNets' model code and
-              the PASCAL ESPNetv2 s2.0 weights, UniMatch's source when given.
+    prepare   here: what the GPU machine needs and cannot fetch, into one folder: CamVid train and val images
+              re-encoded as JPEG with their label PNGs, the labeled splits' lists, each annotator's raw and CP masks
+              with their calibration records (computed here by bench-student's own stage 0 and stage 1), the
+              annotators' quality figures, EdgeNets' model code and the PASCAL ESPNetv2 s2.0 weights, UniMatch's
+              source when given (gpu_student.sh adds the wheels and checks the 60 MiB budget with the working tree).
     run       there: the regime table of bench-regime with the student a GPU affords (ESPNetv2 s2.0 from PASCAL
-              weights, crops of 352 from images scaled 0.75-1.5x). First the labeled-only runs, with validation every
-              epoch up to --max-epochs: the epoch where their mean val mIoU stops rising (within --plateau points
-              of its best) becomes every masked run's length. Then labeled only / raw / CP crc / CP paper for the
+              weights, crops of 352 from images scaled 0.75-1.5x). First labeled-only runs validated every epoch up
+              to --max-epochs: the epoch where their mean val mIoU stops rising (within --plateau points of its
+              best) becomes every row's length, cut to what fits the rest of --budget (their measured seconds an
+              epoch tell). Then labeled only / raw / CP crc / CP paper at that length, with one schedule, for the
               weakest and the strongest annotator at each split and seed, --jobs trainings side by side on the one
-              GPU. Writes <out>/gpu-student.md and .json, the tables of bench-student.
+              GPU. Writes <results>/gpu-student.md and .json, the tables of bench-student (the runs stay in --out).
 
 `run --smoke` takes the same path on the CPU with tiny settings (one split, one seed, 2 epochs, crop 64, 12 val
 images): a check of the kit, not a measurement.
@@ -191,47 +192,80 @@ def run(args) -> None:
     cap = 2 if args.smoke else args.max_epochs
     workers = max(0, (os.cpu_count() or 1) // args.jobs - 1)
 
-    def recipe(seed: int, epochs: int, labeled_only: bool):
+    def recipe(seed: int, epochs: int, labeled_only: bool, eval_from: float = 0.0):
         _, base = get_recipe("camvid-tiny", "folder", **student, seed=seed, epochs=(epochs, 1), crop=crop,
-                             batch_size=args.batch_size, workers=workers, eval_from=0.0 if labeled_only else 0.5)
+                             batch_size=args.batch_size, workers=workers, eval_from=eval_from)
         return replace(base, lambda_start=0.0, lambda_end=0.0, lambda_schedule="constant") if labeled_only else base
 
     reference = worlds[ANNOTATORS[0]]
     root = out / reference.name
-    labeled_jobs = [(reference, root, split, seed, "labeled", "raw", 1, recipe(seed, cap, True),
-                     f"labeled-only-cap{cap}-seed{seed}", "self") for split in splits for seed in range(seeds)]
+    name = "gpu-student-smoke" if args.smoke else "gpu-student"
+    results = (args.results or out).resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    # 1. how long: labeled-only runs validated every epoch up to the cap, read for where their curve stops rising
+    capped = [(reference, root, split, seed, "labeled-cap", "raw", 1, recipe(seed, cap, True),
+               f"labeled-only-cap{cap}-seed{seed}", "self") for split in splits for seed in range(seeds)]
     runs: dict = {}
-    train_all([labeled_jobs], args.jobs, started, runs)
-    curves = {split: np.mean([_curve(out / reference.name / split / "raw", f"labeled-only-cap{cap}-seed{s}")
-                              for s in range(seeds)], axis=0) for split in splits}
-    epochs = plateau(curves, args.plateau / 100)
-    print(f"labeled-only val mIoU stops rising at epoch {epochs} (of {cap}; mean curves "
-          + "; ".join(f"{s}: {' '.join(f'{100 * v:.1f}' for v in c)}" for s, c in curves.items()) + ")", flush=True)
-    for split in splits:  # labeled only, read at the length every masked run gets
-        runs[split, "labeled"] = [_record(out / reference.name / split / "raw", f"labeled-only-cap{cap}-seed{s}",
-                                          epochs) for s in range(seeds)]
-    masked = [(worlds[name], out / worlds[name].name, split, seed, f"{name}:{variant}-I", variant, 1,
-               recipe(seed, epochs, False), f"gpu-seed{seed}", "self")
-              for split in splits for seed in range(seeds) for name in ANNOTATORS for variant in VARIANTS]
-    train_all([masked], args.jobs, started, runs)
+    train_all([capped], args.jobs, started, runs)
+    curves = {split: np.mean([_curve(root / split / "raw", f"labeled-only-cap{cap}-seed{s}") for s in range(seeds)],
+                             axis=0) for split in splits}
+    rising = plateau(curves, args.plateau / 100)
+    # 2. every row at that length, within what is left of the budget (costs measured in step 1, under the same load)
+    rows = len(ANNOTATORS) * len(VARIANTS) + 1
+    spent = time.perf_counter() - started
+    epochs = fit_epochs(rising, _costs(root, splits, seeds, cap), rows * seeds, args.jobs, args.budget - spent)
+    said = (f"labeled-only val mIoU stops rising at epoch {rising} of {cap} (mean curves "
+            + "; ".join(f"{s}: {' '.join(f'{100 * v:.1f}' for v in c)}" for s, c in curves.items()) + ")"
+            + ("" if epochs == rising else f"; {epochs} epochs fit the budget's remaining {args.budget - spent:.0f} s"))
+    print(said, flush=True)
+    settings_out = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "crop": crop,
+                    "epochs": epochs, "rising": rising,
+                    "labeled_only_curves": {s: c.tolist() for s, c in curves.items()}}
+    write_text_atomic(results / f"{name}.json", json.dumps({"args": settings_out, "phase": "labeled-only curves"},
+                                                           indent=1) + "\n")
+    runs = {k: v for k, v in runs.items() if k[1] != "labeled-cap"}  # labeled only is retrained at that length
+    rows_jobs = [(reference, root, split, seed, "labeled", "raw", 1, recipe(seed, epochs, True, 0.5),
+                  f"labeled-only-e{epochs}-seed{seed}", "self") for split in splits for seed in range(seeds)]
+    rows_jobs += [(worlds[n], out / worlds[n].name, split, seed, f"{n}:{variant}-I", variant, 1,
+                   recipe(seed, epochs, False, 0.5), f"gpu-e{epochs}-seed{seed}", "self")
+                  for split in splits for seed in range(seeds) for n in ANNOTATORS for variant in VARIANTS]
+    train_all([rows_jobs], args.jobs, started, runs)
     took = (time.perf_counter() - started) / 60
     variants = {(n, s): {"raw": bench_student.RAW, "crc": bench_student.CP["crc"],
                          "paper": Settings(alpha=quality["annotators"][n]["paper"][s]["alpha"], rule="paper")}
                 for n in ANNOTATORS for s in splits}
-    report = {"args": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "crop": crop,
-                       "epochs": epochs, "labeled_only_curves": {s: c.tolist() for s, c in curves.items()}},
-              "student": {k: str(v) for k, v in student.items()}, "annotators": quality["annotators"],
-              "minutes": took, "masks": {k: m for k, m in quality["masks"].items() if k.split("|")[1] in splits},
+    report = {"args": settings_out, "student": {k: str(v) for k, v in student.items()},
+              "annotators": quality["annotators"], "minutes": took,
+              "masks": {k: m for k, m in quality["masks"].items() if k.split("|")[1] in splits},
               "runs": {f"{s}|{k}": {key: [r[key] for r in v] for key in v[0]} for (s, k), v in runs.items()}}
-    name = "gpu-student-smoke" if args.smoke else "gpu-student"
-    write_text_atomic(out / f"{name}.json", json.dumps(report, indent=1) + "\n")
+    write_text_atomic(results / f"{name}.json", json.dumps(report, indent=1) + "\n")
     table_args = replace_namespace(settings, splits=splits, variants=["crc", "paper"], stage1_only=True)
     text = bench_student.render(report, table_args, variants) + (
-        f"\n{seeds} seeds, {epochs} epochs (where the labeled-only val mIoU stopped rising, of {cap}), crop {crop} "
-        f"from images scaled {settings.scale_range[0]:g}-{settings.scale_range[1]:g}x, batch {args.batch_size}, "
-        f"student ESPNetv2 s2.0 from PASCAL weights, {args.jobs} trainings side by side, took {took:.1f} min\n")
-    write_text_atomic(out / f"{name}.md", text)
+        f"\n{seeds} seeds, {epochs} epochs ({said}), crop {crop} from images scaled "
+        f"{settings.scale_range[0]:g}-{settings.scale_range[1]:g}x, batch {args.batch_size}, student ESPNetv2 s2.0 "
+        f"from PASCAL weights, {args.jobs} trainings side by side, took {took:.1f} min\n")
+    write_text_atomic(results / f"{name}.md", text)
     print(text)
+
+
+def fit_epochs(rising: int, costs: dict, runs_per_split: int, jobs: int, seconds: float) -> int:
+    """The most epochs up to ``rising`` whose runs fit in ``seconds`` (at least 1): each split's runs cost
+    epochs x its training seconds an epoch + validations (from half-way, as the rows validate) x its seconds
+    a validation, ``jobs`` at a time."""
+    def cost(e: int) -> float:
+        return sum(runs_per_split * (e * train + (e - e // 2) * val) for train, val in costs.values()) / jobs
+    return max([1] + [e for e in range(1, rising + 1) if cost(e) <= seconds])
+
+
+def _costs(root: Path, splits, seeds: int, cap: int) -> dict:
+    """Per split: (training seconds an epoch, seconds a validation), the means over its capped labeled-only runs."""
+    costs = {}
+    for split in splits:
+        lines = [json.loads(x) for s in range(seeds) for x in
+                 (root / split / "raw" / "runs" / f"labeled-only-cap{cap}-seed{s}" / "stage1" / "metrics.jsonl")
+                 .read_text().splitlines()]
+        costs[split] = (np.mean([x["seconds"] for x in lines]), np.mean([x.get("val_seconds", 0.0) for x in lines]))
+    return costs
 
 
 def replace_namespace(namespace: argparse.Namespace, **changes) -> argparse.Namespace:
@@ -248,16 +282,6 @@ def _curve(work: Path, run: str) -> np.ndarray:
     return np.array([x["miou"] for x in lines])
 
 
-def _record(work: Path, run: str, epochs: int) -> dict:
-    """A labeled-only run read at ``epochs``: its best epoch up to there, and that epoch's own score."""
-    lines = [json.loads(x) for x in (work / "runs" / run / "stage1" / "metrics.jsonl").read_text().splitlines()]
-    lines = lines[:epochs]
-    best = max(lines, key=lambda x: x["miou"])
-    return {"best": best["miou"], "last": lines[-1]["miou"], "epochs": len(lines), "steps": lines[-1]["step"],
-            "best_epoch": best["epoch"], "best_iou": best["iou"],
-            "seconds": sum(x["seconds"] + x.get("val_seconds", 0.0) for x in lines)}
-
-
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -272,10 +296,12 @@ def parse() -> argparse.Namespace:
                    help="where bench-student keeps its score stores (reused)")
     r = commands.add_parser("run", help="train the table (on the GPU)")
     r.add_argument("material", type=Path)
-    r.add_argument("--out", type=Path, default=PROJECT_ROOT / "work" / "gpu-student")
+    r.add_argument("--out", type=Path, default=PROJECT_ROOT / "work" / "gpu-student", help="the runs' folder")
+    r.add_argument("--results", type=Path, default=None, help="where the tables go (default: --out)")
+    r.add_argument("--budget", type=float, default=360, help="seconds for all of it: the rows' epochs are cut to fit")
     r.add_argument("--smoke", action="store_true", help="the whole path on the CPU with tiny settings")
     r.add_argument("--seeds", type=int, default=3)
-    r.add_argument("--max-epochs", type=int, default=20, help="the labeled-only runs' cap")
+    r.add_argument("--max-epochs", type=int, default=16, help="the labeled-only runs' cap")
     r.add_argument("--plateau", type=float, default=0.5, help="points below the best that count as stopped rising")
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--jobs", type=int, default=6, help="trainings side by side on the one GPU")

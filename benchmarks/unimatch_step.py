@@ -158,7 +158,7 @@ def _unpretrained(build):
 def _figures(stamps: list[float], args) -> dict:
     timed = stamps[args.warmup:args.warmup + args.steps + 1]
     if len(timed) < 2:
-        raise SystemExit(f"only {len(stamps)} steps ran; give more --images")
+        raise RuntimeError(f"only {len(stamps)} steps ran, {args.warmup + args.steps + 1} needed")
     seconds = timed[-1] - timed[0]
     return {"images_per_s": 2 * args.batch * (len(timed) - 1) / seconds, "steps_timed": len(timed) - 1,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None}
@@ -207,7 +207,9 @@ def _quiet(*_):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--unimatch", type=Path, help="a UniMatch checkout (its unimatch.py); without it, ours only")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "work" / "unimatch-step")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "work" / "unimatch-step",
+                        help="generated images and runs (emptied first)")
+    parser.add_argument("--results", type=Path, default=None, help="where the table goes (default: --out)")
     parser.add_argument("--crop", type=int, default=321)
     parser.add_argument("--batch", type=int, default=8, help="labeled images a step, as many unlabeled")
     parser.add_argument("--warmup", type=int, default=5)
@@ -225,23 +227,38 @@ def main() -> None:
               (96, 128) if args.cpu_dry_run else (375, 500))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    rows = {"ours fp32": ours(out / "data", out / "ours", "none", args)}
+    results = (args.results or out).resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    jobs = {"ours fp32": lambda: ours(out / "data", out / "ours", "none", args)}
     if device == "cuda":
-        rows["ours bf16"] = ours(out / "data", out / "ours", "bf16", args)
+        jobs["ours bf16"] = lambda: ours(out / "data", out / "ours", "bf16", args)
     if args.unimatch:
-        rows["UniMatch unimatch.py fp32"] = theirs(args.unimatch, out / "data", out / "theirs", args)
-    lines = [f"One training step, {name}: DeepLabV3+ R101 (random init), crop {args.crop}, {args.batch} labeled + "
+        jobs["UniMatch unimatch.py fp32"] = lambda: theirs(args.unimatch, out / "data", out / "theirs", args)
+    rows: dict = {}
+    for key, job in jobs.items():  # each row written as it comes: a later failure or kill keeps the earlier ones
+        try:
+            rows[key] = job()
+        except Exception as exc:  # noqa: BLE001 (the table says what failed; the other rows still run)
+            rows[key] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"{key}: FAILED: {rows[key]['error']}", file=sys.stderr, flush=True)
+        write(results, name, rows, args)
+    print((results / "unimatch-step.md").read_text())
+
+
+def write(results: Path, device: str, rows: dict, args) -> None:
+    lines = [f"One training step, {device}: DeepLabV3+ R101 (random init), crop {args.crop}, {args.batch} labeled + "
              f"{args.batch} unlabeled images, {args.steps} steps timed after {args.warmup}"
              + (" (CPU dry run: plumbing only)" if args.cpu_dry_run else "") + ":", "",
              "| code | images/s | peak memory GiB |", "|---|---|---|"]
     for key, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {key} | failed: {r['error']} | |")
+            continue
         memory = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
         lines.append(f"| {key} | {r['images_per_s']:.1f} | {memory} |")
-    text = "\n".join(lines) + "\n"
-    (out / "unimatch-step.json").write_text(json.dumps({"device": name, "args": {k: str(v) for k, v in
-                                                                                  vars(args).items()}, **rows}) + "\n")
-    (out / "unimatch-step.md").write_text(text)
-    print(text)
+    (results / "unimatch-step.json").write_text(json.dumps({"device": device, "args": {
+        k: str(v) for k, v in vars(args).items()}, **rows}) + "\n")
+    (results / "unimatch-step.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

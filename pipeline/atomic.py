@@ -33,7 +33,7 @@ def atomic_write(path: Path):
 
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_write(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def ensure_writable(folder: Path, fix: str, keep: bool = True) -> Path:

@@ -88,11 +88,15 @@ def test_a_resumed_run_shows_every_step_once_with_the_uninterrupted_values(toy_w
 
 
 def test_without_tensorboard_one_line_says_how_and_training_goes_on(toy_world, calibrated, tmp_path, monkeypatch):
+    from trainer.curves import Curves
+
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as when not installed
+    monkeypatch.setattr(Curves, "hinted", False)
     config = fresh(toy_world, calibrated, tmp_path)
     said = []
     result = train_stage(config, "t", replace(TINY, epochs=(1, 1)), 1, name="plain", log=said.append)
     assert result["best"] is not None
+    train_stage(config, "t", replace(TINY, epochs=(1, 1)), 2, name="plain", log=said.append)  # as --stage all
     hints = [line for line in said if "TensorBoard" in line]
     assert len(hints) == 1 and "pip install 'conformalsam[tensorboard]'" in hints[0]
     assert not list(Path(result["run_dir"]).glob("events.out.tfevents.*"))

@@ -50,3 +50,11 @@ def test_split_lists_point_at_the_jpeg_images_and_keep_the_masks(tmp_path):
 ])
 def test_masked_runs_last_until_the_labeled_only_curves_stop_rising(curves, within, epochs):
     assert gpu_student.plateau({k: np.array(v) for k, v in curves.items()}, within) == epochs
+
+
+def test_the_rows_length_is_cut_to_what_the_budget_leaves():
+    costs = {"1_2": (10.0, 4.0), "1_4": (20.0, 4.0)}  # training seconds an epoch, seconds a validation
+    # e epochs cost 7 runs x (30 e + 8 ceil(e / 2)) / 2 jobs: 133 s for 1, 238 for 2
+    assert gpu_student.fit_epochs(5, costs, 7, 2, 10_000) == 5
+    assert gpu_student.fit_epochs(5, costs, 7, 2, 240) == 2 and gpu_student.fit_epochs(5, costs, 7, 2, 230) == 1
+    assert gpu_student.fit_epochs(5, costs, 7, 2, 10) == 1  # at least one epoch

@@ -37,7 +37,8 @@ def test_the_sweep_shows_the_calibrated_modes_curves_with_kept_share_and_accurac
     assert (meta["mode"], meta["rule"], meta["alpha"]) == (mode, rule, 0.2) and f"{mode} mode" in meta["title"]
     row = next(r for r in swept["rows"] if r["alpha"] == 0.2)
     held = result["record"]["diagnostics"]["held_out"]  # calibrate's own held-out figures at its alpha
-    assert row["kept"] == pytest.approx(held["kept_fraction"]) and row["accuracy"] == pytest.approx(held["kept_accuracy"])
+    assert row["kept"] == pytest.approx(held["kept_fraction"])
+    assert row["accuracy"] == pytest.approx(held["kept_accuracy"])
     coverage = result["record"]["diagnostics"]["cross_calibration"]
     assert row["coverage"] == pytest.approx(coverage["image_coverage" if mode == "crc" else "pixel_coverage"])
     if mode == "crc":  # one threshold: the unlabeled masks' kept share is known at every alpha

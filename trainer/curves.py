@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pipeline.labels import colourise
 from trainer.augment import to_tensor
@@ -25,11 +26,14 @@ from trainer.evaluate import predict
 
 EVENTS = "events.out.tfevents.*"
 SHOWN = 3  # val images shown per evaluation
+PICTURE_HEIGHT = 256
 
 
 class Curves:
     """A run's TensorBoard writer; nothing is written for ``out`` None (ranks other than 0) or where TensorBoard is
     not installed. The event file is created at the first step: a run that fails before it leaves no folder."""
+
+    hinted = False
 
     def __init__(self, out: Path | None, resume_step: int | None, log):
         """``resume_step``: the step of the checkpoint a resumed run continues from (None: a new run, whose
@@ -40,8 +44,10 @@ class Curves:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            log("TensorBoard is not installed: no curves for `tensorboard --logdir` (pip install "
-                "'conformalsam[tensorboard]'); metrics.jsonl has the per-epoch figures")
+            if not Curves.hinted:  # once a process (`--stage all` trains two stages)
+                log("TensorBoard is not installed: no curves for `tensorboard --logdir` (pip install "
+                    "'conformalsam[tensorboard]'); metrics.jsonl has the per-epoch figures")
+                Curves.hinted = True
             return
         if resume_step is None:
             for old in out.glob(EVENTS):
@@ -81,6 +87,9 @@ class Curves:
             with autocast() if autocast else torch.autocast("cpu", enabled=False):
                 label = predict(model, to_tensor(image)[None].to(device), mode, crop).argmax(1)[0].cpu().numpy()
             row = np.concatenate([image, colourise(label.astype(np.uint8)), colourise(mask.astype(np.uint8))], 1)
+            if row.shape[0] > PICTURE_HEIGHT:  # a few KB a picture, not MB (Cityscapes' images are 1024 x 2048)
+                width = round(row.shape[1] * PICTURE_HEIGHT / row.shape[0])
+                row = np.asarray(Image.fromarray(row).resize((width, PICTURE_HEIGHT), Image.NEAREST))
             self.writer.add_image(f"val/{index}", row, step, dataformats="HWC")
         model.train(was_training)
 

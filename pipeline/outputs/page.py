@@ -70,7 +70,7 @@ def write_page(out: Path, record: dict, store: LogitsStore, dataset: Dataset, co
         f'<div><h2>{html.escape(heading)}</h2><img src="{figure.name}" alt="{html.escape(heading)}"></div>'
         for heading, figure in figures.items()) + "</div>")
 
-    unlabeled = [s for s in dataset.split("unlabeled") if (work / MASKS / f"{s.id}.png").is_file()]
+    unlabeled = [s for s in dataset.split("unlabeled") if (work / MASKS / f"{s.id}.png").is_file() and s.id in store]
     kept = _kept_shares(work, unlabeled, progress)
     order = np.argsort([kept[s.id] for s in unlabeled], kind="stable")
     emptied, full = [unlabeled[i] for i in order[:count]], [unlabeled[i] for i in order[::-1][:count]]
