@@ -273,7 +273,7 @@ def test_inspect_writes_contact_sheets_and_the_sweep(toy_world, scored, tmp_path
     run_calibrate(config, Settings(alpha=0.1), jobs=1)
     result = CliRunner().invoke(app, ["inspect", "--count", "3", *flags], terminal_width=120)
     assert result.exit_code == 0, result.output
-    sheets = sorted((config.work_dir / "inspect").glob("train_*.png"))
+    sheets = sorted((config.work_dir / "inspect" / "sheets").glob("train_*.png"))
     assert len(sheets) == 3
     with Image.open(sheets[0]) as img:
         assert img.mode == "RGB" and img.height >= 256 and img.width > 4 * 256  # 4 tiles: no checkpoint given

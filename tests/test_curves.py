@@ -52,7 +52,7 @@ def test_both_stages_write_loss_lambda_lr_speed_val_scores_and_pictures(toy_worl
     scored = {f"val_iou/{name}" for name, iou in zip(Dataset(config).classes, lines[-1]["iou"]) if iou is not None}
     assert iou_tags == scored and scored
     picture = first.Images("val/0")[-1]
-    assert picture.step == steps and picture.width == 3 * picture.height  # image | prediction | ground truth
+    assert picture.step == steps and picture.width == 3 * picture.height + 8  # image | prediction | truth, 4 px gaps
     # stage II continues stage I's x axis
     assert series(second, "loss/total")[0][0] == steps + 1
     assert series(second, "val/miou")[-1][0] == metrics(two)[-1]["step"] + steps

@@ -13,6 +13,7 @@ from PIL import Image
 
 import browser
 from conftest import fresh
+from pipeline.errors import UserError
 from pipeline.outputs.inspect import run_inspect
 from pipeline.stage1.calibrate import Settings, run_calibrate
 from test_trainer import TINY
@@ -87,10 +88,15 @@ def page_work(toy_world, calibrated, tmp_path_factory):
 
     config = fresh(toy_world, calibrated, tmp_path_factory.mktemp("page"))
     without_val = run_inspect(config, count=1)["page"].read_text()
+    with pytest.raises(UserError, match=r"--split val: none of its images is scored; run `conformalsam logits --split"):
+        run_inspect(config, split="val")
     assert "Val images: none scored" in without_val and "Val:" not in without_val
     run_logits(config, "val", workers=0)
     train_stage(config, "t", replace(TINY, epochs=(1, 1)), 1, name="run", log=lambda *_: None)
-    result = run_inspect(config, count=3)
+    stale = config.work_dir / "inspect" / "sheets" / "gone.png"  # a sheet of an earlier call
+    stale.write_bytes(b"x")
+    result = run_inspect(config, count=3, checkpoint=config.work_dir / "runs" / "run" / "stage1" / "best.pt")
+    assert not stale.exists() and len(result["sheets"]) == 3
     return config, result
 
 
@@ -108,6 +114,8 @@ def test_the_page_shows_the_emptied_most_least_random_labeled_and_val_masks(page
     everyone = [float((np.asarray(Image.open(p)) != 255).mean()) for p in (config.work_dir / "masks").glob("*.png")]
     assert shares == sorted(everyone)[:3]
     assert "accuracy of kept labels" in text and 'src="/' not in text and "file:" not in text  # relative links
+    assert text.count("prediction: run/stage1/best.pt, epoch 1") == 2 * 5 * 3  # every row: caption and alt text
+    assert all(f'href="sheets/{p.name}"' in text for p in result["sheets"])
 
 
 def _caption_id(text: str, stem: str) -> str:
@@ -134,8 +142,8 @@ def test_the_page_renders_in_chromium_with_every_image_loaded_wherever_the_folde
     with browser.chromium() as driver:
         driver.get((copy / "index.html").as_uri())
         shown = browser.images(driver)
-        # 3 groups of unlabeled masks + labeled + val, 3 rows each, 4 pictures a row; the sweep and the curves
-        assert len(shown) == 5 * 3 * 4 + 2
+        # 3 groups of unlabeled masks + labeled + val, 3 rows each, 5 pictures a row; the sweep and the curves
+        assert len(shown) == 5 * 3 * 5 + 2
         assert all(loaded for _, loaded in shown), [src for src, loaded in shown if not loaded]
         assert driver.find_element("id", "broken").text == ""
         (copy / shown[-1][0]).unlink()  # a picture lost: the browser, and the page, say so

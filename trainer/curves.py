@@ -86,7 +86,9 @@ class Curves:
             image, mask = val_set.dataset.load(val_set.samples[index])
             with autocast() if autocast else torch.autocast("cpu", enabled=False):
                 label = predict(model, to_tensor(image)[None].to(device), mode, crop).argmax(1)[0].cpu().numpy()
-            row = np.concatenate([image, colourise(label.astype(np.uint8)), colourise(mask.astype(np.uint8))], 1)
+            gap = np.full((image.shape[0], 4, 3), 255, np.uint8)  # white: the panels stay apart
+            row = np.concatenate([image, gap, colourise(label.astype(np.uint8)), gap,
+                                  colourise(mask.astype(np.uint8))], 1)
             if row.shape[0] > PICTURE_HEIGHT:  # a few KB a picture, not MB (Cityscapes' images are 1024 x 2048)
                 width = round(row.shape[1] * PICTURE_HEIGHT / row.shape[0])
                 row = np.asarray(Image.fromarray(row).resize((width, PICTURE_HEIGHT), Image.NEAREST))

@@ -224,7 +224,9 @@ def train_stage(config: Config, recipe_name: str, recipe: Recipe, stage: int, na
         log(f"stage {stage}: {recipe.model}, {images}, "
             f"{plural(epochs, 'epoch')} x {plural(steps_per_epoch, 'step')}, batch {recipe.batch_size} "
             f"({plural(world, 'process', 'processes')}), "
-            f"crop {recipe.crop}, lr {lr:.2e} (= {recipe.lr:g} x {recipe.batch_size}/8; {rates}), device {dev}")
+            f"crop {recipe.crop}, lr {lr:.2e} (= {recipe.lr:g} x {recipe.batch_size}/8; {rates}"
+            + (f"; stage II continues the schedule from step {offset}, at lr "
+               f"{lr * poly(offset, schedule_steps, recipe.poly_power):.2e}" if stage == 2 else "") + f"), device {dev}")
 
     per_process = recipe.batch_size // world
     # rank 0's curves; what a crash leaves unflushed lies past the last checkpoint, which a resume purges anyway

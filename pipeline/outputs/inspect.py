@@ -1,6 +1,6 @@
 """`conformalsam inspect`: pictures of what calibration did, written to ``<work>/inspect/``.
 
-- one contact sheet per chosen image: image | raw foundation argmax | filtered mask | ground truth (when
+- ``sheets/<id>.png``, one contact sheet per chosen image (those of earlier calls go): image | raw foundation argmax | filtered mask | ground truth (when
   the split has it) | a trained checkpoint's prediction (when given), and a legend of the classes shown;
   ignore (255) is white, a colour no class of the palette has;
 - ``alpha-sweep.png`` (and its figures in ``alpha-sweep.json``): what the calibrated mode and rule do at each
@@ -36,7 +36,7 @@ from trainer.checkpoint import load_trained
 
 BACKGROUND = (40, 40, 40)  # the sheet's own background, so that white ignore regions read as regions
 TILE = 256  # tiles are scaled (nearest for labels) so that small images stay legible
-SWEEP_PNG, CURVES_PNG = "alpha-sweep.png", "training-curves.png"
+SWEEP_PNG, CURVES_PNG, SHEETS = "alpha-sweep.png", "training-curves.png", "sheets"
 
 
 def contact_sheet(tiles: list[tuple[str, np.ndarray]], legend: list[tuple[str, tuple]] = ()) -> Image.Image:
@@ -143,10 +143,13 @@ def run_inspect(config, ids: list[str] | None = None, count: int = 6, seed: int 
     record = read_calibration(work, required=True)
     dataset, store = Dataset(config), LogitsStore(work / "logits.zarr")
     samples = {s.id: s for s in dataset.split(split) if s.id in store}
+    if not samples:
+        raise UserError(f"--split {split}: none of its images is scored; run `conformalsam logits --split {split}` "
+                        "first, or choose another --split")
     if ids:
         unknown = [i for i in ids if i not in samples]
         if unknown:
-            raise UserError(f"--ids: {unknown[0]} is not a scored image of the {split} split")
+            raise UserError(f"--ids: {unknown[0]} is not a scored image of the {split} split (another split: --split)")
         chosen = [samples[i] for i in ids]
     else:
         order = np.random.default_rng(seed).permutation(len(samples))[:count]
@@ -157,7 +160,9 @@ def run_inspect(config, ids: list[str] | None = None, count: int = 6, seed: int 
         path = Path(checkpoint)
         predicted = f"{path.parent.parent.name}/{path.parent.name}/{path.name}, epoch {state['epoch']}"
     out = work / "inspect"
+    sheets = out / SHEETS
     written = []
+    predictor = (lambda image: _predict(model, image)) if model is not None else None
     for sample in chosen:
         label, raw, _, _ = filtered_mask(store, sample.id, q, record["rule"], background_index(dataset.classes))
         image = read_image(sample.image)
@@ -166,11 +171,14 @@ def run_inspect(config, ids: list[str] | None = None, count: int = 6, seed: int 
         if sample.mask is not None and sample.mask.is_file():
             masks.append(("ground truth", dataset.read_mask(sample.mask, image.shape[:2])))
         if model is not None:
-            masks.append((predicted, _predict(model, image)))
+            masks.append((predicted, predictor(image)))
         tiles = [("image", image)] + [(caption, colourise(m)) for caption, m in masks]
         legend = legend_of(dataset.classes, [m for _, m in masks])
-        save_png(contact_sheet(tiles, legend), out / f"{sample.id}.png")
-        written.append(out / f"{sample.id}.png")
+        save_png(contact_sheet(tiles, legend), sheets / f"{sample.id}.png")
+        written.append(sheets / f"{sample.id}.png")
+    for stale in sheets.glob("*.png"):  # sheets of earlier calls (other images, splits or checkpoints)
+        if stale not in written:
+            stale.unlink()
     swept = sweep(record, store, dataset, load_histograms(work / HISTOGRAMS), alphas, jobs, progress)
     figures = {}
     if swept["rows"]:
@@ -179,7 +187,8 @@ def run_inspect(config, ids: list[str] | None = None, count: int = 6, seed: int 
         figures["Alpha sweep"] = out / SWEEP_PNG
     if training_curves(work):
         figures["Training curves"] = out / CURVES_PNG
-    page = write_page(out, record, store, dataset, count, seed, figures, work, progress)
+    page = write_page(out, record, store, dataset, count, seed, figures, work, progress,
+                      (predicted, predictor) if model is not None else None, written)
     return {"sheets": written, "sweep": swept, "record": record, "figures": list(figures.values()), "page": page}
 
 

@@ -35,6 +35,7 @@ td:nth-child(2), th:nth-child(2) { text-align: left; }
 .swatch { display: inline-block; width: 14px; height: 14px; border: 1px solid #888; vertical-align: middle; }
 .bar { display: inline-block; height: 10px; background: #4a7; vertical-align: middle; }
 .low td { background: #fde2e2; }
+.low .bar { background: #c55; }
 .row { display: flex; gap: 6px; align-items: flex-start; margin: 4px 0 14px; flex-wrap: wrap; }
 .row figure { margin: 0; }
 .row img { height: 180px; image-rendering: pixelated; display: block; }
@@ -56,9 +57,10 @@ window.addEventListener("load", () => {
 
 
 def write_page(out: Path, record: dict, store: LogitsStore, dataset: Dataset, count: int, seed: int,
-               figures: dict[str, Path], work: Path, progress=None) -> Path:
+               figures: dict[str, Path], work: Path, progress=None, predictor=None, sheets=()) -> Path:
     """Write ``out/index.html`` and its pictures (under ``out/images``); ``figures`` maps a heading to a
-    figure already in ``out``. Returns the page's path."""
+    figure already in ``out``; ``predictor``: (caption, image -> labels) of a trained model, a column of every
+    row; ``sheets``: contact sheets in ``out``, linked. Returns the page's path."""
     rng = np.random.default_rng(seed)
     unscored = ""
     q, background = thresholds_of(record), background_index(dataset.classes)
@@ -86,10 +88,11 @@ def write_page(out: Path, record: dict, store: LogitsStore, dataset: Dataset, co
         samples = [s for s in dataset.split(split) if s.id in store] if listed else []
         picked = [samples[i] for i in sorted(rng.permutation(len(samples))[:count])]
         if picked:
-            groups.append((f"{split.capitalize()}: masks of the same thresholds (fitted on the labeled images), "
-                           "with ground truth", split, picked))
+            groups.append((f"{split.capitalize()}: masks of the same thresholds, with ground truth" + (
+                " (the thresholds were fitted on these images: their accuracies are in-sample, optimistic)"
+                if split == "labeled" else ""), split, picked))
         elif split == "val" and val is not None:
-            unscored = ("<p>Val images: none scored (`conformalsam logits --split val` adds them here).</p>"
+            unscored = ("<p>Val images: none scored (<code>conformalsam logits --split val</code> adds them here).</p>"
                         if listed else f"<p>Val images: the val list {html.escape(str(val))} is not there.</p>")
     for heading, tag, samples in groups:
         body.append(f"<h2>{html.escape(heading)}</h2>")
@@ -98,8 +101,11 @@ def write_page(out: Path, record: dict, store: LogitsStore, dataset: Dataset, co
         for i, sample in enumerate(samples):
             on_disk = work / MASKS / f"{sample.id}.png" if tag in ("most", "least", "random") else None
             body.append(_row(out, f"{tag}-{i}", sample, dataset, store, q, record["rule"], background, on_disk,
-                             written))
+                             written, predictor))
     body.append(unscored)
+    if sheets:
+        body.append("<h2>Contact sheets</h2><p>" + ", ".join(
+            f'<a href="{p.relative_to(out).as_posix()}">{html.escape(p.stem)}</a>' for p in sheets) + "</p>")
     for stale in (out / PICTURES).glob("*"):
         if stale not in written:
             stale.unlink()
@@ -114,17 +120,22 @@ def _calibration(record: dict) -> str:
     unlabeled = record["diagnostics"].get("unlabeled") or {}
     store = record.get("store") or {}
     kept = unlabeled.get("kept_fraction")
+    qhat = record["qhat"]
+    threshold = (f"threshold qhat {qhat:.4f}: a class enters a pixel's set when its probability is at least "
+                 f"{1 - qhat:.4f}" if not isinstance(qhat, dict) else
+                 "a threshold per class (calibration.json's qhat)")
     return (f"<p>Calibration: <b>{html.escape(record['mode'])} mode, {html.escape(record['rule'])} rule, alpha "
-            f"{record['alpha']:g}</b>, fitted on {record['n_images']} labeled images ({record['created']}); scores of "
-            f"{html.escape(str(store.get('backend')))} {html.escape(str(store.get('model_id') or ''))}. "
-            f"{unlabeled.get('images', 0)} unlabeled masks keep "
+            f"{record['alpha']:g}</b>, fitted on {record['n_images']} labeled images ({record['created']}); "
+            f"{threshold}. Scores of the {html.escape(str(store.get('backend')))} backend "
+            f"({html.escape(str(store.get('model_id') or ''))}). {unlabeled.get('images', 0)} unlabeled masks keep "
             f"{'-' if kept is None else f'{kept:.1%}'} of their pixels; ignore (255) is white.</p>")
 
 
 def _classes(record: dict) -> str:
     """The legend, with each class's kept share over every unlabeled mask (calibrate's own count)."""
-    per_class = (record["diagnostics"].get("unlabeled") or {}).get("per_class") or {}
-    overall = (record["diagnostics"].get("unlabeled") or {}).get("kept_fraction")
+    unlabeled = record["diagnostics"].get("unlabeled") or {}
+    per_class, overall = unlabeled.get("per_class") or {}, unlabeled.get("kept_fraction")
+    precision = (unlabeled.get("quality") or {}).get("per_class_precision") or {}
     rows = []
     for c, name in enumerate(record["classes"]):
         figures = per_class.get(name) or {}
@@ -134,13 +145,19 @@ def _classes(record: dict) -> str:
         rows.append(f'<tr{" class=low" if low else ""}><td><span class="swatch" style="background:'
                     f'rgb{tuple(int(v) for v in PALETTE[c])}"></span></td><td>{html.escape(name)}</td>'
                     f"<td>{figures.get('raw_pixels', '-')}</td><td style=\"text-align:left\">{bar}</td>"
-                    f"<td>{figures.get('filtered_pixels', '-')}</td></tr>")
+                    f"<td>{figures.get('filtered_pixels', '-')}</td><td>{_percent(precision.get(name))}</td></tr>")
     rows.append(f'<tr><td><span class="swatch" style="background:rgb{IGNORE_COLOUR}"></span></td>'
-                "<td>ignore (255)</td><td></td><td></td><td></td></tr>")
-    return ("<h2>Classes</h2><p>Kept share: of the unlabeled pixels whose raw argmax is the class, the share the "
-            "filtered masks keep (red: under half the overall share).</p><table><tr><th></th><th>class</th>"
-            "<th>raw argmax pixels</th><th style=\"text-align:left\">kept share</th><th>pixels labelled so</th></tr>"
+                "<td>ignore (255)</td><td></td><td></td><td></td><td></td></tr>")
+    return ("<h2>Classes</h2><p>Over every unlabeled mask. Kept share: of the pixels whose raw argmax is the class, "
+            "the share the filtered masks keep (red: under half the overall share, the filter is erasing the class). "
+            "Precision: of the pixels the masks give the class, the share whose ground truth is the class (where the "
+            "unlabeled images have ground truth).</p><table><tr><th></th><th>class</th><th>raw argmax pixels</th>"
+            "<th style=\"text-align:left\">kept share</th><th>pixels given the class</th><th>precision</th></tr>"
             + "".join(rows) + "</table>")
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def _kept_shares(work: Path, samples: list[Sample], progress) -> dict[str, float]:
@@ -156,7 +173,7 @@ def _kept_shares(work: Path, samples: list[Sample], progress) -> dict[str, float
 
 
 def _row(out: Path, stem: str, sample: Sample, dataset: Dataset, store: LogitsStore, q, rule: str, background,
-         on_disk: Path | None, written: set) -> str:
+         on_disk: Path | None, written: set, predictor=None) -> str:
     image = read_image(sample.image)
     label, raw, _, _ = filtered_mask(store, sample.id, q, rule, background)
     label = label.numpy()
@@ -165,17 +182,20 @@ def _row(out: Path, stem: str, sample: Sample, dataset: Dataset, store: LogitsSt
             label = np.asarray(img)
     truth = dataset.read_mask(sample.mask, image.shape[:2]) if sample.mask is not None and sample.mask.is_file() \
         else None
-    tiles = [("image", image, "jpg"), ("raw argmax", colourise(raw.numpy().astype(np.uint8)), "png"),
-             ("filtered", colourise(label), "png")]
+    tiles = [("image", "image", image), ("raw", "raw argmax", colourise(raw.numpy().astype(np.uint8))),
+             ("filtered", "filtered", colourise(label))]  # (file name, caption, picture)
     if truth is not None:
-        tiles.append(("ground truth", colourise(truth), "png"))
+        tiles.append(("truth", "ground truth", colourise(truth)))
+    if predictor is not None:
+        tiles.append(("prediction", f"prediction: {predictor[0]}", colourise(predictor[1](image))))
     figures = []
-    for caption, picture, ext in tiles:
-        path = out / PICTURES / f"{stem}-{caption.split()[0]}.{ext}"
+    for name, caption, picture in tiles:
+        path = out / PICTURES / f"{stem}-{name}.{'jpg' if name == 'image' else 'png'}"
         _save(picture, path)
         written.add(path)
-        figures.append(f'<figure><img src="{PICTURES}/{path.name}" alt="{caption}"><figcaption>{caption}'
-                       "</figcaption></figure>")
+        said = html.escape(caption)
+        figures.append(f'<figure><img src="{PICTURES}/{path.name}" alt="{said}"><figcaption>{said}</figcaption>'
+                       "</figure>")
     kept = label != IGNORE
     said = [html.escape(sample.id), f"kept {kept.mean():.1%}"]
     if truth is not None:

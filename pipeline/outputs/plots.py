@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
 from pipeline.atomic import atomic_write
 
@@ -48,6 +49,7 @@ def plot_sweep(sweep: dict, path: Path) -> None:
     accuracy.set_ylabel("accuracy of kept labels")
     accuracy.set_xlabel("alpha (miscoverage)")
     for axes in (cover, kept, accuracy):
+        axes.yaxis.set_major_formatter(PercentFormatter(1.0))
         axes.axvline(chosen, **CHOSEN)
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small", loc="best")
@@ -82,9 +84,10 @@ def plot_training(runs: dict, path: Path) -> bool:
     miou.set_ylabel("val mIoU")
     loss.set_ylabel("training loss (epoch mean)")
     loss.set_xlabel("epoch (stage II after its stage I)")
+    miou.yaxis.set_major_formatter(PercentFormatter(1.0))
     for axes in (miou, loss):
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small", loc="best")
-    figure.suptitle("training runs")
+    figure.suptitle("training runs of the work folder: val mIoU and training loss per epoch")
     save(figure, path, "training runs", {"runs": sorted(runs)})
     return True
