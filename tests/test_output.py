@@ -47,6 +47,7 @@ def test_results_go_to_stdout_whole_lines_at_any_columns(toy_world, calibrated, 
 
     out, err = run(monkeypatch, capsys, "summary", "--work-dir", str(config.work_dir))
     assert "pseudo-labels:" in out and err == ""
+    assert "conformal-filtered, ignore = miss" in out  # all pixels, as raw is: the three of calibrate's report
 
     out, err = run(monkeypatch, capsys, "data", "check", *toy_flags(config)[:-2])  # (no --work-dir: reads data only)
     assert f"folder data set at {config.root}: " in out and "no problems found" in out

@@ -62,6 +62,10 @@ def print_summary(work: Path, console: Console) -> dict:
                           percent(quality["raw"]["pixel_accuracy"]))
             table.add_row("conformal-filtered", f"kept ({percent(unlabeled['kept_fraction'])}%)",
                           percent(quality["filtered_kept"]["miou"]), percent(quality["filtered_kept"]["pixel_accuracy"]))
+            if "filtered_overall" in quality:  # an ignored pixel counted as a miss of its true class
+                table.add_row("conformal-filtered, ignore = miss", "all",
+                              percent(quality["filtered_overall"]["miou"]),
+                              percent(quality["filtered_overall"]["pixel_accuracy"]))
             print_table(table, console)
     else:
         console.print(f"{work / 'calibration.json'}: no calibration yet")
