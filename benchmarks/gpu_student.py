@@ -239,8 +239,7 @@ def run(args) -> None:
               "masks": {k: m for k, m in quality["masks"].items() if k.split("|")[1] in splits},
               "runs": {f"{s}|{k}": {key: [r[key] for r in v] for key in v[0]} for (s, k), v in runs.items()}}
     write_text_atomic(results / f"{name}.json", json.dumps(report, indent=1) + "\n")
-    table_args = replace_namespace(settings, splits=splits, variants=["crc", "paper"], stage1_only=True)
-    text = bench_student.render(report, table_args, variants) + (
+    text = bench_student.render(report, settings, variants) + (
         f"\n{seeds} seeds, {epochs} epochs ({said}), crop {crop} from images scaled "
         f"{settings.scale_range[0]:g}-{settings.scale_range[1]:g}x, batch {args.batch_size}, student ESPNetv2 s2.0 "
         f"from PASCAL weights, {args.jobs} trainings side by side, took {took:.1f} min\n")
@@ -266,10 +265,6 @@ def _costs(root: Path, splits, seeds: int, cap: int) -> dict:
                  .read_text().splitlines()]
         costs[split] = (np.mean([x["seconds"] for x in lines]), np.mean([x.get("val_seconds", 0.0) for x in lines]))
     return costs
-
-
-def replace_namespace(namespace: argparse.Namespace, **changes) -> argparse.Namespace:
-    return argparse.Namespace(**{**vars(namespace), **changes})
 
 
 def plateau(curves: dict, within: float) -> int:

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.atomic import atomic_write, write_text_atomic
-from pipeline.outputs.page import write_page
+from pipeline.atomic import write_text_atomic
+from pipeline.outputs.page import save_picture, write_page
 from pipeline.outputs.plots import plot_sweep, plot_training
 from pipeline.stage1.calibrate import Settings, assign_folds, cross_calibrate, filtered_mask, thresholds_of
 from pipeline.stage1.conformal import SECOND_FLOOR, ScoreHistogram, background_index, check_alpha, fit, to_bins
@@ -72,12 +72,6 @@ def legend_of(classes, masks: list[np.ndarray]) -> list[tuple[str, tuple]]:
     present = np.unique(np.concatenate([m.ravel() for m in masks]))
     entries = [(classes[c], tuple(PALETTE[c])) for c in present if c < len(classes)]
     return entries + ([("ignore (255)", IGNORE_COLOUR)] if IGNORE in present else [])
-
-
-def save_png(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:
-        image.save(tmp, format="PNG")
 
 
 SWEEP_ALPHAS = tuple(round(0.02 * i, 2) for i in range(1, 21))  # 0.02 .. 0.40, and the calibrated alpha
@@ -174,7 +168,7 @@ def run_inspect(config, ids: list[str] | None = None, count: int = 6, seed: int 
             masks.append((predicted, predictor(image)))
         tiles = [("image", image)] + [(caption, colourise(m)) for caption, m in masks]
         legend = legend_of(dataset.classes, [m for _, m in masks])
-        save_png(contact_sheet(tiles, legend), sheets / f"{sample.id}.png")
+        save_picture(contact_sheet(tiles, legend), sheets / f"{sample.id}.png")
         written.append(sheets / f"{sample.id}.png")
     for stale in sheets.glob("*.png"):  # sheets of earlier calls (other images, splits or checkpoints)
         if stale not in written:

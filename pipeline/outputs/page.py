@@ -191,7 +191,7 @@ def _row(out: Path, stem: str, sample: Sample, dataset: Dataset, store: LogitsSt
     figures = []
     for name, caption, picture in tiles:
         path = out / PICTURES / f"{stem}-{name}.{'jpg' if name == 'image' else 'png'}"
-        _save(picture, path)
+        save_picture(picture, path)
         written.add(path)
         said = html.escape(caption)
         figures.append(f'<figure><img src="{PICTURES}/{path.name}" alt="{said}"><figcaption>{said}</figcaption>'
@@ -205,8 +205,11 @@ def _row(out: Path, stem: str, sample: Sample, dataset: Dataset, store: LogitsSt
     return f'<div class="caption">{" · ".join(said)}</div><div class="row">{"".join(figures)}</div>'
 
 
-def _save(picture: np.ndarray, path: Path) -> None:
+def save_picture(picture: Image.Image | np.ndarray, path: Path) -> None:
+    """An image (or an RGB array) written atomically, as JPEG or PNG by the path's suffix."""
+    if isinstance(picture, np.ndarray):
+        picture = Image.fromarray(np.ascontiguousarray(picture))
     path.parent.mkdir(parents=True, exist_ok=True)
+    jpeg = path.suffix == ".jpg"
     with atomic_write(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(picture)).save(tmp, format="JPEG" if path.suffix == ".jpg" else "PNG",
-                                                            **({"quality": 90} if path.suffix == ".jpg" else {}))
+        picture.save(tmp, format="JPEG" if jpeg else "PNG", **({"quality": 90} if jpeg else {}))
