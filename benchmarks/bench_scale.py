@@ -52,7 +52,8 @@ from pipeline.atomic import write_text_atomic  # noqa: E402
 from pipeline.data.datasets import Dataset  # noqa: E402
 from pipeline.labels import write_palette_png  # noqa: E402
 from pipeline.parallel import in_threads  # noqa: E402
-from pipeline.stage0.store import ENCODINGS, LogitsStore, encode, open_for_writing, write_scores  # noqa: E402
+from pipeline.stage0.store import (ENCODINGS, UINT8_CODE, LogitsStore, encode, open_for_writing,  # noqa: E402
+                                   write_scores)
 from pipeline.stage1.calibrate import Settings, accumulate, run_calibrate  # noqa: E402
 from pipeline.stage1.conformal import (MODES, background_index, bands, fit, lift, position,  # noqa: E402
                                        prediction_sets, pseudo_label)
@@ -162,7 +163,8 @@ def build_world(name: str, count: int, labeled: int, city, pascal, pairs) -> dic
     classes, size = WORLDS[name]
     root = OUT / name
     done = root / "done.json"
-    if done.is_file() and json.loads(done.read_text()).get("count") == count:
+    if done.is_file() and json.loads(done.read_text()).get("count") == count \
+            and json.loads(done.read_text()).get("uint8_code") == UINT8_CODE:
         return json.loads(done.read_text())
     for old in (root / "data", root / "float16", root / "uint8"):
         shutil.rmtree(old, ignore_errors=True)
@@ -195,7 +197,8 @@ def build_world(name: str, count: int, labeled: int, city, pascal, pairs) -> dic
             lines["unlabeled"].append(f"images/{image_id}.jpg")
     for split, rows in lines.items():
         write_text_atomic(root / "data" / f"{split}.txt", "\n".join(rows) + "\n")
-    record = {"count": count, "labeled": labeled, "write_ms": {e: 1000 * s / count for e, s in write_seconds.items()}}
+    record = {"count": count, "labeled": labeled, "uint8_code": UINT8_CODE,
+              "write_ms": {e: 1000 * s / count for e, s in write_seconds.items()}}
     write_text_atomic(done, json.dumps(record))
     return record
 
@@ -255,15 +258,17 @@ def camvid_stores() -> dict:
         (fp16 / "logits.zarr").symlink_to(os.path.relpath(source / "logits.zarr", fp16))  # relative: the tree moves
     store = LogitsStore(fp16 / "logits.zarr")
     target = OUT / "camvid" / "uint8" / "logits.zarr"
-    if not (target.parent / "done").is_file():
+    done = target.parent / "done"
+    if not done.is_file() or done.read_text() != UINT8_CODE:  # (re)encoded in the current code
         shutil.rmtree(target.parent, ignore_errors=True)
+        (OUT / "camvid" / "agreement.json").unlink(missing_ok=True)
         identity = {k: store.attrs.get(k) for k in ("classes", "backend", "model_id", "weights_sha256", "scale",
                                                     "class_map")}
         open_for_writing(target, {**identity, "score_kind": "probabilities", "encoding": "uint8"}, force=True)
         for image_id in store.ids():
             write_scores(target, image_id, encode(store.probabilities(image_id), "probabilities", "uint8"),
                          store.image_size(image_id))
-        (target.parent / "done").write_text("")
+        done.write_text(UINT8_CODE)
     dataset = Dataset(world_config("camvid", "float16"))
     labeled = len(dataset.split("labeled"))
     return {"count": labeled + len(dataset.split("unlabeled")), "labeled": labeled}

@@ -20,7 +20,7 @@ from pipeline.toy import SHIPPED_ANNOTATOR
 from pipeline.data.datasets import Dataset
 from pipeline.errors import UserError
 from pipeline.stage0.logits import run_logits
-from pipeline.stage0.store import LogitsStore, complete_ids
+from pipeline.stage0.store import LogitsStore, complete_ids, uint8_code
 from pipeline.toy.annotator import load_annotator
 
 ANNOTATOR = SHIPPED_ANNOTATOR
@@ -80,11 +80,13 @@ def test_toy_store_holds_native_resolution_scores_in_its_encoding(toy_world, tmp
     probs = store.probabilities("val_00000")
     if encoding is None:  # the default: 8-bit probabilities, decoded as the store's attributes say
         assert arr.dtype == np.uint8 and raw.attrs["encoding"] == "uint8" and raw.attrs["score_kind"] == "probabilities"
-        assert raw.attrs["decode"] == "probability = (value / 255) ** 1.5"
-        np.testing.assert_allclose((arr[...] / 255) ** 1.5, probs.numpy(), rtol=1e-6, atol=0)
-        levels = (np.arange(256) / 255) ** 1.5
-        step = np.interp(expected.softmax(0).numpy(), levels[:-1], np.diff(levels))  # the level spacing there
-        assert (np.abs(probs.numpy() - expected.softmax(0).numpy()) <= step / 2 + 1e-6).all()  # the nearest level
+        assert raw.attrs["decode"] == "probability = levels[value] (the attribute levels)"
+        np.testing.assert_array_equal(np.take(np.float32(raw.attrs["levels"]), arr[...]), probs.numpy())
+        edges = np.concatenate([[0.0], uint8_code(raw.attrs["uint8_code"]).edges, [1.0]])
+        value = arr[...].astype(int)  # the probability lies in its value's range
+        truth = expected.softmax(0).numpy()
+        assert ((edges[value] <= truth + 1e-6) & (truth < edges[value + 1] + 1e-6)).all()
+        assert ((edges[value] <= probs.numpy()) & (probs.numpy() < edges[value + 1])).all()  # and so does its level
     else:
         assert arr.dtype == np.float16 and raw.attrs["encoding"] == "float16" and raw.attrs["score_kind"] == "logits"
         np.testing.assert_allclose(store.read("val_00000"), expected.numpy(), atol=2e-2, rtol=1e-3)

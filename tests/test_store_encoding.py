@@ -12,9 +12,13 @@ import zarr
 
 import pipeline.stage1.conformal as conformal
 from conftest import work_copy
-from pipeline.stage0.store import LEVELS, LogitsStore, encode, open_for_writing, write_scores
+from pipeline.errors import UserError
+from pipeline.stage0.store import LEGACY_CODE, UINT8_CODE, LogitsStore, encode, open_for_writing, uint8_code, write_scores
 from pipeline.stage1.calibrate import Settings, filtered_mask, run_calibrate
-from pipeline.stage1.conformal import Candidates, ScoreHistogram, fit, nonconformity, to_bins, upsampler
+from pipeline.stage1.conformal import (Candidates, ScoreHistogram, fit, grid_values, nonconformity, prediction_sets,
+                                       to_bins, upsampler)
+
+LEVELS = uint8_code(UINT8_CODE).levels
 from pipeline.stage1.rawscore import raw_argmax
 
 IDENTITY = {"classes": [f"c{i}" for i in range(150)], "backend": "t", "model_id": "m", "weights_sha256": "",
@@ -41,20 +45,84 @@ def _store(tmp_path, images: dict[str, torch.Tensor], size=(37, 50), encoding="u
     return LogitsStore(path)
 
 
-def test_uint8_round_trip_is_the_nearest_level_and_plain_zarr_reads_it(tmp_path, monkeypatch):
+def test_uint8_round_trip_is_the_level_of_its_range_and_plain_zarr_reads_it(tmp_path, monkeypatch):
     p = peaked(150, 12, 17, seed=0)
     store = _store(tmp_path, {"a": p})
     decoded = store.read("a")
-    levels = (np.arange(256) / 255.0) ** 1.5
-    nearest = levels[np.abs(p.double().numpy()[..., None] - levels).argmin(-1)]
-    np.testing.assert_allclose(decoded, nearest, rtol=1e-6, atol=1e-9)  # the nearest of the 256 levels
-    raw = zarr.open_array(store.path / "scores" / "a", mode="r")  # plain zarr, the formula in the attributes
-    assert raw.dtype == np.uint8 and store.attrs["decode"] == "probability = (value / 255) ** 1.5"
-    np.testing.assert_allclose((raw[...] / 255.0) ** 1.5, decoded, rtol=1e-6)
+    code = uint8_code(UINT8_CODE)
+    bounds = np.concatenate([[0.0], code.edges, [1.0]])
+    value = np.searchsorted(code.edges, p.double().numpy(), side="right")  # edges[v-1] <= p < edges[v]
+    np.testing.assert_array_equal(decoded, code.levels[value])
+    inside = (bounds[value] <= decoded) & (decoded < bounds[value + 1])
+    assert inside.all() and (decoded[value == 0] == 0).all()
+    raw = zarr.open_array(store.path / "scores" / "a", mode="r")  # plain zarr, the levels in the attributes
+    assert raw.dtype == np.uint8 and store.attrs["uint8_code"] == UINT8_CODE
+    np.testing.assert_array_equal(np.take(np.float32(store.attrs["levels"]), raw[...]), decoded)
     assert (raw[...] == 0).mean() > 0.5  # a long tail rounds to 0: what makes the store small
     monkeypatch.setattr(LogitsStore, "_array", lambda *a: pytest.fail("read through zarr's machinery"))
     np.testing.assert_array_equal(store.read("a"), decoded)  # the direct decode of the tool's own layout
-    assert np.array_equal(LEVELS, levels.astype(np.float32))
+
+
+def test_the_uint8_code_keeps_every_threshold_at_an_edge_exact():
+    """The edges are values of stage 1's score grid, a grid step apart at small probabilities: a threshold there
+    puts a probability and its stored level on the same side (the comparison stage 1 makes, 1 - p <= q)."""
+    code = uint8_code(UINT8_CODE)
+    grid = 1 - grid_values().double().numpy()
+    assert np.isin(code.edges, grid).all() and (np.diff(code.edges) > 0).all()
+    step = 2.0 ** -11  # the grid's step in probability below 0.5
+    assert code.edges[0] == step and np.allclose(np.diff(code.edges[:5]), step)  # every step up to 0.0024
+    gaps = np.diff(code.edges)  # the power curve's spacing elsewhere, never more than 1.5 of its own step apart
+    power = (np.arange(256) / 255.0) ** 1.5
+    assert (gaps[5:] <= 1.5 * np.diff((power[1:] + power[:-1]) / 2)[5:] + step).all()
+    gen = torch.Generator().manual_seed(0)
+    p = torch.cat([torch.rand(100_000, generator=gen) ** 4, torch.from_numpy(code.edges).float()])
+    p = torch.cat([p, p.nextafter(torch.tensor(0.0)), p.nextafter(torch.tensor(1.0))]).clamp(0, 1)
+    stored = torch.from_numpy(code.levels[encode(p[:, None, None], "probabilities", "uint8")[:, 0, 0]])
+    q = torch.from_numpy(1 - code.edges).float()  # the thresholds admitting p >= each edge
+    assert torch.equal(prediction_sets(p.expand(255, -1), q), prediction_sets(stored.expand(255, -1), q))
+    assert torch.equal(to_bins(nonconformity(p[p < 0.0024])), to_bins(nonconformity(stored[p < 0.0024])))
+
+
+def test_a_uint8_store_from_before_the_grid_code_is_read_and_completed_with_its_own(tmp_path):
+    legacy = uint8_code(LEGACY_CODE)
+    np.testing.assert_array_equal(legacy.levels, ((np.arange(256) / 255.0) ** 1.5).astype(np.float32))
+    p = peaked(20, 12, 17, seed=4)
+    path = tmp_path / "logits.zarr"
+    old = {**IDENTITY, "classes": IDENTITY["classes"][:20], "uint8_code": LEGACY_CODE}
+    open_for_writing(path, old, force=False)
+    write_scores(path, "a", encode(p, "probabilities", "uint8", LEGACY_CODE), (37, 50))
+    group = zarr.open_group(path, mode="r+")
+    for key in ("uint8_code", "levels"):  # what the version before wrote
+        del group.attrs[key]
+    group.attrs["decode"] = "probability = (value / 255) ** 1.5"
+    store = LogitsStore(path)
+    nearest = legacy.levels[np.abs(p.double().numpy()[..., None] - legacy.levels).argmin(-1)]
+    np.testing.assert_allclose(store.read("a"), nearest, rtol=1e-6, atol=1e-9)
+    with pytest.raises(UserError, match="uint8_code: stored \"power-1.5\" vs now \"grid-1.5\""):
+        open_for_writing(path, {**old, "uint8_code": UINT8_CODE}, force=False)  # no mixing of codes
+    open_for_writing(path, old, force=False)  # completing it with its own code is allowed
+    group.attrs["uint8_code"] = "grid-9"  # written by a later version
+    with pytest.raises(UserError, match="newer than this conformalsam"):
+        LogitsStore(path).read("a")
+
+
+def test_logits_completes_a_uint8_store_in_its_own_code(toy_world, tmp_path, monkeypatch):
+    from conftest import toy_config
+    import pipeline.stage0.logits as logits
+    from pipeline.toy import SHIPPED_ANNOTATOR
+
+    config = replace(toy_config(toy_world), weights=SHIPPED_ANNOTATOR, work_dir=tmp_path / "w")
+    logits.run_logits(config, "labeled", workers=0)
+    assert LogitsStore(tmp_path / "w/logits.zarr").attrs["uint8_code"] == UINT8_CODE
+    del zarr.open_group(tmp_path / "w/logits.zarr", mode="r+").attrs["uint8_code"]  # as the version before wrote
+    codes = []
+    real = logits.encode
+    monkeypatch.setattr(logits, "encode", lambda *a: codes.append(a[3]) or real(*a))
+    logits.run_logits(config, "unlabeled", workers=0)
+    assert codes and set(codes) == {LEGACY_CODE}
+    codes.clear()
+    logits.run_logits(config, "unlabeled", workers=0, force=True)  # a rebuilt store gets the current code
+    assert codes and set(codes) == {UINT8_CODE}
 
 
 @pytest.mark.parametrize("kind", ["logits", "scores"])
@@ -132,7 +200,7 @@ def test_crc_on_uint8_scores_keeps_its_finite_sample_guarantee():
     k, alpha, n_cal, reps = 20, 0.1, 40, 60
     images = []
     for i in range(n_cal + 20):
-        p = torch.from_numpy(LEVELS[encode(peaked(k, 8, 8, seed=100 + i), "probabilities", "uint8")])
+        p = torch.from_numpy(LEVELS[encode(peaked(k, 8, 8, seed=100 + i), "probabilities", "uint8")])  # with ties
         p_up = upsampler((8, 8), (16, 16)).full(p)
         truth = torch.multinomial(p_up.reshape(k, -1).T.clamp_min(1e-9), 1, generator=torch.Generator().manual_seed(i))
         images.append((truth.reshape(16, 16), to_bins(nonconformity(p_up.gather(0, truth.reshape(1, 16, 16))[0]))))

@@ -29,8 +29,8 @@ from pipeline.config import Config
 from pipeline.data.datasets import SPLITS, Dataset, Sample, image_size, read_image
 from pipeline.errors import DataProblem, UserError
 from pipeline.parallel import thread_map
-from pipeline.stage0.store import (DEFAULT_ENCODING, ENCODINGS, check_identity, encode, existing_encoding, holds,
-                                   intact_ids, open_for_writing, record_failures, write_scores)
+from pipeline.stage0.store import (DEFAULT_ENCODING, ENCODINGS, UINT8_CODE, check_identity, encode, existing_format,
+                                   holds, intact_ids, open_for_writing, record_failures, write_scores)
 
 
 @dataclass(frozen=True)
@@ -136,12 +136,14 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     cls, mapping, weights = resolve_backend(config, dataset.classes)
     model_id, weights_sha256 = cls.fingerprint(weights, config)
     path = config.work_dir / "logits.zarr"
-    encoding = encoding or (existing_encoding(path) if not force else None) or DEFAULT_ENCODING
+    stored = existing_format(path) if not force else None  # a store being completed keeps its format
+    encoding = encoding or (stored[0] if stored else DEFAULT_ENCODING)
+    code = (stored[1] if stored and stored[0] == encoding else UINT8_CODE) if encoding == "uint8" else None
     identity = {"classes": list(dataset.classes), "backend": cls.name, "model_id": model_id,
                 "weights_sha256": weights_sha256,
                 "score_kind": mapping.score_kind(cls.score_kind) if encoding == "float16" else "probabilities",
                 "scale": "native" if scale is None else scale, "class_map": mapping.describe(dataset.classes),
-                "encoding": encoding}
+                "encoding": encoding, "uint8_code": code}
     if not force and (path / "zarr.json").is_file():
         check_identity(path, identity)  # refused before a model is loaded (SEEM takes a minute)
     if holds(path, identity, [s.id for s in samples], verify):  # finished: no model to load
@@ -173,7 +175,7 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     skipped = sum(len(b) for b in mine) - sum(len(b) for b in todo)
     undecodable: dict[str, str] = {}  # found by this rank's loader
     with heap_reused(dev.type == "cpu"):
-        written = _score(backend, mapping, todo, done, path, dev, scale, encoding, workers, progress, undecodable,
+        written = _score(backend, mapping, todo, done, path, dev, scale, (encoding, code), workers, progress, undecodable,
                          skipped, sum(map(len, mine)))
     for reason in sorted({**(unreadable if rank == 0 else {}), **undecodable}.values()):
         warn(f"skipped unreadable image: {reason}")
@@ -216,7 +218,7 @@ def _glibc():
         return None
 
 
-def _score(backend: Backend, mapping: ClassMap, todo, done, path, device, scale, encoding, workers, progress, failed,
+def _score(backend: Backend, mapping: ClassMap, todo, done, path, device, scale, fmt, workers, progress, failed,
            skipped, total) -> int:
     if workers is None:
         workers = min(8, max(1, (os.cpu_count() or 2) - 1))
@@ -231,7 +233,7 @@ def _score(backend: Backend, mapping: ClassMap, todo, done, path, device, scale,
         for items, batch, bad in loader:
             failed.update(bad)
             if batch is not None:
-                scores = _predict(backend, mapping, batch.to(device, non_blocking=True), items, scale, encoding)
+                scores = _predict(backend, mapping, batch.to(device, non_blocking=True), items, scale, fmt)
                 for item, image_scores in zip(items, scores):
                     if item.sample.id not in done:
                         pending.append(writers.submit(write_scores, path, item.sample.id, image_scores, item.size))
@@ -255,7 +257,9 @@ def _settle(pending: list, limit: int) -> list:
 
 
 def _predict(backend: Backend, mapping: ClassMap, batch: torch.Tensor, items: list[Item], scale: float | None,
-             encoding: str):
+             fmt: tuple[str, str | None]):
+    """Each image's encoded scores; ``fmt``: (encoding, uint8 code)."""
+    encoding, code = fmt
     with torch.autocast("cuda", dtype=torch.float16, enabled=backend.autocast and batch.is_cuda):
         scores = backend.predict(batch)
     scores = mapping.apply(scores.float(), backend.score_kind)
@@ -271,7 +275,7 @@ def _predict(backend: Backend, mapping: ClassMap, batch: torch.Tensor, items: li
             image_scores = F.interpolate(image_scores[None], size=size, mode="bilinear", align_corners=False)[0]
         if encoding == "float16":
             image_scores = _fp16_range(image_scores, kind, item.sample.image)
-        out.append(encode(image_scores, kind, encoding))
+        out.append(encode(image_scores, kind, encoding, code))
     return out
 
 

@@ -9,11 +9,17 @@ Layout (zarr v3, local folder)::
 
 Two encodings (`logits --encoding`):
 
-- ``uint8`` (the default): 8-bit class probabilities, probability = (value / 255) ** 1.5, blosc-zstd level 5.
-  The power spends the 256 levels where conformal thresholds fall (a per-class threshold can sit near 0.001)
-  and still rounds most near-zero probabilities of large vocabularies to 0, which compresses to almost nothing:
-  about 10x smaller than float16 at 150 classes (`make bench-scale`, docs/annotators.md). score_kind is then
-  always ``probabilities``.
+- ``uint8`` (the default): 8-bit class probabilities, blosc-zstd level 5. Value v stands for the probabilities
+  in [edges[v-1], edges[v]) and decodes to the middle of that range (the attribute ``levels``; 0 for v = 0).
+  The edges are values of stage 1's score grid (`conformal.to_bins`), the only places a threshold can be: a
+  threshold at an edge splits the stored probabilities exactly where it splits the unstored ones. They follow
+  the power curve (v / 255) ** 1.5, which spends the 256 values where conformal thresholds fall (a per-class
+  threshold can sit near 0.001): up to p = 0.0024 every grid step (2^-11) is an edge, above it one edge every one
+  to eight steps. Probabilities under the first step, which no threshold can tell from 0, are stored as 0 and
+  compress to almost nothing (`make bench-scale`, docs/annotators.md). score_kind is then always
+  ``probabilities``. The attribute ``uint8_code`` names this code, ``grid-1.5``; uint8 stores written before
+  it have no such attribute and hold the plain power code, probability = (value / 255) ** 1.5, which they
+  keep (read and completed with it).
 - ``float16``: the scores as the model gave them (logits, probabilities or SEEM's scores), blosc-zstd with byte
   shuffle. Stores written before encodings existed are of this kind (no ``encoding`` attribute).
 
@@ -29,8 +35,9 @@ that the scores are finite, and refuses a damaged image in one line. A `logits` 
 images whose chunk is missing or of the wrong size (a stat per image); `logits --verify` also checks every
 CRC and value, for damage that keeps the size.
 
-    >>> import zarr; v = zarr.open_group("work/logits.zarr")["scores/2007_000032"][:]   # (K, h, w) uint8
-    >>> p = (v / 255) ** 1.5                                                              # probabilities
+    >>> import numpy as np, zarr; store = zarr.open_group("work/logits.zarr")
+    >>> v = store["scores/2007_000032"][:]                                  # (K, h, w) uint8
+    >>> p = np.take(np.float32(store.attrs["levels"]), v)                   # probabilities
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ import json
 import os
 import shutil
 import zlib
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -49,18 +58,57 @@ from zarr.codecs import BloscCodec
 
 from pipeline import __version__
 from pipeline.errors import UserError, describe
+from pipeline.stage1.conformal import grid_values, nonconformity
 
 SCORE_KINDS = ("logits", "probabilities", "scores")  # scores: non-negative, unnormalised (SEEM's sem_seg)
 SCORES = "scores"
 TMP_PREFIX = ".tmp-"
 ENCODINGS = ("uint8", "float16")
 DEFAULT_ENCODING = "uint8"
-POWER = 1.5  # uint8: probability = (value / 255) ** POWER
-DECODE = {"uint8": f"probability = (value / 255) ** {POWER}", "float16": "scores of score_kind, as stored"}
+UINT8_CODE, LEGACY_CODE = "grid-1.5", "power-1.5"
+DECODE = {"uint8": "probability = levels[value] (the attribute levels)", "float16": "scores of score_kind, as stored"}
 CODECS = {"float16": BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2),
           "uint8": BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle", typesize=1)}
 # Attributes that must match for a store to be reused; the rest describe the run.
-IDENTITY = ("classes", "backend", "model_id", "weights_sha256", "score_kind", "scale", "class_map", "encoding")
+IDENTITY = ("classes", "backend", "model_id", "weights_sha256", "score_kind", "scale", "class_map", "encoding",
+            "uint8_code")
+
+
+@dataclass(frozen=True)
+class Code:
+    """An 8-bit code: value v holds the probabilities in [edges[v-1], edges[v]) and stands for levels[v]."""
+
+    name: str
+    edges: np.ndarray  # float64 (255,), increasing
+    levels: np.ndarray  # float32 (256,)
+
+
+def _power_levels() -> np.ndarray:
+    return (np.arange(256) / 255.0) ** 1.5
+
+
+@lru_cache(maxsize=None)
+def uint8_code(name: str) -> Code:
+    """``grid-1.5`` (new stores) or ``power-1.5`` (uint8 stores written before codes were named: the nearest of
+    the levels (v / 255) ** 1.5)."""
+    if name == LEGACY_CODE:
+        levels = _power_levels()
+        return Code(name, (levels[1:] + levels[:-1]) / 2, levels.astype(np.float32))
+    if name != UINT8_CODE:
+        raise ValueError(f"unknown uint8 code {name!r}")
+    grid = (1 - grid_values().double()).flip(0).numpy()  # every probability a threshold can admit from, increasing
+    power = _power_levels()
+    target = (power[1:] + power[:-1]) / 2  # the power code's edges ...
+    above = np.searchsorted(grid, target)
+    nearest = np.where(grid[above] - target < target - grid[above - 1], above, above - 1)  # ... moved onto the grid
+    edges, i = np.empty(255), 0
+    for v in range(255):
+        i = max(int(nearest[v]), i + 1)  # at least one grid step above the edge below
+        edges[v] = grid[i]
+    bounds = np.concatenate([[0.0], edges, [1.0]])
+    levels = (bounds[1:] + bounds[:-1]) / 2
+    levels[0] = 0.0
+    return Code(name, edges, levels.astype(np.float32))
 
 
 def stored_encoding(attrs: dict) -> str:
@@ -68,30 +116,32 @@ def stored_encoding(attrs: dict) -> str:
     return attrs.get("encoding", "float16")
 
 
-def existing_encoding(path: Path) -> str | None:
-    """The encoding of the store at ``path``, if there is one (an unreadable one: None, `check_identity` says why)."""
+def stored_code(attrs: dict) -> str | None:
+    """A uint8 store's code (None for float16)."""
+    return attrs.get("uint8_code", LEGACY_CODE) if stored_encoding(attrs) == "uint8" else None
+
+
+def existing_format(path: Path) -> tuple[str, str | None] | None:
+    """(encoding, uint8 code) of the store at ``path``, if there is one (an unreadable one: None,
+    `check_identity` says why)."""
     try:
-        return stored_encoding(dict(zarr.open_group(path, mode="r").attrs)) if (path / "zarr.json").is_file() else None
+        if not (path / "zarr.json").is_file():
+            return None
+        attrs = dict(zarr.open_group(path, mode="r").attrs)
+        return stored_encoding(attrs), stored_code(attrs)
     except Exception:
         return None
 
 
-def _levels() -> np.ndarray:
-    """float64 (256,): the probability each uint8 value stands for."""
-    return (np.arange(256) / 255.0) ** POWER
-
-
-LEVELS = _levels().astype(np.float32)
-_MIDPOINTS = torch.from_numpy((_levels()[1:] + _levels()[:-1]) / 2)  # value v covers (mid[v-1], mid[v]]
-
-
-def encode(scores: torch.Tensor, kind: str, encoding: str) -> np.ndarray:
-    """The array the store keeps for (K, h, w) scores of ``kind``: float16 as given, or uint8 probabilities (the
-    nearest level; on the scores' device)."""
+def encode(scores: torch.Tensor, kind: str, encoding: str, code: str = UINT8_CODE) -> np.ndarray:
+    """The array the store keeps for (K, h, w) scores of ``kind``: float16 as given, or uint8 probabilities in
+    ``code`` (on the scores' device). A probability's value is found from its score 1 - p as stage 1 computes
+    it, so stage 1's comparison with a threshold at an edge is the same before and after encoding."""
     if encoding == "float16":
         return scores.half().cpu().numpy()
-    p = to_probabilities(scores, kind).double()
-    return torch.bucketize(p, _MIDPOINTS.to(p.device)).to(torch.uint8).cpu().numpy()
+    s = nonconformity(to_probabilities(scores, kind).float())
+    above = torch.from_numpy(np.ascontiguousarray(1 - uint8_code(code).edges[::-1])).float().to(s.device)
+    return (255 - torch.bucketize(s, above)).to(torch.uint8).cpu().numpy()  # edges e with s <= 1 - e
 
 
 def to_probabilities(scores: torch.Tensor, kind: str) -> torch.Tensor:
@@ -152,6 +202,15 @@ class LogitsStore:
     def encoding(self) -> str:
         return stored_encoding(self.attrs)
 
+    @property
+    def levels(self) -> np.ndarray:
+        """float32 (256,): the probability each value of a uint8 store stands for."""
+        code = stored_code(self.attrs)
+        if code not in (UINT8_CODE, LEGACY_CODE):
+            raise UserError(f"{self.path}: its uint8_code '{code}' is newer than this conformalsam ({__version__}), "
+                            f"which reads {UINT8_CODE} and {LEGACY_CODE}; update conformalsam")
+        return uint8_code(code).levels
+
     def read(self, image_id: str) -> np.ndarray:
         """float32 (K, h, w) scores (uint8 arrays: their probabilities). Arrays in the layout this tool writes are
         decoded straight from their one chunk file (3x faster than going through zarr's machinery); any other
@@ -167,7 +226,7 @@ class LogitsStore:
         except Exception as exc:
             raise Damaged(self.path, image_id, describe(exc)) from None
         if data.dtype == np.uint8:
-            return np.take(LEVELS, data)  # 2x faster than LEVELS[data]
+            return np.take(self.levels, data)  # 2x faster than levels[data]
         data = data.astype(np.float32)
         if not np.isfinite(data).all():  # on float32: 10x faster than on float16
             raise Damaged(self.path, image_id, "scores that are not finite")
@@ -248,7 +307,7 @@ def open_for_writing(path: Path, identity: dict, force: bool) -> list[str]:
     ``force`` deletes a mismatching store: returns what differed (empty when nothing was deleted). Leftovers
     of killed runs (temporary arrays) are removed.
     """
-    path = Path(path)
+    path, identity = Path(path), _spelled_out(identity)
     if (path / "zarr.json").is_file():
         differences = _differences(path, identity)
         if not force or not differences:
@@ -265,7 +324,8 @@ def open_for_writing(path: Path, identity: dict, force: bool) -> list[str]:
     shutil.rmtree(tmp, ignore_errors=True)
     group = zarr.open_group(tmp, mode="w")
     group.create_group(SCORES)
-    group.attrs.update({**identity, "decode": DECODE[stored_encoding(identity)], "created": _now(),
+    levels = {"levels": uint8_code(identity["uint8_code"]).levels.tolist()} if identity["uint8_code"] else {}
+    group.attrs.update({**identity, **levels, "decode": DECODE[identity["encoding"]], "created": _now(),
                         "tool_version": __version__, "failed": {}})
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
@@ -283,9 +343,17 @@ def holds(path: Path, identity: dict, ids: list[str], verify: bool = False) -> b
     return all(i in done for i in ids)
 
 
+def _spelled_out(identity: dict) -> dict:
+    """``identity`` with its encoding and uint8 code (a new uint8 store's is the current code) given."""
+    encoding = stored_encoding(identity)
+    return {**identity, "encoding": encoding,
+            "uint8_code": identity.get("uint8_code", UINT8_CODE) if encoding == "uint8" else None}
+
+
 def _differences(path: Path, identity: dict) -> list[str]:
     attrs = dict(zarr.open_group(path, mode="r").attrs)
-    attrs["encoding"] = stored_encoding(attrs)
+    attrs.update(encoding=stored_encoding(attrs), uint8_code=stored_code(attrs))
+    identity = _spelled_out(identity)
     return [f"{k}: stored {_short(attrs.get(k), identity.get(k))} vs now {_short(identity.get(k), attrs.get(k))}"
             for k in IDENTITY if attrs.get(k) != identity.get(k)]
 
