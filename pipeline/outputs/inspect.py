@@ -116,7 +116,7 @@ def unlabeled_kept(histograms: dict, hist: ScoreHistogram, alpha: float, mode: s
     b = int(to_bins(torch.tensor([q]))[0])
     if rule == "paper":
         return float(best[: b + 1].sum() / best.sum())
-    if q >= 1 - SECOND_FLOOR:  # second probabilities below SECOND_FLOOR (recorded as 0) would count
+    if second is None or q >= 1 - SECOND_FLOOR:  # below SECOND_FLOOR the second is recorded as 0
         return None
     return float((best[: b + 1].sum() - second[: b + 1].sum()) / best.sum())
 

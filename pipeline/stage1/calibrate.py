@@ -281,7 +281,8 @@ def write_all_masks(store: LogitsStore, dataset: Dataset, samples: list[Sample],
     def work_on(share: list[Sample]) -> MaskStats:
         stats = MaskStats(num_classes, with_truth)
         for sample in share:
-            label, raw, sizes, top2 = filtered_mask(store, sample.id, thresholds.q, rule, background)
+            label, raw, sizes, top2 = filtered_mask(store, sample.id, thresholds.q, rule, background,
+                                                    second=rule == "singleton")
             out = staging / f"{sample.id}.png"
             if not out.exists():  # written by an interrupted run of this same calibration
                 write_palette_png(out, label.numpy())
@@ -319,27 +320,31 @@ def thresholds_of(record: dict) -> torch.Tensor:
 
 
 def filtered_mask(store: LogitsStore, image_id: str, q: torch.Tensor, rule: str, background: int | None,
-                  band_elements: int = 1 << 23) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(filtered label, raw argmax, set size, two highest probabilities (2, H, W)) of one stored image at
-    full resolution, each (H, W) but the last.
+                  band_elements: int = 1 << 23, second: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(filtered label, raw argmax, set size, highest probability (1, H, W), with ``second`` also the second
+    highest (2, H, W)) of one stored image at full resolution, each (H, W) but the last.
 
     Only the classes that can matter are upsampled (`bands`, `Candidates`): everything is as from all classes,
     except that a second-highest probability below SECOND_FLOOR (2^-7) is given as 0. Rows are processed in
-    bands of at most ``band_elements`` class scores.
+    bands of at most ``band_elements`` class scores. ``second`` costs a tenth more time at 150 classes (more
+    classes can matter).
     """
     height, width = store.image_size(image_id)
     label = torch.empty(height, width, dtype=torch.uint8)
     raw = torch.empty(height, width, dtype=torch.int64)
     sizes = torch.empty(height, width, dtype=torch.int16)
-    top2 = torch.empty(2, height, width)
-    for start, stop, keep, full in bands(store.probabilities(image_id), (height, width), q, True, band_elements):
+    top2 = torch.empty(2 if second else 1, height, width)
+    for start, stop, keep, full in bands(store.probabilities(image_id), (height, width), q, second, band_elements):
         sets, best = prediction_sets(full, q[keep]), full.max(0)
-        label[start:stop] = lift(pseudo_label(full, sets, rule, position(keep, background), best), keep)
-        raw[start:stop] = keep[best.indices]
         sizes[start:stop] = set_sizes(sets)
+        label[start:stop] = lift(pseudo_label(full, sets, rule, position(keep, background), best, sizes[start:stop]),
+                                 keep)
+        raw[start:stop] = keep[best.indices]
         top2[0, start:stop] = best.values
-        second = full.scatter(0, best.indices[None], -1.0).amax(0)
-        top2[1, start:stop] = second.masked_fill_(second < SECOND_FLOOR, 0)  # below it, classes were left out
+        if second:
+            runner_up = full.scatter_(0, best.indices[None], -1.0).amax(0)  # in place: the band's scores are done
+            top2[1, start:stop] = runner_up.masked_fill_(runner_up < SECOND_FLOOR, 0)  # below it, left out
     return label, raw, sizes, top2
 
 
@@ -383,11 +388,14 @@ def _masks_current(work: Path, key: str, count: int) -> bool:
 
 
 def save_histograms(path: Path, hist: ScoreHistogram, stats: "MaskStats | None", key: str) -> None:
-    """Labeled per-fold, per-class score counts (and CRC mass); with masks, the unlabeled best / second scores."""
+    """Labeled per-fold, per-class score counts (and CRC mass); with masks, the unlabeled best scores, and the
+    second best ones where the rule is singleton."""
     arrays = {"key": np.array(key), "counts": hist.counts.numpy(), "mass": hist.mass.numpy(),
               "images": hist.images.numpy()}
     if stats is not None:
-        arrays.update(unlabeled_best=stats.best, unlabeled_second=stats.second)
+        arrays.update(unlabeled_best=stats.best)
+        if stats.second.any():
+            arrays.update(unlabeled_second=stats.second)
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
 
@@ -404,7 +412,8 @@ class MaskStats:
         self.filtered = np.zeros((k, k + 1), np.int64) if with_truth else None  # truth x filtered (k = ignore)
         # scores 1 - p of each pixel's most and second most probable class: with one threshold q, a pixel's
         # set is non-empty iff best <= q and a singleton iff best <= q < second, so these two histograms
-        # give the kept fraction at any alpha without another pass (`conformalsam inspect`)
+        # give the kept fraction at any alpha without another pass (`conformalsam inspect`); the second only
+        # where the rule is singleton (all zero otherwise)
         self.best, self.second = np.zeros(GRID, np.int64), np.zeros(GRID, np.int64)
         self.images = 0
 
@@ -412,7 +421,8 @@ class MaskStats:
             truth: np.ndarray | None) -> None:
         k = self.k
         self.best += np.bincount(to_bins(nonconformity(top2[0])).reshape(-1).numpy(), minlength=GRID)
-        self.second += np.bincount(to_bins(nonconformity(top2[1])).reshape(-1).numpy(), minlength=GRID)
+        if len(top2) > 1:
+            self.second += np.bincount(to_bins(nonconformity(top2[1])).reshape(-1).numpy(), minlength=GRID)
         filtered = torch.where(label == IGNORE, k, label.long())
         self.transitions += confusion(filtered, raw, k, k + 1)  # rows: the raw argmax class
         self.set_sizes += np.bincount(sizes.reshape(-1).numpy(), minlength=k + 1)
