@@ -17,9 +17,9 @@ from pipeline.stage0.store import LEGACY_CODE, UINT8_CODE, LogitsStore, encode, 
 from pipeline.stage1.calibrate import Settings, filtered_mask, run_calibrate
 from pipeline.stage1.conformal import (Candidates, ScoreHistogram, fit, grid_values, nonconformity, prediction_sets,
                                        to_bins, upsampler)
+from pipeline.stage1.rawscore import raw_argmax
 
 LEVELS = uint8_code(UINT8_CODE).levels
-from pipeline.stage1.rawscore import raw_argmax
 
 IDENTITY = {"classes": [f"c{i}" for i in range(150)], "backend": "t", "model_id": "m", "weights_sha256": "",
             "score_kind": "probabilities", "scale": "native", "class_map": None, "encoding": "uint8"}
@@ -120,7 +120,13 @@ def test_logits_completes_a_uint8_store_in_its_own_code(toy_world, tmp_path, mon
     monkeypatch.setattr(logits, "encode", lambda *a: codes.append(a[3]) or real(*a))
     logits.run_logits(config, "unlabeled", workers=0)
     assert codes and set(codes) == {LEGACY_CODE}
+    zarr.open_group(tmp_path / "w/logits.zarr", mode="r+").attrs["uint8_code"] = "grid-9"  # a later version's
+    monkeypatch.setattr(logits, "load_backend", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(UserError, match="newer than this conformalsam"):
+        logits.run_logits(config, "val", workers=0)
+    monkeypatch.undo()
     codes.clear()
+    monkeypatch.setattr(logits, "encode", lambda *a: codes.append(a[3]) or real(*a))
     logits.run_logits(config, "unlabeled", workers=0, force=True)  # a rebuilt store gets the current code
     assert codes and set(codes) == {UINT8_CODE}
 

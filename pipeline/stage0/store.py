@@ -15,7 +15,7 @@ Two encodings (`logits --encoding`):
   threshold at an edge splits the stored probabilities exactly where it splits the unstored ones. They follow
   the power curve (v / 255) ** 1.5, which spends the 256 values where conformal thresholds fall (a per-class
   threshold can sit near 0.001): up to p = 0.0024 every grid step (2^-11) is an edge, above it one edge every one
-  to eight steps. Probabilities under the first step, which no threshold can tell from 0, are stored as 0 and
+  to ten steps below p = 0.5 (where the grid's steps shrink, more). Probabilities under the first step, which no threshold can tell from 0, are stored as 0 and
   compress to almost nothing (`make bench-scale`, docs/annotators.md). score_kind is then always
   ``probabilities``. The attribute ``uint8_code`` names this code, ``grid-1.5``; uint8 stores written before
   it have no such attribute and hold the plain power code, probability = (value / 255) ** 1.5, which they
@@ -90,7 +90,8 @@ def _power_levels() -> np.ndarray:
 @lru_cache(maxsize=None)
 def uint8_code(name: str) -> Code:
     """``grid-1.5`` (new stores) or ``power-1.5`` (uint8 stores written before codes were named: the nearest of
-    the levels (v / 255) ** 1.5)."""
+    the levels (v / 255) ** 1.5; completed here through `encode`'s fp32 comparison, which can put a probability
+    within about 1e-7 of a midpoint one value up from where that version put it)."""
     if name == LEGACY_CODE:
         levels = _power_levels()
         return Code(name, (levels[1:] + levels[:-1]) / 2, levels.astype(np.float32))
