@@ -163,9 +163,9 @@ def build_world(name: str, count: int, labeled: int, city, pascal, pairs) -> dic
     classes, size = WORLDS[name]
     root = OUT / name
     done = root / "done.json"
-    if done.is_file() and json.loads(done.read_text()).get("count") == count \
-            and json.loads(done.read_text()).get("uint8_code") == UINT8_CODE:
-        return json.loads(done.read_text())
+    kept = json.loads(done.read_text()) if done.is_file() else {}
+    if kept.get("count") == count and kept.get("uint8_code") == UINT8_CODE:
+        return kept
     for old in (root / "data", root / "float16", root / "uint8"):
         shutil.rmtree(old, ignore_errors=True)
     (root / "agreement.json").unlink(missing_ok=True)

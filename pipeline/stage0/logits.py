@@ -29,9 +29,8 @@ from pipeline.config import Config
 from pipeline.data.datasets import SPLITS, Dataset, Sample, image_size, read_image
 from pipeline.errors import DataProblem, UserError
 from pipeline.parallel import thread_map
-from pipeline.stage0.store import (DEFAULT_ENCODING, ENCODINGS, LEGACY_CODE, UINT8_CODE, check_identity, encode,
-                                   existing_format, holds, intact_ids, open_for_writing, record_failures,
-                                   write_scores)
+from pipeline.stage0.store import (DEFAULT_ENCODING, ENCODINGS, UINT8_CODE, check_identity, encode, existing_format,
+                                   holds, intact_ids, known_code, open_for_writing, record_failures, write_scores)
 
 
 @dataclass(frozen=True)
@@ -139,10 +138,8 @@ def run_logits(config: Config, split: str = "all", batch_size: int = 8, device: 
     path = config.work_dir / "logits.zarr"
     stored = existing_format(path) if not force else None  # a store being completed keeps its format
     encoding = encoding or (stored[0] if stored else DEFAULT_ENCODING)
-    code = (stored[1] if stored and stored[0] == encoding else UINT8_CODE) if encoding == "uint8" else None
-    if code not in (None, UINT8_CODE, LEGACY_CODE):  # before a model is loaded
-        raise UserError(f"{path}: its uint8_code '{code}' is newer than this conformalsam, which writes {UINT8_CODE} "
-                        f"and {LEGACY_CODE}; update conformalsam, or pass --force to rebuild the store")
+    code = known_code(path, (stored[1] if stored and stored[0] == encoding else UINT8_CODE)
+                      if encoding == "uint8" else None)  # checked before a model is loaded
     identity = {"classes": list(dataset.classes), "backend": cls.name, "model_id": model_id,
                 "weights_sha256": weights_sha256,
                 "score_kind": mapping.score_kind(cls.score_kind) if encoding == "float16" else "probabilities",

@@ -122,6 +122,16 @@ def stored_code(attrs: dict) -> str | None:
     return attrs.get("uint8_code", LEGACY_CODE) if stored_encoding(attrs) == "uint8" else None
 
 
+def known_code(path: Path, code: str | None) -> str | None:
+    """``code``, the uint8 code of the store at ``path`` (None: float16), if this version reads it; else a one-line
+    error."""
+    if code not in (None, UINT8_CODE, LEGACY_CODE):
+        raise UserError(f"{path}: its uint8_code '{code}' is newer than this conformalsam ({__version__}), which "
+                        f"reads {UINT8_CODE} and {LEGACY_CODE}; update conformalsam, or rebuild the store with "
+                        "`conformalsam logits --force`")
+    return code
+
+
 def existing_format(path: Path) -> tuple[str, str | None] | None:
     """(encoding, uint8 code) of the store at ``path``, if there is one (an unreadable one: None,
     `check_identity` says why)."""
@@ -206,11 +216,7 @@ class LogitsStore:
     @property
     def levels(self) -> np.ndarray:
         """float32 (256,): the probability each value of a uint8 store stands for."""
-        code = stored_code(self.attrs)
-        if code not in (UINT8_CODE, LEGACY_CODE):
-            raise UserError(f"{self.path}: its uint8_code '{code}' is newer than this conformalsam ({__version__}), "
-                            f"which reads {UINT8_CODE} and {LEGACY_CODE}; update conformalsam")
-        return uint8_code(code).levels
+        return uint8_code(known_code(self.path, stored_code(self.attrs))).levels
 
     def read(self, image_id: str) -> np.ndarray:
         """float32 (K, h, w) scores (uint8 arrays: their probabilities). Arrays in the layout this tool writes are
