@@ -21,6 +21,7 @@ from pipeline.labels import IGNORE, IGNORE_COLOUR, PALETTE, colourise
 from pipeline.stage0.store import LogitsStore
 from pipeline.stage1.calibrate import filtered_mask, thresholds_of
 from pipeline.stage1.conformal import background_index
+from pipeline.stage1.rawscore import raw_argmax
 from pipeline.stage1.record import MASKS
 from pipeline.ui import no_progress
 
@@ -175,11 +176,13 @@ def _kept_shares(work: Path, samples: list[Sample], progress) -> dict[str, float
 def _row(out: Path, stem: str, sample: Sample, dataset: Dataset, store: LogitsStore, q, rule: str, background,
          on_disk: Path | None, written: set, predictor=None) -> str:
     image = read_image(sample.image)
-    label, raw, _, _ = filtered_mask(store, sample.id, q, rule, background)
-    label = label.numpy()
-    if on_disk is not None:  # the mask the trainer reads
+    if on_disk is not None:  # the mask the trainer reads, beside the annotator's argmax
         with Image.open(on_disk) as img:
             label = np.asarray(img)
+        raw = raw_argmax(store, sample.id)
+    else:
+        label, raw, _, _ = filtered_mask(store, sample.id, q, rule, background)
+        label = label.numpy()
     truth = dataset.read_mask(sample.mask, image.shape[:2]) if sample.mask is not None and sample.mask.is_file() \
         else None
     tiles = [("image", "image", image), ("raw", "raw argmax", colourise(raw.numpy().astype(np.uint8))),
