@@ -121,7 +121,7 @@ def logits(
     scale: Annotated[Optional[float], typer.Option(help="Store scores at this fraction of the image size "
                                                    "instead of the model's native resolution.")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild a store made by another model or class list.")] = False,
-    encoding: Annotated[Optional[str], typer.Option(help="uint8: 8-bit probabilities, ~10x smaller at 150 classes | "
+    encoding: Annotated[Optional[str], typer.Option(help="uint8: 8-bit probabilities, ~15x smaller at 150 classes | "
                                                     "float16: the scores as given. Default: an existing store's, "
                                                     "else uint8.")] = None,
     verify: Annotated[bool, typer.Option(help="Read and check every stored image (CRC-32, finite values) and "
